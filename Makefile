@@ -1,0 +1,23 @@
+# The two commands of the README. Each creates .venv on first use (and again when pyproject.toml changes).
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+demo: $(STAMP)
+	$(VENV)/bin/qlora-bridge train --out qlora-bridge-out/adapter --force
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	# torch first, pinned, so pip takes the local CPU build instead of resolving a CUDA one.
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,60 @@
+"""File helpers: digests, and output folders that appear only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import BridgeError
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_folder(folder: Path, pattern: str = "*") -> dict[str, str]:
+    """sha256 of every regular file directly in `folder` matching `pattern`, by relative name."""
+    return {p.name: sha256_file(p) for p in sorted(Path(folder).glob(pattern)) if p.is_file()}
+
+
+def write_json(path: Path, data) -> None:
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def output_folder(out: Path, *, force: bool, what: str = "output folder"):
+    """Yield a hidden staging folder beside `out`; rename it to `out` only if the block succeeds.
+
+    An interrupted or failed run leaves no folder named `out` (a killed process may leave the hidden
+    `.NAME.partial-PID`, which nothing mistakes for a result).
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise BridgeError(f"the {what} already exists", file=out,
+                          fix="choose another folder, or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)

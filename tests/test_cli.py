@@ -1,0 +1,42 @@
+"""The CLI: JSON output, exit codes, error messages."""
+
+import json
+import subprocess
+import sys
+
+from qlora_bridge.cli import main
+
+from conftest import chat, write_jsonl
+
+
+def run_json(capsys, *argv):
+    code = main([*argv, "--json"])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_train_json(tiny_model, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat("a", "b")] * 4)
+    held = write_jsonl(tmp_path / "h.jsonl", [chat("a", "b")])
+    code, out = run_json(capsys, "train", "--base", str(tiny_model), "--data", str(data), "--heldout", str(held),
+                         "--out", str(tmp_path / "ad"), "--steps", "2", "--batch-size", "2", "--rank", "4")
+    assert code == 0 and out["ok"] is True
+    assert out["record"]["settings"]["rank"] == 4 and out["record"]["steps"] == 2
+    assert set(out["record"]["heldout"]) == {"before", "after"}
+
+
+def test_bad_dataset_exits_2_with_file_line_and_fix(tiny_model, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat("a", "b"), "{oops"])
+    code, out = run_json(capsys, "train", "--base", str(tiny_model), "--data", str(data),
+                         "--out", str(tmp_path / "ad"))
+    assert code == 2 and out["file"] == str(data) and "line 2" in out["problem"] and out["fix"]
+    assert not (tmp_path / "ad").exists()
+
+
+def test_console_script_help_and_exit_code(tmp_path):
+    exe = [sys.executable, "-m", "qlora_bridge.cli"]
+    help_text = subprocess.run([*exe, "train", "--help"], capture_output=True, text=True).stdout
+    for option in ("--quant", "--rank", "--alpha", "--target-modules", "--grad-accum", "--truncate", "--json"):
+        assert option in help_text
+    proc = subprocess.run([*exe, "train", "--base", str(tmp_path), "--data", str(tmp_path / "x.jsonl")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no config.json" in proc.stderr and "fix:" in proc.stderr

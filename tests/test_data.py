@@ -1,0 +1,91 @@
+"""Dataset shapes, answer-only label masking, and every malformed-input error."""
+
+import pytest
+
+from qlora_bridge.data import IGNORE_INDEX, load_dataset, load_heldout
+from qlora_bridge.errors import BridgeError
+from qlora_bridge.train import load_tokenizer
+
+from conftest import chat, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    return load_tokenizer(tiny_model)
+
+
+def labelled_text(tok, ex) -> str:
+    return tok.decode([t for t in ex.labels if t != IGNORE_INDEX])
+
+
+def test_chat_labels_cover_exactly_the_assistant_turns(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"},
+                      {"role": "assistant", "content": "Hi there"}, {"role": "user", "content": "Again"},
+                      {"role": "assistant", "content": "Hello"}]}])
+    ds = load_dataset(f, tok, 512)
+    assert ds.shape == "chat"
+    ex = ds.examples[0]
+    # Only the two answers and their end-of-turn markers are trained; a prompt token here would fail this.
+    assert labelled_text(tok, ex) == "Hi there<|im_end|>\nHello<|im_end|>\n"
+    assert labelled_text(tok, ex).count("Say hi") == 0
+    assert len(ex.labels) == len(ex.input_ids)
+
+
+def test_instruction_labels_cover_the_completion_and_eos(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: two plus two?\nA:", "completion": " four"}])
+    ex = load_dataset(f, tok, 512).examples[0]
+    assert labelled_text(tok, ex) == " four<|im_end|>"
+    assert tok.decode(ex.input_ids) == "Q: two plus two?\nA: four<|im_end|>"
+
+
+def test_text_trains_on_every_token(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": "plain words"}])
+    ex = load_dataset(f, tok, 512).examples[0]
+    assert ex.labels == ex.input_ids
+    assert tok.decode(ex.labels) == "plain words<|im_end|>"
+
+
+@pytest.mark.parametrize("rows, message", [
+    (['{"text": "ok"}', '{"text": "broken"'], "line 2 is not valid JSON"),
+    (['["a list"]'], "line 1 is a JSON list, not an object"),
+    ([{"promt": "typo", "completion": "x"}], "line 1 has keys ['completion', 'promt'], which match no dataset shape"),
+    ([{"text": "a"}, {"prompt": "b", "completion": "c"}], "line 2 is instruction data but the file started as text"),
+    ([{"messages": [{"role": "user", "content": "no answer"}]}], "line 1: the conversation has no assistant turn"),
+    ([{"messages": [{"role": "robot", "content": "x"}]}], "line 1: message 0 needs a role"),
+    ([{"prompt": "", "completion": "x"}], "line 1: 'prompt' must be a non-empty string"),
+    ([], "the dataset has no records"),
+])
+def test_bad_datasets_name_the_file_and_line(tok, tmp_path, rows, message):
+    f = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(BridgeError) as e:
+        load_dataset(f, tok, 512)
+    assert message in str(e.value)
+    assert str(f) in str(e.value) and e.value.fix
+
+
+def test_missing_dataset_file(tok, tmp_path):
+    with pytest.raises(BridgeError, match="dataset file not found"):
+        load_dataset(tmp_path / "nope.jsonl", tok, 512)
+
+
+def test_overlong_record_is_refused_by_default_and_cut_on_request(tok, tmp_path):
+    long_answer = "word " * 100
+    f = write_jsonl(tmp_path / "d.jsonl", [chat("short", "fine"), chat("q", long_answer), chat("x " * 200, "a")])
+    with pytest.raises(BridgeError) as e:
+        load_dataset(f, tok, 64)
+    assert "line 2 is" in str(e.value) and "--truncate" in e.value.fix
+    ds = load_dataset(f, tok, 64, truncate=True)
+    assert ds.truncated == [2, 3]
+    assert ds.dropped == [3]  # its prompt alone fills 64 tokens, so no answer token is left to learn
+    assert [ex.line for ex in ds.examples] == [1, 2]
+    assert all(len(ex.input_ids) <= 64 for ex in ds.examples)
+
+
+def test_heldout_takes_the_last_answer_as_expected(tmp_path):
+    f = write_jsonl(tmp_path / "h.jsonl", [chat("q1", "a1", system="s"), {"prompt": "p", "completion": "c"}])
+    items = load_heldout(f)
+    assert items[0].expected == "a1" and items[0].prompt[-1] == {"role": "user", "content": "q1"}
+    assert (items[1].prompt, items[1].expected) == ("p", "c")
+    with pytest.raises(BridgeError, match="plain text has none"):
+        load_heldout(write_jsonl(tmp_path / "t.jsonl", [{"text": "x"}]))
