@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 
 demo: $(STAMP)
 	$(VENV)/bin/qlora-bridge train --out qlora-bridge-out/adapter --force
+	$(VENV)/bin/qlora-bridge merge --adapter qlora-bridge-out/adapter --out qlora-bridge-out/merged --force
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)

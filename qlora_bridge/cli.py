@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .errors import EXIT_OK, BridgeError
+from .errors import EXIT_CHECK_FAILED, EXIT_OK, BridgeError
 
 
 @dataclass
@@ -86,7 +86,6 @@ def add_train(sub) -> None:
 
 def run_train(a) -> Outcome:
     from . import demo
-    from .data import load_heldout
     from .default_model import resolve_base
     from .train import TrainSettings, train
 
@@ -101,9 +100,7 @@ def run_train(a) -> Outcome:
     settings = TrainSettings(**values)
     data = Path(a.data) if a.data else demo.train_file()
     heldout_path = a.heldout or (demo.heldout_file() if a.data is None else None)
-    heldout = load_heldout(heldout_path) if heldout_path else None
-    result = train(resolve_base(a.base), data, Path(a.out), settings, heldout=heldout, force=a.force,
-                   progress=True)
+    result = train(resolve_base(a.base), data, Path(a.out), settings, heldout_file=heldout_path, force=a.force)
     rec = result.record
     lines = [f"adapter: {result.adapter}",
              f"steps: {rec['steps']}  loss {rec['loss_curve'][0]:.3f} -> {rec['loss_curve'][-1]:.3f}  "
@@ -120,13 +117,226 @@ def run_train(a) -> Outcome:
     return Outcome(data_out, "\n".join(lines))
 
 
+# ---------------------------------------------------------------------------------------------------- merge
+def add_merge(sub) -> None:
+    p = sub.add_parser("merge", help="exact, streaming dequantize-and-merge of an adapter into its base",
+                       description="Add the LoRA adapter to the weights it was trained against (the NF4-rounded "
+                       "base, rebuilt and proven by fingerprint) in float32, streaming tensor by tensor, and check "
+                       "the merged model's logits against the 4-bit base + adapter.")
+    p.add_argument("--base", help="base model folder (default: the base recorded in the adapter's training "
+                   "record if it exists, else the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", default="qlora-bridge-out/adapter", help="adapter folder from `train` "
+                   "(default: %(default)s)")
+    p.add_argument("--out", default="qlora-bridge-out/merged", help="merged model folder to write "
+                   "(default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--base-weights", choices=["nf4", "original"], default="nf4",
+                   help="nf4: add the delta to dequant(nf4(W)), the weights the adapter was trained against "
+                   "(exact); original: add it to W (what most tools do; a different model) (default: %(default)s)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="stored dtype; the report says per layer how much of the delta float16 and bfloat16 would "
+                   "keep, and a warning is printed when the chosen one loses a meaningful share (default: %(default)s)")
+    p.add_argument("--check", choices=["auto", "full", "layer", "none"], default="auto",
+                   help="equivalence check: full = merged logits vs the 4-bit base + adapter on a few hundred "
+                   "tokens; layer = per-layer sampled activations (for models too large to load twice); auto "
+                   "picks full when it fits in memory (default: %(default)s)")
+    p.add_argument("--heldout", help="held-out JSONL to answer with the merged model, beside the 4-bit + adapter "
+                   "answers from training (default: the held-out file in the training record)")
+    p.add_argument("--no-heldout", action="store_true", help="skip the held-out comparison")
+    p.add_argument("--ignore-base-digests", action="store_true",
+                   help="accept a base whose files differ from those recorded in training (for a re-saved base; "
+                   "nf4 mode still proves the weights by fingerprint)")
+    p.add_argument("--max-shard-size", type=float, default=2.0, help="output shard size in GiB (default: 2)")
+    p.add_argument("--threads", type=int, help="torch threads for the arithmetic (default: all cores)")
+    p.set_defaults(func=run_merge)
+
+
+def run_merge(a) -> Outcome:
+    from .default_model import resolve_base
+    from .merge import KEPT_WARNING, merge, read_adapter
+
+    adapter = read_adapter(Path(a.adapter))
+    recorded = Path((adapter.record or {}).get("base", {}).get("path", "")) if adapter.record else None
+    base = Path(a.base) if a.base else (recorded if recorded and recorded.is_dir() else resolve_base(None))
+    heldout = None
+    if not a.no_heldout:
+        heldout = a.heldout or ((adapter.record or {}).get("heldout") or {}).get("path")
+    report = merge(base, Path(a.adapter), Path(a.out), base_weights=a.base_weights, dtype=a.dtype, check=a.check,
+                   heldout_file=Path(heldout) if heldout else None, force=a.force,
+                   ignore_base_digests=a.ignore_base_digests, max_shard_bytes=int(a.max_shard_size * 2**30),
+                   threads=a.threads)
+    warnings_ = []
+    if report["delta_kept_overall"] < KEPT_WARNING:
+        warnings_.append(f"{a.dtype} keeps only {report['delta_kept_overall']:.1%} of the LoRA delta; "
+                         "use --dtype float32 or float16")
+    c = report["check"]
+    lines = [f"merged: {a.out}  ({report['base_weights']} base weights, {report['dtype']})",
+             f"check ({c['method']}): relative logits error {c['rel_error']:.2e}"
+             + (f" (limit {c['limit']:.0e})" if c.get("limit") else "")
+             + (f", adapter effect {c['adapter_effect']:.3f}" if "adapter_effect" in c else ""),
+             f"delta kept: {report['delta_kept_overall']:.4f}   wall {report['wall_seconds']:.1f} s   "
+             f"peak RSS {report['peak_rss_mib']:.0f} MiB   read {report['bytes_read'] / 1e6:.0f} MB, "
+             f"wrote {report['bytes_written'] / 1e6:.0f} MB"]
+    if h := report.get("heldout"):
+        lines.append(f"held-out: merged model {h['exact_match']:.0%} exact match; agrees with the 4-bit + adapter "
+                     f"model on {h['agree_with_adapter']}/{h['compared']} answers")
+        for row in h["answers"][:3]:
+            lines += [f"  expected:        {row['expected']}", f"  4-bit + adapter: {str(row['adapter_got']).strip()}",
+                      f"  merged:          {row['got'].strip()}"]
+    for w in warnings_:
+        print(f"warning: {w}", file=sys.stderr)
+    return Outcome({"out": a.out, "report": report, "warnings": warnings_}, "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------- plugins
+def add_plugin_option(p) -> None:
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="also load this plugin: a module name or a .py path (repeatable; QLORA_BRIDGE_PLUGINS "
+                   "works the same, separated by ':')")
+
+
+def add_plugins(sub) -> None:
+    p = sub.add_parser("plugins", help="list every plugin: name, kind, targets or backends, version, origin",
+                       description="List the plugins found: the built-ins, installed packages (entry-point group "
+                       "'qlora_bridge') and local modules. Exits 3 if a plugin is broken or two claim one name.")
+    add_plugin_option(p)
+    p.set_defaults(func=run_plugins)
+
+
+def run_plugins(a) -> Outcome:
+    from .plugins import load_plugins
+
+    reg = load_plugins(a.plugin)
+    rows = [{"name": p.name, "source": p.source, "origin": p.origin, "version": p.version, "provides": p.provides,
+             "error": p.error} for p in reg.plugins.values()]
+    lines = [f"{'plugin':<22}{'version':<10}{'source':<13}provides"]
+    for r in rows:
+        lines.append(f"{r['name']:<22}{r['version']:<10}{r['source']:<13}{', '.join(r['provides']) or '-'}")
+        lines.append(f"{'':<22}from {r['origin']}")
+    lines += [f"problem: {p}" for p in reg.problems]
+    return Outcome({"plugins": rows, "problems": reg.problems}, "\n".join(lines),
+                   EXIT_CHECK_FAILED if reg.problems else EXIT_OK)
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def passphrase_from(env_var: str | None) -> bytes | None:
+    import os
+
+    if not env_var:
+        return None
+    if env_var not in os.environ:
+        raise BridgeError(f"environment variable {env_var} is not set", field="--passphrase-env",
+                          fix=f"export {env_var}=... before running, or drop --passphrase-env")
+    return os.environ[env_var].encode()
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="re-quantize or re-save a merged model through an exporter plugin",
+                       description="Run the exporter registered for --target on a merged model folder, write "
+                       "manifest.json (inputs, settings, environment, every output's sha256) and sign the folder "
+                       "when given a key. See `qlora-bridge plugins` for the targets.")
+    p.add_argument("--target", required=True, help="export target, e.g. safetensors")
+    p.add_argument("--quant", help="quantization or dtype the target offers (default: the target's first)")
+    p.add_argument("--merged", default="qlora-bridge-out/merged", help="merged model folder (default: %(default)s)")
+    p.add_argument("--out", help="export folder to write (default: qlora-bridge-out/export-TARGET-QUANT)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="exporter-specific setting (repeatable), e.g. max_shard_size=4")
+    p.add_argument("--sign-key", help="private key (.pem) to sign the export folder with")
+    p.add_argument("--passphrase-env", metavar="VAR", help="environment variable holding the key's passphrase")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_plugin_option(p)
+    p.set_defaults(func=run_export)
+
+
+def run_export(a) -> Outcome:
+    from .export import export
+    from .plugins import load_plugins
+
+    options = {}
+    for item in a.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BridgeError(f"--option {item!r} is not KEY=VALUE", field="--option", fix="e.g. --option key=value")
+        options[key.strip()] = value.strip()
+    reg = load_plugins(a.plugin)
+    exporter, _ = reg.exporter(a.target)
+    quant = a.quant or (exporter.quant_types[0] if exporter.quant_types else None)
+    out = Path(a.out or f"qlora-bridge-out/export-{a.target}" + (f"-{quant}" if quant else ""))
+    manifest = export(reg, a.target, Path(a.merged), out, quant=quant, options=options,
+                      sign_key=Path(a.sign_key) if a.sign_key else None, passphrase=passphrase_from(a.passphrase_env),
+                      force=a.force)
+    size = sum(o["size"] for o in manifest["outputs"])
+    text = (f"exported: {out}  ({a.target} {quant or ''}, {len(manifest['outputs'])} files, {size / 1e6:.1f} MB, "
+            f"plugin {manifest['plugin']['name']} {manifest['plugin']['version']})"
+            + ("\nsigned: " + str(out / "model.sig") if a.sign_key else "\nnot signed (no --sign-key)"))
+    return Outcome({"out": str(out), "signed": bool(a.sign_key), "manifest": manifest}, text)
+
+
+# ---------------------------------------------------------------------------------------------------- signing
+def add_keygen(sub) -> None:
+    p = sub.add_parser("keygen", help="make an EC P-256 signing key pair",
+                       description="Write PREFIX.pem (private key, file mode 0600) and PREFIX.pub (public key), "
+                       "the key type the OpenSSF model_signing tool accepts.")
+    p.add_argument("--out", default="qlora-bridge-keys/release", help="path prefix (default: %(default)s)")
+    p.add_argument("--passphrase-env", metavar="VAR", help="encrypt the private key with the passphrase in VAR")
+    p.add_argument("--force", action="store_true", help="replace existing key files")
+    p.set_defaults(func=run_keygen)
+
+
+def run_keygen(a) -> Outcome:
+    from .signing import keygen
+
+    private, public = keygen(Path(a.out), passphrase_from(a.passphrase_env), a.force)
+    return Outcome({"private_key": str(private), "public_key": str(public)},
+                   f"private key: {private} (mode 0600; keep it secret)\npublic key:  {public} (give it to verifiers)")
+
+
+def add_sign(sub) -> None:
+    p = sub.add_parser("sign", help="sign an export folder (again), e.g. after smoke results were added",
+                       description="Sign every file of DIR, manifest.json included, into DIR/model.sig in the "
+                       "OpenSSF model-signing format.")
+    p.add_argument("dir", help="export folder")
+    p.add_argument("--key", required=True, help="private key (.pem)")
+    p.add_argument("--passphrase-env", metavar="VAR", help="environment variable holding the key's passphrase")
+    p.set_defaults(func=run_sign)
+
+
+def run_sign(a) -> Outcome:
+    from . import manifest as mf
+    from .signing import sign
+
+    folder = Path(a.dir)
+    mf.read(folder)  # only manifest-bearing export folders are signed by this tool
+    sig = sign(folder, Path(a.key), passphrase_from(a.passphrase_env))
+    return Outcome({"dir": str(folder), "signature": str(sig)}, f"signed: {sig}")
+
+
+def add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check an export folder's signature, manifest and every file's digest",
+                       description="Exit 0 only if the signature is valid for the public key and every file matches "
+                       "both the signature and the manifest; otherwise exit 3 and name each problem.")
+    p.add_argument("dir", help="export folder")
+    p.add_argument("--public-key", required=True, help="public key (.pub)")
+    p.set_defaults(func=run_verify)
+
+
+def run_verify(a) -> Outcome:
+    from .signing import verify
+
+    v = verify(Path(a.dir), Path(a.public_key))
+    text = (f"verified: {a.dir} ({v.files_checked} files; signature and manifest match)" if v.ok else
+            f"verification FAILED for {a.dir}:\n" + "\n".join(f"  - {p}" for p in v.problems))
+    return Outcome({"dir": a.dir, "verified": v.ok, "problems": v.problems, "files_checked": v.files_checked},
+                   text, EXIT_OK if v.ok else EXIT_CHECK_FAILED)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-bridge", description=__doc__.split("\n")[0],
                                      epilog="Exit codes: 0 ok, 1 internal error, 2 bad input, 3 check failed.")
     parser.add_argument("--version", action="version", version=f"qlora-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_train,):
+    for add in (add_train, add_merge, add_export, add_plugins, add_keygen, add_sign, add_verify):
         add(sub)
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")

@@ -33,28 +33,25 @@ def write_json(path: Path, data) -> None:
 
 @contextlib.contextmanager
 def output_folder(out: Path, *, force: bool, what: str = "output folder"):
-    """Yield a hidden staging folder beside `out`; rename it to `out` only if the block succeeds.
+    """Yield a staging folder named like `out` inside a hidden sibling; move it to `out` only if the block succeeds.
 
     An interrupted or failed run leaves no folder named `out` (a killed process may leave the hidden
-    `.NAME.partial-PID`, which nothing mistakes for a result).
+    `.NAME.partial-PID`, which nothing mistakes for a result). The staging folder has the final name, so anything
+    that records a folder's name while it is being written (a signature's subject) records the right one.
     """
     out = Path(out)
     if out.exists() and not force:
         raise BridgeError(f"the {what} already exists", file=out,
                           fix="choose another folder, or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    hidden = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(hidden, ignore_errors=True)
+    staging = hidden / out.name
+    staging.mkdir(parents=True)
     try:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
+        if out.exists():
+            os.replace(out, hidden / "replaced")
         os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)
+    finally:
+        shutil.rmtree(hidden, ignore_errors=True)

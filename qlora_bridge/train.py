@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .data import Dataset, HeldOut, collate, load_dataset
+from .data import Dataset, collate, load_dataset, load_heldout
 from .errors import BridgeError
 from .files import digest_folder, output_folder, sha256_file, write_json
 from .quant import BLOCKSIZE, QUANT_TYPES, QuantSettings, assert_standard_layout, disable_cpu_packed_layout, \
@@ -155,7 +155,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout: list[HeldOut] | None = None,
+def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_file: Path | None = None,
           force: bool = False, progress: bool = True) -> TrainResult:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -174,6 +174,7 @@ def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout: li
     torch.manual_seed(s.seed)
     tok = load_tokenizer(base)
     ds = load_dataset(dataset, tok, s.max_seq_len, s.truncate)
+    heldout = load_heldout(heldout_file) if heldout_file else None
     model = load_model(base, s)
     record: dict = {"tool": {"name": "qlora-bridge", "version": __version__}, "settings": asdict(s)}
     if s.quant != "none":
@@ -241,7 +242,8 @@ def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout: li
         "optimizer": opt_name,
         "steps": total_steps,
         "loss_curve": losses,
-        "heldout": {k: v.to_dict() for k, v in evals.items()},
+        "heldout": {k: v.to_dict() for k, v in evals.items()} | (
+            {"path": str(Path(heldout_file).resolve())} if heldout_file else {}),
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "train_seconds": round(train_seconds, 2),

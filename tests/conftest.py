@@ -36,3 +36,23 @@ def chat(user: str, answer: str, system: str | None = None) -> dict:
     msgs = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return {"messages": msgs}
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
+    """A QLoRA adapter trained for 10 steps on the tiny model (large enough deltas to measure)."""
+    from qlora_bridge.train import TrainSettings, train
+
+    d = tmp_path_factory.mktemp("adapter")
+    data = write_jsonl(d / "d.jsonl", [chat(f"request {i}", f'{{"n": {i}}}') for i in range(16)])
+    return train(tiny_model, data, d / "ad", TrainSettings(steps=10, batch_size=4, learning_rate=3e-3),
+                 progress=False).adapter
+
+
+@pytest.fixture(scope="session")
+def tiny_merged(tiny_model, tiny_adapter, tmp_path_factory) -> Path:
+    from qlora_bridge.merge import merge
+
+    out = tmp_path_factory.mktemp("merged") / "merged"
+    merge(tiny_model, tiny_adapter, out, progress=False)
+    return out

@@ -21,7 +21,7 @@ def test_train_json(tiny_model, tmp_path, capsys):
                          "--out", str(tmp_path / "ad"), "--steps", "2", "--batch-size", "2", "--rank", "4")
     assert code == 0 and out["ok"] is True
     assert out["record"]["settings"]["rank"] == 4 and out["record"]["steps"] == 2
-    assert set(out["record"]["heldout"]) == {"before", "after"}
+    assert set(out["record"]["heldout"]) == {"before", "after", "path"}
 
 
 def test_bad_dataset_exits_2_with_file_line_and_fix(tiny_model, tmp_path, capsys):

@@ -74,9 +74,10 @@ def test_plain_lora_baseline_has_no_quantization(tiny_model, chat_data, tmp_path
 
 def test_heldout_is_scored_before_and_after(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [chat("ping", "pong")] * 8)
-    heldout = load_heldout(write_jsonl(tmp_path / "h.jsonl", [chat("ping", "pong")]))
+    heldout = write_jsonl(tmp_path / "h.jsonl", [chat("ping", "pong")])
     rec = train(tiny_model, data, tmp_path / "ad", TrainSettings(steps=25, batch_size=4, learning_rate=3e-3),
-                heldout=heldout, progress=False).record
+                heldout_file=heldout, progress=False).record
+    assert rec["heldout"]["path"] == str(heldout)
     assert rec["heldout"]["before"]["exact_match"] == 0.0  # random weights do not say "pong"
     assert rec["heldout"]["after"]["exact_match"] == 1.0
     assert rec["loss_curve"][-1] < rec["loss_curve"][0] / 2

@@ -1,0 +1,173 @@
+"""Merge benchmark: qlora-bridge's streaming merge beside the peft route and a plain copy, on synthetic shapes.
+
+    python bench/merge.py --shape 1.1b            # TinyLlama-1.1B shape (2.2 GB bf16)
+    python bench/merge.py --shape 7b --skip-peft  # Llama-2-7B shape (~13 GB bf16); the peft route needs ~2x RAM
+
+Each route runs in its own process; wall time and peak RSS (from wait4) are printed side by side with ratios
+against the copy, the physical floor. Checkpoints are random N(0, 0.02) bf16 weights in ~2 GB shards and a
+rank-16 all-linear adapter with a training record, so the merge's nf4 mode proves its fingerprint as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "1.1b": dict(hidden=2048, inter=5632, layers=22, heads=32, kv=4, vocab=32000),
+    "7b": dict(hidden=4096, inter=11008, layers=32, heads=32, kv=32, vocab=32000),
+}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def linear_shapes(s):
+    head = s["hidden"] // s["heads"]
+    return {"self_attn.q_proj": (s["hidden"], s["hidden"]), "self_attn.k_proj": (s["kv"] * head, s["hidden"]),
+            "self_attn.v_proj": (s["kv"] * head, s["hidden"]), "self_attn.o_proj": (s["hidden"], s["hidden"]),
+            "mlp.gate_proj": (s["inter"], s["hidden"]), "mlp.up_proj": (s["inter"], s["hidden"]),
+            "mlp.down_proj": (s["hidden"], s["inter"])}
+
+
+def build(shape: str, root: Path) -> tuple[Path, Path]:
+    """Base checkpoint, tokenizer, adapter and training record, written tensor by tensor."""
+    import torch
+    from transformers import LlamaConfig
+
+    from qlora_bridge.files import digest_folder, write_json
+    from qlora_bridge.quant import BLOCKSIZE, state_digest
+    from qlora_bridge.safetensors_io import ShardWriter
+    from qlora_bridge.tinymodel import build_tokenizer
+    from bitsandbytes.functional import quantize_4bit
+
+    s = SHAPES[shape]
+    base, adapter = root / f"base-{shape}", root / f"adapter-{shape}"
+    if (adapter / "training_record.json").is_file():
+        return base, adapter
+    shutil.rmtree(root, ignore_errors=True)
+    base.mkdir(parents=True)
+    adapter.mkdir()
+    LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["inter"],
+                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
+                tie_word_embeddings=False, dtype="bfloat16").save_pretrained(base)
+    build_tokenizer().save_pretrained(base)
+    tensors = [("model.embed_tokens.weight", (s["vocab"], s["hidden"]))]
+    for i in range(s["layers"]):
+        tensors += [(f"model.layers.{i}.{n}.weight", shp) for n, shp in linear_shapes(s).items()]
+        tensors += [(f"model.layers.{i}.input_layernorm.weight", (s["hidden"],)),
+                    (f"model.layers.{i}.post_attention_layernorm.weight", (s["hidden"],))]
+    tensors += [("model.norm.weight", (s["hidden"],)), ("lm_head.weight", (s["vocab"], s["hidden"]))]
+    g = torch.Generator().manual_seed(0)
+    writer = ShardWriter(base, 2 * 2**30)
+    for name, shp in tensors:
+        writer.plan(name, torch.bfloat16, shp)
+    fingerprint, lora = {}, {}
+    for n, (name, shp) in enumerate(tensors):
+        w = torch.ones(shp) if len(shp) == 1 else torch.randn(shp, generator=g) * 0.02
+        w = w.to(torch.bfloat16)
+        writer.write(name, w)
+        if any(t in name for t in TARGETS):
+            # the training record's fingerprint: what bitsandbytes builds from the fp32-loaded weight
+            packed, qs = quantize_4bit(w.float(), blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+            fingerprint[name] = {"sha256": state_digest(packed, qs), "shape": list(shp), "source_dtype": "float32",
+                                 "blocksize": BLOCKSIZE}
+            module = name.removesuffix(".weight")
+            lora[f"base_model.model.{module}.lora_A.weight"] = torch.randn(16, shp[1], generator=g) * 0.01
+            lora[f"base_model.model.{module}.lora_B.weight"] = torch.randn(shp[0], 16, generator=g) * 0.01
+        print(f"\rbuilding {shape}: {n + 1}/{len(tensors)} tensors", end="", file=sys.stderr)
+    index = writer.close()
+    write_json(base / "model.safetensors.index.json", {"metadata": {}, "weight_map": index})
+    print(file=sys.stderr)
+    from safetensors.torch import save_file
+
+    save_file(lora, adapter / "adapter_model.safetensors")
+    write_json(adapter / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+        "target_modules": list(TARGETS), "base_model_name_or_path": str(base), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False})
+    from importlib.metadata import version
+
+    write_json(adapter / "training_record.json", {
+        "quantization": {"quant_type": "nf4", "double_quant": True, "blocksize": BLOCKSIZE,
+                         "compute_dtype": "float32", "fingerprint": {"layers": fingerprint, "sha256": ""}},
+        "base": {"path": str(base), "files": digest_folder(base, "*.safetensors") | digest_folder(base, "config.json")},
+        "environment": {"libraries": {"bitsandbytes": version("bitsandbytes")}}})
+    return base, adapter
+
+
+def route(name: str, base: Path, adapter: Path, out: Path, dtype: str) -> None:
+    """Run one route in this (child) process."""
+    import torch
+
+    if name == "qlora-bridge":
+        from qlora_bridge.merge import merge
+
+        merge(base, adapter, out, dtype=dtype, check="layer", force=True, progress=False)
+    elif name == "peft":  # what a peft user does: 4-bit load, dequantize, merge_and_unload, save_pretrained
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=q, dtype=torch.float32,
+                                                     device_map={"": "cpu"})
+        for m in model.modules():  # research README fact 1: never let the CPU packed path run
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+        model = model.dequantize()
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model.to(getattr(torch, dtype)).save_pretrained(out)
+    elif name == "copy":
+        out.mkdir(parents=True, exist_ok=True)
+        for f in base.glob("*.safetensors"):
+            shutil.copyfile(f, out / f.name)
+        os.sync()
+
+
+def measure(name, base, adapter, out, dtype) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    t = time.time()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", name, str(base), str(adapter), str(out), dtype])
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - t
+    shutil.rmtree(out, ignore_errors=True)
+    return {"route": name, "ok": os.waitstatus_to_exitcode(status) == 0, "wall_s": wall,
+            "peak_rss_mib": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _, _, name, base, adapter, out, dtype = sys.argv
+        route(name, Path(base), Path(adapter), Path(out), dtype)
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
+    p.add_argument("--work", default="/tmp/qlora-bridge-bench", help="scratch folder (needs ~3x the model size)")
+    p.add_argument("--dtype", default="float16", help="output dtype for every route (default: float16)")
+    p.add_argument("--skip-peft", action="store_true", help="skip the peft route (it needs ~2x the model in RAM)")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args()
+    work = Path(a.work)
+    base, adapter = build(a.shape, work / "inputs")
+    routes = ["copy", "qlora-bridge"] + ([] if a.skip_peft else ["peft"])
+    rows = [measure(r, base, adapter, work / f"out-{r}", a.dtype) for r in routes]
+    floor = rows[0]["wall_s"]
+    size = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
+    if a.json:
+        print(json.dumps({"shape": a.shape, "base_gb": size, "dtype": a.dtype, "rows": rows}))
+        return
+    print(f"shape {a.shape}: base {size:.2f} GB bf16 -> {a.dtype}, {os.cpu_count()} cores")
+    print(f"{'route':<14}{'ok':<5}{'wall s':>9}{'x copy':>8}{'CPU s':>9}{'peak RSS MiB':>14}")
+    for r in rows:
+        print(f"{r['route']:<14}{str(r['ok']):<5}{r['wall_s']:>9.1f}{r['wall_s'] / floor:>8.1f}{r['cpu_s']:>9.1f}"
+              f"{r['peak_rss_mib']:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()

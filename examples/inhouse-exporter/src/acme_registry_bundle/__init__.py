@@ -1,0 +1,45 @@
+"""ACME's registry bundle: the merged model as one tar file plus registry.json, as ACME's registry ingests it.
+
+A model of an in-house exporter: it uses only qlora_bridge.api, registers through the `qlora_bridge` entry-point
+group, and leaves digests, the manifest and signing to qlora-bridge.
+"""
+
+import hashlib
+import json
+import tarfile
+
+from qlora_bridge.api import BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, hookimpl
+
+PLUGIN_API = 1  # the qlora-bridge plugin API this plugin was written for
+__version__ = "1.2.0"
+COMPRESSIONS = ("none", "gz")
+
+
+def export(req: ExportRequest) -> ExportResult:
+    team = req.options.get("team")
+    if not team:
+        raise BridgeError("ACME's registry needs an owning team", field="--option team",
+                          fix="pass --option team=YOUR-TEAM")
+    mode = "w:gz" if req.quant == "gz" else "w"
+    bundle = req.out / ("model.tar.gz" if req.quant == "gz" else "model.tar")
+    files = sorted(p for p in req.merged.iterdir() if p.is_file())
+    with tarfile.open(bundle, mode) as tar:
+        for p in files:
+            tar.add(p, arcname=p.name)
+    with tarfile.open(bundle) as tar:  # read back before anyone relies on it
+        if sorted(tar.getnames()) != sorted(p.name for p in files):
+            raise CheckFailed("the bundle does not hold every merged file", file=bundle, fix="check the disk")
+    merge = req.lineage.get("merge") or {}
+    registry = {"team": team, "bundle": bundle.name,
+                "bundle_sha256": hashlib.sha256(bundle.read_bytes()).hexdigest(),
+                "base_weights": merge.get("base_weights"), "dtype": merge.get("dtype"),
+                "adapter_sha256": (req.lineage.get("adapter") or {}).get("sha256")}
+    (req.out / "registry.json").write_text(json.dumps(registry, indent=2) + "\n")
+    return ExportResult(settings={"team": team, "compression": req.quant},
+                        checks={"bundle_members": len(files)})
+
+
+@hookimpl
+def register_exporters(register):
+    register(Exporter(target="acme-registry", export=export, format="tar-bundle", quant_types=COMPRESSIONS,
+                      description="ACME model-registry bundle (tar + registry.json)"))

@@ -1,0 +1,65 @@
+"""`qlora-bridge export`: run a registered exporter on a merged folder, then write and sign the manifest."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import manifest as mf
+from .api import ExportRequest, ExportResult
+from .errors import BridgeError
+from .files import output_folder
+from .plugins import Registry
+from .signing import sign
+
+
+class PluginFailed(BridgeError):
+    """A plugin raised something that is not a user error: name the plugin, keep the traceback's gist."""
+
+    exit_code = 1
+
+
+def export(registry: Registry, target: str, merged: Path, out: Path, *, quant: str | None = None,
+           options: dict[str, str] | None = None, sign_key: Path | None = None, passphrase: bytes | None = None,
+           force: bool = False, progress: bool = True) -> dict:
+    exporter, plugin = registry.exporter(target)
+    if exporter.quant_types and quant is None:
+        quant = exporter.quant_types[0]
+    if exporter.quant_types and quant not in exporter.quant_types:
+        raise BridgeError(f"export target '{target}' does not offer --quant {quant}", field="--quant",
+                          fix=f"use one of {', '.join(exporter.quant_types)}")
+    merged = Path(merged)
+    if not (merged / "config.json").is_file():
+        raise BridgeError("not a merged model folder (no config.json)", file=merged,
+                          fix="pass the folder written by `qlora-bridge merge`")
+    if sign_key is not None and not Path(sign_key).is_file():
+        raise BridgeError("private key not found", file=sign_key, fix="create one with `qlora-bridge keygen`")
+    inputs = mf.lineage(merged)
+    started = time.time()
+    with output_folder(out, force=force, what="export folder") as tmp:
+        request = ExportRequest(merged=merged, out=tmp, quant=quant, options=dict(options or {}),
+                                lineage=inputs, progress=progress)
+        try:
+            result = exporter.export(request)
+        except BridgeError:
+            raise
+        except Exception as e:
+            raise PluginFailed(f"exporter '{target}' of plugin '{plugin.name}' ({plugin.origin}) failed: "
+                               f"{type(e).__name__}: {e}", fix="report this to the plugin's authors; "
+                               "nothing was written") from e
+        if not isinstance(result, ExportResult):
+            raise PluginFailed(f"exporter '{target}' of plugin '{plugin.name}' returned {type(result).__name__}, "
+                               "not an ExportResult", fix="report this to the plugin's authors")
+        if not any(tmp.iterdir()):
+            raise PluginFailed(f"exporter '{target}' of plugin '{plugin.name}' wrote no files",
+                               fix="report this to the plugin's authors")
+        settings = {"quant": quant, "options": dict(options or {}), **result.settings,
+                    "seconds": round(time.time() - started, 2)}
+        manifest = mf.build(tmp, target=target, fmt=exporter.format, quant=quant,
+                            plugin={"name": plugin.name, "version": plugin.version, "source": plugin.source,
+                                    "origin": plugin.origin},
+                            settings=settings, checks=result.checks, inputs=inputs)
+        mf.write(tmp, manifest)
+        if sign_key is not None:
+            sign(tmp, Path(sign_key), passphrase)
+    return manifest

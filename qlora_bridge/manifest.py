@@ -1,0 +1,118 @@
+"""The manifest every export folder carries: what went in, what came out, how, and what was verified."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path, PurePosixPath
+
+from . import __version__
+from .errors import BridgeError
+from .files import sha256_file
+
+MANIFEST = "manifest.json"
+SIGNATURE = "model.sig"
+SCHEMA_VERSION = 1
+NOT_LISTED = {MANIFEST, SIGNATURE}  # the manifest cannot list itself; the signature is written after it
+
+
+def schema_path(version: int = SCHEMA_VERSION) -> Path:
+    here = Path(__file__).resolve().parent
+    name = f"manifest-v{version}.schema.json"
+    for candidate in (here / "schemas" / name, here.parent / "manifests" / name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"manifest schema {name} is missing from this installation")
+
+
+def output_files(folder: Path) -> list[dict]:
+    """Every file in the folder (recursively) with its size and sha256, by relative POSIX path."""
+    folder = Path(folder)
+    entries = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel not in NOT_LISTED:
+            entries.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
+    return entries
+
+
+def environment() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    libs = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "safetensors", "gguf", "llama-cpp-python",
+                 "gptqmodel", "model-signing"):
+        try:
+            libs[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return {"python": platform.python_version(), "platform": platform.platform(), "libraries": libs}
+
+
+def lineage(merged: Path) -> dict:
+    """What the merged folder says about where it came from: its files, the merge report, the training record."""
+    merged = Path(merged)
+    read = lambda name: json.loads((merged / name).read_text()) if (merged / name).is_file() else None
+    report = read("merge_report.json")
+    record = read("training_record.json")
+    files = {p.name: sha256_file(p) for p in sorted(merged.iterdir()) if p.is_file()}
+    return {
+        "merged": {"path": str(merged.resolve()), "files": files},
+        "base": (report or {}).get("base") or (record or {}).get("base"),
+        "adapter": (report or {}).get("adapter"),
+        "merge": report,
+        "training_record": record,
+    }
+
+
+def build(folder: Path, *, target: str, fmt: str, quant: str | None, plugin: dict, settings: dict, checks: dict,
+          inputs: dict) -> dict:
+    return {
+        "schema": "qlora-bridge/manifest",
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tool": {"name": "qlora-bridge", "version": __version__},
+        "plugin": plugin,
+        "inputs": inputs,
+        "export": {"target": target, "format": fmt, "quant": quant, "settings": settings, "checks": checks},
+        "environment": environment(),
+        "outputs": output_files(folder),
+        "verification": {},
+    }
+
+
+def write(folder: Path, manifest: dict) -> None:
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def read(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise BridgeError("the folder has no manifest.json", file=folder, fix="export it with qlora-bridge")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BridgeError(f"manifest.json is not valid JSON ({e})", file=path, fix="re-export the folder") from None
+
+
+def unsafe_paths(manifest: dict) -> list[str]:
+    """Output paths that are absolute or climb out of the folder."""
+    bad = []
+    for entry in manifest.get("outputs", []):
+        p = PurePosixPath(str(entry.get("path", "")))
+        if p.is_absolute() or ".." in p.parts or "\\" in str(p) or not str(p) or str(p).startswith("~"):
+            bad.append(str(entry.get("path")))
+    return bad
+
+
+def schema_errors(manifest: dict) -> list[str]:
+    import jsonschema
+
+    version = manifest.get("schema_version")
+    try:
+        schema = json.loads(schema_path(version if isinstance(version, int) else SCHEMA_VERSION).read_text())
+    except FileNotFoundError:
+        return [f"schema_version: unknown version {version!r}"]
+    validator = jsonschema.Draft202012Validator(schema)
+    return [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in validator.iter_errors(manifest)]

@@ -1,0 +1,434 @@
+"""`qlora-bridge merge`: exact, streaming dequantize-and-merge of a QLoRA adapter.
+
+The adapter was trained against dequant(nf4(W)), not W. With `base_weights="nf4"` (the default) every target weight
+is re-quantized with the same bitsandbytes settings, proven identical to what training built (the fingerprint in
+`training_record.json`), dequantized, and W' = dequant(nf4(W)) + (alpha/r)·B·A is formed in float32. With
+"original", W' = W + (alpha/r)·B·A: what most tools do, and a different model from the one that was trained.
+
+Tensors stream from the base's shards to the output's shards one at a time, so peak memory is a few copies of the
+largest tensor, whatever the size of the model.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import BridgeError, CheckFailed
+from .files import digest_folder, output_folder, sha256_file, write_json
+from .quant import state_digest
+from .safetensors_io import SafetensorsReader, ShardWriter, model_shards
+from .train import RECORD, TrainSettings, check_base, environment, load_model, peak_rss_mib
+
+MODES = ("nf4", "original")
+DTYPES = ("float32", "float16", "bfloat16")
+REPORT = "merge_report.json"
+# fp32 logits of the merged model vs the 4-bit + adapter model: measured ~1e-6 (summation order differs between a
+# fused weight and the factored adapter path); 1e-4 is 100x that noise and far below any real merge error (~0.26).
+EXACT_LIMIT = 1e-4
+# A delta whose stored form keeps less than this share (by norm) earns a warning: a tenth of the fine-tune gone.
+KEPT_WARNING = 0.9
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+CHECK_TEXT = (
+    "The committee met on Thursday to review the budget. After a long discussion, the members agreed to fund "
+    "the new library, provided that the construction starts before the end of the year.\n\n"
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+    '{"intent": "meeting", "person": "Alice", "day": "Monday", "priority": "normal"}\n'
+    "Photosynthesis converts light energy into chemical energy, which the plant stores as sugar. Oxygen is "
+    "released as a by-product. In 1905, Albert Einstein published four papers that changed physics; one of them "
+    "explained the photoelectric effect, for which he later received the Nobel Prize. Remind me to call Omar on "
+    "Friday. Urgent: cancel the meeting with Priya on Tuesday. The quick brown fox jumps over the lazy dog 42 "
+    "times, and then 17 more. Water boils at 100 degrees Celsius at sea level, but at lower temperatures on "
+    "mountains, because the air pressure there is lower. SELECT name, total FROM orders WHERE total > 100;"
+)
+
+
+@dataclass
+class LoraLayer:
+    module: str  # e.g. model.layers.0.self_attn.q_proj
+    a_key: str
+    b_key: str
+    scale: float
+    fan_in_fan_out: bool
+
+    @property
+    def weight_key(self) -> str:
+        return f"{self.module}.weight"
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict
+    layers: dict[str, LoraLayer]  # by base weight key
+    reader: SafetensorsReader
+    record: dict | None
+
+    def delta(self, layer: LoraLayer) -> torch.Tensor:
+        a = self.reader.read(layer.a_key).float()
+        b = self.reader.read(layer.b_key).float()
+        d = (b @ a).mul_(layer.scale)
+        return d.T if layer.fan_in_fan_out else d
+
+
+def _pattern(patterns: dict, module: str, default):
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter(path: Path) -> Adapter:
+    path = Path(path)
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise BridgeError("not a peft adapter folder (no adapter_config.json)", file=path,
+                          fix="pass the folder written by `qlora-bridge train` (or peft's save_pretrained)")
+    cfg = json.loads(cfg_file.read_text())
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        found = [p.name for p in path.glob("adapter_model.bin")]
+        raise BridgeError("no adapter_model.safetensors" + (" (only a pickle .bin, which is never loaded)"
+                          if found else ""), file=path, fix="re-save the adapter with safetensors")
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
+        raise BridgeError(f"only plain LoRA adapters can be merged (this is {cfg.get('peft_type')}"
+                          f"{', DoRA' if cfg.get('use_dora') else ''})", file=cfg_file, field="peft_type",
+                          fix="train a plain LoRA adapter")
+    if cfg.get("modules_to_save"):
+        raise BridgeError(f"the adapter also saves whole modules {cfg['modules_to_save']}, which this merge does "
+                          "not write", file=cfg_file, field="modules_to_save", fix="train without modules_to_save")
+    reader = SafetensorsReader(weights)
+    layers = {}
+    for key in reader.tensors:
+        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if not m:
+            raise BridgeError(f"unsupported adapter tensor '{key}'", file=weights,
+                              fix="only LoRA A/B matrices of linear layers can be merged")
+        if m.group(2) == "B":
+            continue
+        module = m.group(1)
+        b_key = key.replace(".lora_A", ".lora_B")
+        if b_key not in reader.tensors:
+            raise BridgeError(f"'{key}' has no matching lora_B", file=weights, fix="re-save the adapter")
+        r = reader.tensors[key].shape[0]
+        alpha = _pattern(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        layers[f"{module}.weight"] = LoraLayer(module, key, b_key, scale, bool(cfg.get("fan_in_fan_out")))
+    if not layers:
+        raise BridgeError("the adapter holds no LoRA layers", file=weights, fix="pass a trained adapter")
+    record = json.loads((path / RECORD).read_text()) if (path / RECORD).is_file() else None
+    return Adapter(path, cfg, layers, reader, record)
+
+
+def check_pairing(base: Path, adapter: Adapter, shards: dict[str, Path], mode: str, ignore_digests: bool) -> None:
+    """Refuse an adapter trained on another base, and say which evidence shows it."""
+    missing = [k for k in adapter.layers if k not in shards]
+    if missing:
+        raise BridgeError(f"missing target modules: the base has no {', '.join(missing[:3])}"
+                          f"{' …' if len(missing) > 3 else ''} ({len(missing)} of {len(adapter.layers)})",
+                          file=base, fix="merge into the base the adapter was trained on")
+    readers = {}
+    for key, layer in adapter.layers.items():
+        reader = readers.setdefault(shards[key], SafetensorsReader(shards[key]))
+        out_f, in_f = reader.tensors[key].shape
+        a, b = adapter.reader.tensors[layer.a_key].shape, adapter.reader.tensors[layer.b_key].shape
+        want = (in_f, out_f) if layer.fan_in_fan_out else (out_f, in_f)
+        if (b[0], a[1]) != want:
+            raise BridgeError(f"shape mismatch at {key}: the base weight is {list(want)}, the adapter's B·A is "
+                              f"{[b[0], a[1]]}", file=base, fix="merge into the base the adapter was trained on")
+    record = adapter.record
+    if mode == "nf4" and (record is None or "quantization" not in record):
+        raise BridgeError("--base-weights nf4 needs the NF4 fingerprint from training_record.json, which this "
+                          "adapter lacks", file=adapter.path, fix="merge an adapter trained by `qlora-bridge train`, "
+                          "or pass --base-weights original (a different model from the one trained)")
+    if record and not ignore_digests:
+        ours = digest_folder(base, "*.safetensors") | digest_folder(base, "config.json")
+        differ = [n for n, d in record["base"]["files"].items() if n in ours and ours[n] != d]
+        gone = [n for n in record["base"]["files"] if n.endswith(".safetensors") and n not in ours]
+        if differ or gone:
+            detail = "; ".join([f"{n}: trained on sha256 {record['base']['files'][n][:12]}…, this base has "
+                                f"{ours[n][:12]}…" for n in differ] + [f"{n} is missing" for n in gone])
+            raise BridgeError(f"digest mismatch: this is not the base the adapter was trained on ({detail})",
+                              file=base, fix="merge into the base recorded in training_record.json, or pass "
+                              "--ignore-base-digests if the weights were only re-saved (nf4 mode still proves them "
+                              "by fingerprint)")
+
+
+def nf4_base_weight(w: torch.Tensor, key: str, quant: dict) -> torch.Tensor:
+    """dequant(nf4(w)) exactly as training built it, after proving the rebuild matches its fingerprint."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    fp = quant["fingerprint"]["layers"][key]
+    src = w.to(getattr(torch, fp["source_dtype"]))
+    packed, qs = quantize_4bit(src, blocksize=fp["blocksize"], compress_statistics=quant["double_quant"],
+                               quant_type=quant["quant_type"])
+    if state_digest(packed, qs) != fp["sha256"]:
+        raise FingerprintMismatch(key, quant.get("bitsandbytes_version"), bnb.__version__)
+    return dequantize_4bit(packed, qs).float()
+
+
+class FingerprintMismatch(CheckFailed):
+    def __init__(self, key: str, trained_with: str | None, have: str):
+        cause = (f"training used bitsandbytes {trained_with} and this is {have}; its NF4 codes differ between "
+                 "versions" if trained_with and trained_with != have else
+                 "the base weights differ from the ones the adapter was trained on")
+        super().__init__(f"the NF4 weights rebuilt for {key} do not match the fingerprint recorded in training: "
+                         f"{cause}", field="quantization.fingerprint",
+                         fix=f"merge with bitsandbytes {trained_with or 'as used in training'} and the same base, or "
+                         "pass --base-weights original (a different model from the one trained)")
+
+
+def delta_kept(merged: torch.Tensor, delta_norm: float, dtype: torch.dtype) -> float:
+    """Share of the delta's norm that survives storing the merged weight in `dtype` (1.0 = nothing lost)."""
+    if dtype == torch.float32 or delta_norm == 0:
+        return 1.0
+    err = torch.linalg.vector_norm(merged.to(dtype).float() - merged).item()
+    return max(0.0, 1.0 - err / delta_norm)
+
+
+def layer_check(stored: torch.Tensor, base_w: torch.Tensor, adapter: Adapter, layer: LoraLayer, seed: int) -> float:
+    """Relative error of the merged layer against the factored path the trained model computes, on sampled inputs."""
+    g = torch.Generator().manual_seed(seed)
+    if layer.fan_in_fan_out:  # Conv1D-style checkpoints store weights as [in, out]
+        stored, base_w = stored.T, base_w.T
+    x = torch.randn(8, stored.shape[1], generator=g)
+    a = adapter.reader.read(layer.a_key).float()
+    b = adapter.reader.read(layer.b_key).float()
+    ref = x @ base_w.T + layer.scale * ((x @ a.T) @ b.T)
+    got = x @ stored.float().T
+    return (torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)).item()
+
+
+def copy_side_files(base: Path, out: Path, dtype: str) -> None:
+    """Config (with the new dtype and no quantization), generation config, tokenizer and other non-weight files."""
+    for f in base.iterdir():
+        if not f.is_file() or any(f.match(p) for p in WEIGHT_FILES) or f.name in ("README.md", "qlora_bridge_source.json"):
+            continue
+        shutil.copy2(f, out / f.name)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = dtype
+    cfg.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def base_license(base: Path) -> str | None:
+    source = base / "qlora_bridge_source.json"
+    if source.is_file():
+        return json.loads(source.read_text()).get("license")
+    card = base / "README.md"
+    if card.is_file():
+        m = re.search(r"^license:\s*(\S+)", card.read_text(errors="replace"), re.M)
+        return m.group(1) if m else None
+    return None
+
+
+def model_card(base: Path, adapter: Adapter, report: dict) -> str:
+    lic = base_license(base)
+    check = report["check"]
+    front = ["---", f"base_model: {base.name}", "library_name: transformers", "tags: [qlora-bridge, lora, merged]"]
+    if lic:
+        front.insert(2, f"license: {lic}")
+    front.append("---")
+    body = [
+        f"# {base.name} + {adapter.path.name} (merged)", "",
+        f"Merged by qlora-bridge {__version__}: the LoRA adapter `{adapter.path.name}` added to "
+        + ("the NF4-rounded base weights it was trained against (dequant(nf4(W)) + (alpha/r)·B·A, in float32)."
+           if report["base_weights"] == "nf4" else "the original base weights (W + (alpha/r)·B·A)."),
+        "", f"- stored dtype: {report['dtype']}; delta kept: {report['delta_kept_overall']:.4f}",
+        f"- equivalence check ({check['method']}): relative logits error {check.get('rel_error')} "
+        f"against the 4-bit base + adapter; passed: {check['passed']}",
+        "- loads with plain transformers; needs neither peft nor bitsandbytes.", "",
+        "See `merge_report.json` for the per-layer figures.",
+    ]
+    return "\n".join(front + [""] + body) + "\n"
+
+
+def logits_check(base: Path, adapter: Adapter, merged_dir: Path, mode: str, dtype: str) -> dict:
+    """Merged model's logits against the 4-bit base + adapter model (and the 4-bit base alone)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    ids = tok(CHECK_TEXT, return_tensors="pt")["input_ids"][:, :512]
+    quant = (adapter.record or {}).get("quantization") or {"quant_type": "nf4", "double_quant": True}
+    # float32 compute, so the comparison measures the merge and not bf16 matmul noise
+    settings = TrainSettings(quant=quant["quant_type"], double_quant=quant["double_quant"], compute_dtype="float32")
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+        got = merged(ids).logits.float()
+        del merged
+        model = PeftModel.from_pretrained(load_model(base, settings), adapter.path).eval()
+        ref = model(ids).logits.float()
+        with model.disable_adapter():
+            plain = model(ids).logits.float()
+    norm = lambda t: torch.linalg.vector_norm(t).item()
+    rel_error = norm(got - ref) / norm(ref)
+    effect = norm(ref - plain) / norm(plain)
+    retained = 1 - norm(got - ref) / norm(ref - plain) if effect > 0 else 0.0
+    exact_required = mode == "nf4" and dtype == "float32"
+    passed = effect > 1e-6 and retained > 0.5 and (rel_error <= EXACT_LIMIT or not exact_required)
+    return {"method": "full-model logits", "tokens": int(ids.shape[1]), "rel_error": rel_error,
+            "limit": EXACT_LIMIT if exact_required else None, "adapter_effect": effect,
+            "fine_tune_retained": retained, "passed": passed}
+
+
+def heldout_comparison(merged_dir: Path, heldout_file: Path, record: dict | None) -> dict:
+    """The merged model's held-out answers beside the 4-bit + adapter model's answers from training."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import load_heldout
+    from .evaluate import exact_match
+
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    result = exact_match(model, tok, load_heldout(heldout_file)).to_dict()
+    trained = {a["line"]: a["got"] for a in ((record or {}).get("heldout", {}).get("after") or {}).get("answers", [])}
+    for a in result["answers"]:
+        a["adapter_got"] = trained.get(a["line"])
+    compared = [a for a in result["answers"] if a["adapter_got"] is not None]
+    result["path"] = str(heldout_file)
+    result["agree_with_adapter"] = sum(a["got"].strip() == a["adapter_got"].strip() for a in compared)
+    result["compared"] = len(compared)
+    return result
+
+
+def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4", dtype: str = "float32",
+          check: str = "auto", heldout_file: Path | None = None, force: bool = False, ignore_base_digests: bool = False,
+          max_shard_bytes: int = 2 * 2**30, threads: int | None = None, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    if base_weights not in MODES:
+        raise BridgeError(f"unknown mode {base_weights!r}", field="base_weights", fix="use nf4 or original")
+    if dtype not in DTYPES:
+        raise BridgeError(f"unknown dtype {dtype!r}", field="dtype", fix=f"use one of {', '.join(DTYPES)}")
+    started = time.time()
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    base, out = Path(base), Path(out)
+    if out.exists() and not force:
+        raise BridgeError("the output folder already exists", file=out, fix="choose another --out, or pass --force")
+    check_base(base)
+    adapter = read_adapter(adapter_dir)
+    shards = model_shards(base)
+    check_pairing(base, adapter, shards, base_weights, ignore_base_digests)
+    quant = (adapter.record or {}).get("quantization")
+    if quant is not None:
+        quant = dict(quant, bitsandbytes_version=adapter.record["environment"]["libraries"]["bitsandbytes"])
+    out_dtype = getattr(torch, dtype)
+
+    readers = {f: SafetensorsReader(f) for f in dict.fromkeys(shards.values())}
+    order = [(name, readers[f]) for f, r in readers.items() for name in r.tensors if shards.get(name) == f]
+    layers, bytes_read = {}, 0
+    with output_folder(out, force=force, what="merged model folder") as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for name, reader in order:
+            info = reader.tensors[name]
+            writer.plan(name, out_dtype if info.dtype.is_floating_point else info.dtype, info.shape)
+        total = sum(r.tensors[n].nbytes for n, r in order)
+        try:
+            with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress,
+                      mininterval=1.0, leave=False) as bar:
+                for i, (name, reader) in enumerate(order):
+                    w = reader.read(name)
+                    bytes_read += w.nbytes
+                    layer = adapter.layers.get(name)
+                    if layer is None:
+                        stored = w.to(out_dtype) if w.is_floating_point() else w
+                    else:
+                        base_w = nf4_base_weight(w, name, quant) if base_weights == "nf4" else w.float()
+                        delta = adapter.delta(layer)
+                        merged = base_w + delta
+                        stored = merged.to(out_dtype)
+                        dn = torch.linalg.vector_norm(delta).item()
+                        layers[name] = {
+                            "delta_norm": dn, "delta_rel": dn / max(torch.linalg.vector_norm(base_w).item(), 1e-30),
+                            "delta_kept": {d: delta_kept(merged, dn, getattr(torch, d)) for d in DTYPES},
+                            "layer_check_rel_error": layer_check(stored, base_w, adapter, layer, seed=i)}
+                        del base_w, delta, merged
+                    writer.write(name, stored)
+                    bar.update(w.nbytes)
+                    del w, stored
+            weight_map = writer.close()
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise BridgeError("the disk filled up while writing the merged model; nothing was kept", file=out,
+                                  fix="free space (the merge needs about the model's size at --dtype) or "
+                                  "choose another --out") from None
+            raise
+        merge_rss = peak_rss_mib()
+        write_json(tmp / "model.safetensors.index.json",
+                   {"metadata": {"total_size": writer.bytes_written}, "weight_map": weight_map})
+        copy_side_files(base, tmp, dtype)
+
+        if all(v["delta_norm"] == 0 for v in layers.values()):
+            raise CheckFailed("every LoRA delta is zero: the merged model would equal the base (the adapter's "
+                              "lora_B matrices were never trained)", file=adapter.path,
+                              fix="train the adapter (loss must fall) before merging")
+        kept_weights = sum(v["delta_norm"] for v in layers.values())
+        overall_kept = sum(v["delta_norm"] * v["delta_kept"][dtype] for v in layers.values()) / kept_weights
+        fp32_bytes = sum(4 * math.prod(r.tensors[n].shape) for n, r in order)
+        method = check
+        if check == "auto":
+            import psutil
+
+            method = "full" if 3 * fp32_bytes < psutil.virtual_memory().available else "layer"
+        worst_layer = max(v["layer_check_rel_error"] for v in layers.values())
+        if method == "full":
+            result = logits_check(base, adapter, tmp, base_weights, dtype)
+        else:
+            result = {"method": "per-layer sampled activations" if method == "layer" else "skipped",
+                      "rel_error": worst_layer if method == "layer" else None,
+                      "limit": EXACT_LIMIT if (base_weights, dtype) == ("nf4", "float32") else None}
+            result["passed"] = method == "none" or result["limit"] is None or worst_layer <= EXACT_LIMIT
+        result["worst_layer_rel_error"] = worst_layer
+        if not result["passed"]:
+            raise CheckFailed(check_failure(result, base_weights, dtype), file=out,
+                              fix="see merge_report figures in the JSON output; nothing was written")
+
+        report = {
+            "tool": {"name": "qlora-bridge", "version": __version__},
+            "base": {"path": str(base.resolve()), "files": digest_folder(base, "*.safetensors")},
+            "adapter": {"path": str(Path(adapter_dir).resolve()),
+                        "sha256": sha256_file(Path(adapter_dir) / "adapter_model.safetensors"),
+                        "rank": adapter.config.get("r"), "alpha": adapter.config.get("lora_alpha")},
+            "base_weights": base_weights, "dtype": dtype,
+            "fingerprint_verified": base_weights == "nf4",
+            "delta_kept_overall": overall_kept,
+            "layers": layers,
+            "check": result,
+            "wall_seconds": round(time.time() - started, 2),
+            "peak_rss_mib": round(merge_rss, 1),
+            "peak_rss_mib_with_check": round(peak_rss_mib(), 1),
+            "bytes_read": bytes_read, "bytes_written": writer.bytes_written,
+            "threads": torch.get_num_threads(),
+            "environment": environment(),
+        }
+        if adapter.record:  # the merged folder carries its lineage, so exports need nothing else
+            write_json(tmp / RECORD, adapter.record)
+        if heldout_file:
+            report["heldout"] = heldout_comparison(tmp, heldout_file, adapter.record)
+        (tmp / "README.md").write_text(model_card(base, adapter, report))
+        write_json(tmp / REPORT, report)
+    return report
+
+
+def check_failure(result: dict, mode: str, dtype: str) -> str:
+    if result.get("adapter_effect", 1) <= 1e-6:
+        return "the adapter does not change the model's outputs: the merged model would equal the base"
+    if result.get("fine_tune_retained", 1) <= 0.5:
+        return (f"the merged model kept only {result['fine_tune_retained']:.0%} of the fine-tune's effect on the "
+                f"logits ({mode} base weights, {dtype}): it is closer to the base than to the trained model")
+    return (f"the merged model's logits differ from the 4-bit base + adapter by {result['rel_error']:.2e} "
+            f"(relative), above the {result['limit']:.0e} an exact nf4 float32 merge must meet")

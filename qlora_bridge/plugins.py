@@ -1,0 +1,163 @@
+"""Plugin discovery and the registry of exporters, serving adapters and smoke checks.
+
+Three sources, one manager: the built-in plugins (the files in `plugins/`), installed packages exposing the
+entry-point group `qlora_bridge`, and local modules named by QLORA_BRIDGE_PLUGINS or --plugin (module names or
+.py paths, separated by os.pathsep). A plugin that fails to import or to register is recorded with its error and
+the others keep working; two plugins claiming one target or backend make that name unusable until one goes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pluggy
+
+from . import __version__, hookspecs
+from .api import SUPPORTED_PLUGIN_APIS, Exporter, ServingAdapter, SmokeCheck
+from .errors import BridgeError
+
+ENTRY_POINT_GROUP = "qlora_bridge"
+ENV_VAR = "QLORA_BRIDGE_PLUGINS"
+KINDS = {"register_exporters": (Exporter, "target"), "register_servers": (ServingAdapter, "backend"),
+         "register_smoke_checks": (SmokeCheck, "name")}
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    source: str  # builtin, entry point, local
+    origin: str  # the file, module or distribution it came from
+    version: str
+    error: str | None = None
+    provides: list[str] = field(default_factory=list)  # "exporter gguf", "server llamacpp", ...
+
+
+@dataclass
+class Registry:
+    plugins: dict[str, PluginInfo] = field(default_factory=dict)
+    items: dict[str, dict[str, tuple[object, str]]] = field(
+        default_factory=lambda: {hook: {} for hook in KINDS})  # hook -> key -> (registration, plugin name)
+    conflicts: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> list[str]:
+        broken = [f"plugin '{p.name}' ({p.source}: {p.origin}) is broken: {p.error}"
+                  for p in self.plugins.values() if p.error]
+        clashes = [f"{KINDS[hook][0].__name__.lower()} '{key}' is claimed by plugins {' and '.join(repr(n) for n in names)}"
+                   for (hook, key), names in self.conflicts.items()]
+        return broken + clashes
+
+    def _get(self, hook: str, key: str, what: str, flag: str):
+        if (hook, key) in self.conflicts:
+            names = " and ".join(repr(n) for n in self.conflicts[(hook, key)])
+            raise BridgeError(f"{what} '{key}' is claimed by two plugins: {names}", field=flag,
+                              fix="uninstall or unload one of them (see `qlora-bridge plugins`)")
+        if key not in self.items[hook]:
+            known = ", ".join(sorted(self.items[hook])) or "none"
+            broken = [p.name for p in self.plugins.values() if p.error]
+            hint = f"; broken plugins that may have offered it: {', '.join(broken)}" if broken else ""
+            raise BridgeError(f"no {what} named '{key}' (available: {known}{hint})", field=flag,
+                              fix="pick one of the available names, or install the plugin that provides it")
+        return self.items[hook][key]
+
+    def exporter(self, target: str) -> tuple[Exporter, PluginInfo]:
+        reg, plugin = self._get("register_exporters", target, "export target", "--target")
+        return reg, self.plugins[plugin]
+
+    def server(self, backend: str) -> tuple[ServingAdapter, PluginInfo]:
+        reg, plugin = self._get("register_servers", backend, "serving backend", "--backend")
+        return reg, self.plugins[plugin]
+
+    def smoke_checks(self) -> list[tuple[SmokeCheck, PluginInfo]]:
+        return [(reg, self.plugins[p]) for key, (reg, p) in sorted(self.items["register_smoke_checks"].items())
+                if ("register_smoke_checks", key) not in self.conflicts]
+
+
+def builtin_dir() -> Path:
+    """plugins/ in a source checkout, or its copy inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "builtin_plugins", here.parent / "plugins"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("the built-in plugins are missing from this installation (plugins/)")
+
+
+def _import_path(path: Path):
+    name = f"qlora_bridge_plugin_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _candidates(local: list[str]):
+    """(name, source, origin, loader, version) for every plugin to load."""
+    for path in sorted(builtin_dir().glob("*.py")):
+        if not path.name.startswith("_"):
+            yield path.stem, "builtin", str(path), lambda p=path: _import_path(p), __version__
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist else "?"
+        version = ep.dist.version if ep.dist else "?"
+        yield ep.name, "entry point", f"{dist} ({ep.value})", ep.load, version
+    env = [v for v in os.environ.get(ENV_VAR, "").split(os.pathsep) if v]
+    for spec in env + list(local):
+        is_path = spec.endswith(".py") or os.sep in spec
+        name = Path(spec).stem if is_path else spec
+        loader = (lambda s=spec: _import_path(Path(s))) if is_path else (lambda s=spec: importlib.import_module(s))
+        yield name, "local", spec, loader, None
+
+
+def load_plugins(local: list[str] = ()) -> Registry:
+    pm = pluggy.PluginManager("qlora_bridge")
+    pm.add_hookspecs(hookspecs)
+    reg = Registry()
+    for name, source, origin, loader, version in _candidates(list(local)):
+        if name in reg.plugins:
+            name = f"{name} ({source})"
+        info = PluginInfo(name, source, origin, version or "?")
+        reg.plugins[name] = info
+        try:
+            module = loader()
+            info.version = version or str(getattr(module, "__version__", "?"))
+            api = getattr(module, "PLUGIN_API", None)
+            if api is None:
+                raise BridgeError("it does not declare PLUGIN_API", fix="add `PLUGIN_API = 1` to the plugin module")
+            if api not in SUPPORTED_PLUGIN_APIS:
+                raise BridgeError(f"it was written for plugin API {api}; this qlora-bridge {__version__} supports "
+                                  f"{', '.join(map(str, SUPPORTED_PLUGIN_APIS))}",
+                                  fix="update the plugin for the current API (see the README's plugin section)")
+            pm.register(module, name=name)
+        except Exception as e:  # a broken plugin must not take the others down
+            info.error = f"{type(e).__name__}: {e}"
+            continue
+    for hook, (cls, key_attr) in KINDS.items():
+        for impl in getattr(pm.hook, hook).get_hookimpls():
+            info = reg.plugins[impl.plugin_name]
+            found = []
+
+            def register(item, _cls=cls, _found=found):
+                if not isinstance(item, _cls):
+                    raise TypeError(f"{hook} must register {_cls.__name__} objects, got {type(item).__name__}")
+                _found.append(item)
+
+            try:
+                impl.function(register=register)
+            except Exception as e:
+                info.error = f"{hook} raised {type(e).__name__}: {e}"
+                continue
+            for item in found:
+                key = getattr(item, key_attr)
+                table = reg.items[hook]
+                if key in table and table[key][1] != info.name:
+                    reg.conflicts.setdefault((hook, key), [table[key][1]]).append(info.name)
+                else:
+                    table[key] = (item, info.name)
+                info.provides.append(f"{cls.__name__.lower()} {key}")
+    return reg

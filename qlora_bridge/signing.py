@@ -1,0 +1,141 @@
+"""Signing and verifying export folders in the OpenSSF model-signing format, offline, with an EC P-256 key.
+
+The signature (`model.sig`, a Sigstore bundle over an in-toto statement of every file's sha256) covers the whole
+folder, manifest included, so the community's own `model_signing verify key` accepts what we sign. `verify`
+adds our own checks on top: the manifest's digests and sizes, and that its paths stay inside the folder.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import manifest as mf
+from .errors import BridgeError
+
+
+def keygen(prefix: Path, passphrase: bytes | None = None, force: bool = False) -> tuple[Path, Path]:
+    """Write PREFIX.pem (private, mode 0600, encrypted if a passphrase is given) and PREFIX.pub."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private, public = Path(f"{prefix}.pem"), Path(f"{prefix}.pub")
+    for p in (private, public):
+        if p.exists() and not force:
+            raise BridgeError("the key file already exists", file=p, fix="choose another --out, or pass --force")
+    private.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    enc = serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+    private.unlink(missing_ok=True)
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def _hashing_config():
+    from model_signing import hashing
+
+    # the signature lives inside the folder it signs; the model_signing CLI ignores it the same way
+    return hashing.Config().set_ignored_paths(paths=[mf.SIGNATURE], ignore_git_paths=True)
+
+
+def sign(folder: Path, private_key: Path, passphrase: bytes | None = None) -> Path:
+    import model_signing
+
+    folder, private_key = Path(folder), Path(private_key)
+    if not private_key.is_file():
+        raise BridgeError("private key not found", file=private_key, fix="create one with `qlora-bridge keygen`")
+    sig = folder / mf.SIGNATURE
+    try:
+        (model_signing.signing.Config()
+         .use_elliptic_key_signer(private_key=private_key, password=passphrase)
+         .set_hashing_config(_hashing_config())
+         .sign(folder, sig))
+    except (TypeError, ValueError) as e:
+        detail = str(e) or type(e).__name__
+        fix = ("pass the key's passphrase (--passphrase-env VAR)" if "password" in detail.lower() or "decrypt" in
+               detail.lower() else "use an EC P-256/P-384/P-521 PEM key made by `qlora-bridge keygen`")
+        raise BridgeError(f"cannot sign with this key: {detail}", file=private_key, fix=fix) from None
+    return sig
+
+
+@dataclass
+class Verdict:
+    folder: Path
+    problems: list[str] = field(default_factory=list)
+    files_checked: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _explain(message: str) -> list[str]:
+    """model_signing's failure text turned into one plain sentence per problem."""
+    if not message.strip():
+        return ["the signature does not match its signed statement: the signature file was edited or forged"]
+    if "Key mismatch" in message:
+        return ["wrong key: the signature was not made with the private key of this public key"]
+    out = []
+    inner = re.search(r"Signature mismatch: (\[.*\])\s*$", message, re.S)
+    items = ast.literal_eval(inner.group(1)) if inner else [message]
+    for item in items:
+        if m := re.match(r"Hash mismatch for '(.+?)'", item):
+            out.append(f"changed file: {m.group(1)} differs from the signed digest")
+        elif m := re.match(r"Extra files found in model '.*?': (.+)", item):
+            out += [f"added file: {f.strip()} is not covered by the signature" for f in m.group(1).split(",")]
+        elif m := re.match(r"Missing files in model '.*?': (.+)", item):
+            out += [f"removed or renamed file: {f.strip()} is signed but missing" for f in m.group(1).split(",")]
+        else:
+            out.append(item)
+    return out
+
+
+def verify(folder: Path, public_key: Path) -> Verdict:
+    """Check the signature and the manifest; every problem found is named, none is an empty message."""
+    import model_signing
+
+    folder, public_key = Path(folder), Path(public_key)
+    verdict = Verdict(folder)
+    if not folder.is_dir():
+        raise BridgeError("not a folder", file=folder, fix="pass an export folder")
+    if not public_key.is_file():
+        raise BridgeError("public key not found", file=public_key, fix="pass the .pub file made by `qlora-bridge keygen`")
+    sig = folder / mf.SIGNATURE
+    if not sig.is_file():
+        verdict.problems.append(f"missing signature: {mf.SIGNATURE} is not in the folder (sign it with "
+                                "`qlora-bridge sign`)")
+    else:
+        try:
+            (model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key)
+             .set_hashing_config(_hashing_config()).verify(folder, sig))
+        except Exception as e:  # model_signing raises ValueError, cryptography InvalidSignature, json errors
+            verdict.problems += _explain(str(e))
+    try:
+        manifest = mf.read(folder)
+    except BridgeError as e:
+        verdict.problems.append(e.problem)
+        return verdict
+    verdict.problems += [f"manifest schema: {e}" for e in mf.schema_errors(manifest)]
+    unsafe = mf.unsafe_paths(manifest)
+    verdict.problems += [f"manifest names a path outside the folder: {p}" for p in unsafe]
+    listed = {}
+    for entry in manifest.get("outputs", []):
+        if isinstance(entry, dict) and entry.get("path") not in unsafe:
+            listed[entry["path"]] = entry
+    present = {e["path"]: e for e in mf.output_files(folder)}
+    for path, entry in listed.items():
+        if path not in present:
+            verdict.problems.append(f"manifest lists {path}, which is missing")
+        elif (present[path]["sha256"], present[path]["size"]) != (entry.get("sha256"), entry.get("size")):
+            verdict.problems.append(f"manifest digest mismatch: {path} is not the file the manifest describes")
+    verdict.problems += [f"file not in the manifest: {p}" for p in present if p not in listed]
+    verdict.files_checked = len(present)
+    return verdict

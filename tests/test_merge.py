@@ -1,0 +1,220 @@
+"""The exact streaming merge: exactness, the nf4/original difference, the fingerprint, and bad inputs."""
+
+import errno
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qlora_bridge.errors import BridgeError, CheckFailed
+from qlora_bridge.merge import REPORT, merge
+from qlora_bridge.tinymodel import build_tiny_model
+from qlora_bridge.train import RECORD, TrainSettings, train
+
+from conftest import chat, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_adapter):
+    return tiny_adapter
+
+
+def logits_4bit_adapter(base, adapter, ids):
+    from peft import PeftModel
+
+    from qlora_bridge.train import load_model
+
+    model = PeftModel.from_pretrained(load_model(base, TrainSettings(compute_dtype="float32")), adapter).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def logits_plain(folder, ids):
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(ids).logits
+
+
+def rel(a, b):
+    return (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item()
+
+
+IDS = torch.randint(3, 440, (2, 96), generator=torch.Generator().manual_seed(0))
+
+
+def test_nf4_merge_is_exact_and_original_is_not(tiny_model, adapter, tmp_path):
+    ref = logits_4bit_adapter(tiny_model, adapter, IDS)
+    rep = merge(tiny_model, adapter, tmp_path / "nf4", progress=False)
+    # fp32 summation order (fused weight vs factored adapter) gives ~1e-6; the limit is 1e-4.
+    assert rel(logits_plain(tmp_path / "nf4", IDS), ref) <= 1e-4
+    assert rep["check"]["passed"] and rep["check"]["rel_error"] <= 1e-4 and rep["fingerprint_verified"]
+    merge(tiny_model, adapter, tmp_path / "orig", base_weights="original", progress=False)
+    # merging into the original weights gives a different model from the one trained (~0.2 here)
+    assert rel(logits_plain(tmp_path / "orig", IDS), ref) > 1e-2
+
+
+def test_merged_folder_is_plain_transformers(tiny_model, adapter, tmp_path):
+    out = tmp_path / "m"
+    merge(tiny_model, adapter, out, max_shard_bytes=1_500_000, progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded as asked
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "float32" and "quantization_config" not in config
+    assert {"tokenizer.json", "generation_config.json", "README.md", REPORT} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / REPORT).read_text())
+    for key in ("base_weights", "dtype", "layers", "check", "wall_seconds", "peak_rss_mib", "bytes_read",
+                "bytes_written"):
+        assert key in report
+    assert len(report["layers"]) == 14 and report["bytes_written"] == sum(
+        p.stat().st_size for p in out.glob("*.safetensors")) - sum(8 + int.from_bytes(
+            p.read_bytes()[:8], "little") for p in out.glob("*.safetensors"))
+    # generate in a process where peft and bitsandbytes cannot be imported
+    code = (f"import sys; sys.modules['peft'] = None; sys.modules['bitsandbytes'] = None\n"
+            f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"tok = AutoTokenizer.from_pretrained({str(out)!r}); m = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+            f"ids = tok('request 3', return_tensors='pt')\n"
+            f"print(len(m.generate(**ids, max_new_tokens=5, do_sample=False)[0]) - ids['input_ids'].shape[1])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] in {str(n) for n in range(1, 6)}
+
+
+def test_dtype_report(tiny_model, adapter, tmp_path):
+    rep = merge(tiny_model, adapter, tmp_path / "bf16", dtype="bfloat16", progress=False)
+    layer = next(iter(rep["layers"].values()))
+    assert layer["delta_kept"]["float32"] == 1.0
+    assert layer["delta_kept"]["bfloat16"] < layer["delta_kept"]["float16"] < 1.0
+    assert rep["delta_kept_overall"] == pytest.approx(
+        sum(v["delta_norm"] * v["delta_kept"]["bfloat16"] for v in rep["layers"].values())
+        / sum(v["delta_norm"] for v in rep["layers"].values()))
+    assert rep["check"]["limit"] is None and rep["check"]["fine_tune_retained"] > 0.9
+
+
+def scaled_adapter(adapter, tmp_path, factor):
+    """A copy of the adapter with lora_B scaled, so the delta is `factor` times as large."""
+    from safetensors.torch import load_file, save_file
+
+    small = tmp_path / f"scaled-{factor}"
+    shutil.copytree(adapter, small)
+    tensors = load_file(small / "adapter_model.safetensors")
+    save_file({k: v * factor if ".lora_B" in k else v for k, v in tensors.items()}, small / "adapter_model.safetensors")
+    return small
+
+
+def test_small_delta_in_bf16_warns(tiny_model, adapter, tmp_path, capsys):
+    from qlora_bridge.cli import main
+
+    small = scaled_adapter(adapter, tmp_path, 0.01)
+    code = main(["merge", "--base", str(tiny_model), "--adapter", str(small), "--out", str(tmp_path / "m"),
+                 "--dtype", "bfloat16", "--check", "layer", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["report"]["delta_kept_overall"] < 0.5
+    assert "bfloat16 keeps only" in out["warnings"][0]
+
+
+def test_untrained_adapter_is_an_error(tiny_model, adapter, tmp_path):
+    with pytest.raises(CheckFailed, match="every LoRA delta is zero"):
+        merge(tiny_model, scaled_adapter(adapter, tmp_path, 0.0), tmp_path / "m", progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_fingerprint_mismatch_names_the_bitsandbytes_versions(tiny_model, adapter, tmp_path):
+    other = tmp_path / "other-bnb"
+    shutil.copytree(adapter, other)
+    rec = json.loads((other / RECORD).read_text())
+    rec["environment"]["libraries"]["bitsandbytes"] = "0.49.2"
+    first = next(iter(rec["quantization"]["fingerprint"]["layers"]))
+    rec["quantization"]["fingerprint"]["layers"][first]["sha256"] = "0" * 64
+    (other / RECORD).write_text(json.dumps(rec))
+    with pytest.raises(CheckFailed) as e:
+        merge(tiny_model, other, tmp_path / "m", progress=False)
+    assert "training used bitsandbytes 0.49.2 and this is 0.50.2" in str(e.value) and first in str(e.value)
+    assert e.value.exit_code == 3 and not (tmp_path / "m").exists()
+
+
+def test_adapter_from_another_base(tiny_model, adapter, tmp_path):
+    wider = build_tiny_model(tmp_path / "wider", hidden=512, intermediate=1024)
+    with pytest.raises(BridgeError, match="shape mismatch at model.layers.0"):
+        merge(wider, adapter, tmp_path / "m", progress=False)
+    shallow = build_tiny_model(tmp_path / "shallow", layers=1)
+    with pytest.raises(BridgeError, match=r"missing target modules: .*model.layers.1.* \(7 of 14\)"):
+        merge(shallow, adapter, tmp_path / "m", progress=False)
+    reseeded = build_tiny_model(tmp_path / "reseeded", seed=1)  # same shapes, other weights
+    with pytest.raises(BridgeError, match="digest mismatch: .*model.safetensors: trained on sha256"):
+        merge(reseeded, adapter, tmp_path / "m", progress=False)
+    with pytest.raises(CheckFailed, match="base weights differ from the ones the adapter was trained on"):
+        merge(reseeded, adapter, tmp_path / "m", ignore_base_digests=True, progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_corrupt_and_incomplete_bases(tiny_model, adapter, tmp_path):
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model, truncated)
+    shard = truncated / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(BridgeError, match="corrupt or truncated safetensors file: tensor .* ends at byte"):
+        merge(truncated, adapter, tmp_path / "m", ignore_base_digests=True, progress=False)
+    garbage = tmp_path / "garbage"
+    shutil.copytree(tiny_model, garbage)
+    (garbage / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(BridgeError, match="header is not valid JSON"):
+        merge(garbage, adapter, tmp_path / "m", ignore_base_digests=True, progress=False)
+    notok = tmp_path / "notok"
+    shutil.copytree(tiny_model, notok)
+    (notok / "tokenizer.json").unlink()
+    with pytest.raises(BridgeError, match="no tokenizer"):
+        merge(notok, adapter, tmp_path / "m", progress=False)
+
+
+def test_pickle_adapter_refused(tiny_model, adapter, tmp_path):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(adapter, pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(BridgeError, match="only a pickle .bin, which is never loaded"):
+        merge(tiny_model, pickled, tmp_path / "m", progress=False)
+
+
+def test_existing_output_full_disk_and_interruption(tiny_model, adapter, tmp_path, monkeypatch):
+    from qlora_bridge import safetensors_io
+
+    out = tmp_path / "m"
+    out.mkdir()
+    with pytest.raises(BridgeError, match="already exists"):
+        merge(tiny_model, adapter, out, progress=False)
+    out.rmdir()
+
+    calls = {"n": 0}
+    real_write = safetensors_io.ShardWriter.write
+
+    def disk_fills_up(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, name, tensor)
+
+    monkeypatch.setattr(safetensors_io.ShardWriter, "write", disk_fills_up)
+    with pytest.raises(BridgeError, match="the disk filled up"):
+        merge(tiny_model, adapter, out, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+    def interrupted(self, name, tensor):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors_io.ShardWriter, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        merge(tiny_model, adapter, out, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_base_fingerprint_and_exactness(tmp_path):
+    """A bf16 checkpoint is upcast before bitsandbytes quantizes it; the merge must rebuild exactly that."""
+    base = build_tiny_model(tmp_path / "bf16", dtype="bfloat16")
+    data = write_jsonl(tmp_path / "d.jsonl", [chat(f"q {i}", f"a {i}") for i in range(8)])
+    adapter = train(base, data, tmp_path / "ad", TrainSettings(steps=3, batch_size=4, learning_rate=3e-3),
+                    progress=False).adapter
+    rep = merge(base, adapter, tmp_path / "m", progress=False)
+    assert rep["check"]["rel_error"] <= 1e-4
