@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -U pip
 	# torch first, pinned, so pip takes the local CPU build instead of resolving a CUDA one.
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[test]'
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip install -q -e '.[test,gguf]'
 	touch $(STAMP)
 
 clean:

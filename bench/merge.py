@@ -129,22 +129,35 @@ def route(name: str, base: Path, adapter: Path, out: Path, dtype: str) -> None:
         os.sync()
 
 
+def peak_rss_mib() -> float:
+    """This process's own high-water mark. (wait4's ru_maxrss would include what the parent held at fork.)"""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def measure(name, base, adapter, out, dtype) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
     t = time.time()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", name, str(base), str(adapter), str(out), dtype])
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, __file__, "--child", name, str(base), str(adapter), str(out), dtype],
+                          capture_output=True, text=True)
     wall = time.time() - t
     shutil.rmtree(out, ignore_errors=True)
-    return {"route": name, "ok": os.waitstatus_to_exitcode(status) == 0, "wall_s": wall,
-            "peak_rss_mib": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime}
+    child = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+    if proc.returncode != 0:
+        print(proc.stderr[-2000:], file=sys.stderr)
+    return {"route": name, "ok": proc.returncode == 0, "wall_s": wall,
+            "peak_rss_mib": child.get("peak_rss_mib", float("nan")), "cpu_s": child.get("cpu_s", float("nan"))}
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _, _, name, base, adapter, out, dtype = sys.argv
         route(name, Path(base), Path(adapter), Path(out), dtype)
+        cpu = os.times()
+        print(json.dumps({"peak_rss_mib": peak_rss_mib(), "cpu_s": cpu.user + cpu.system}))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")

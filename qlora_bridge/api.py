@@ -17,15 +17,31 @@ from typing import Callable
 
 import pluggy
 
+from .corpus import PARITY_CORPUS, REFERENCE_TEXT
 from .errors import BridgeError, CheckFailed
 
 __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult", "ServingAdapter",
-           "LaunchRequest", "SmokeCheck", "BridgeError", "CheckFailed"]
+           "LaunchRequest", "SmokeCheck", "SmokeContext", "Golden", "Server", "BridgeError", "CheckFailed", "PARITY_CORPUS",
+           "REFERENCE_TEXT", "http_json"]
 
 PLUGIN_API = 1  # bump when a hook or a registration type changes incompatibly
 SUPPORTED_PLUGIN_APIS = (1,)
 
 hookimpl = pluggy.HookimplMarker("qlora_bridge")
+
+
+def http_json(url: str, body: dict, timeout: float = 300.0) -> dict:
+    """POST a JSON body, return the JSON answer; an HTTP error raises with the server's message."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"POST {url} answered {e.code}: {e.read()[:500]!r}") from None
 
 
 @dataclass
@@ -66,12 +82,29 @@ class ServingAdapter:
     formats: tuple[str, ...]  # artifact formats it can serve
     command: Callable[[LaunchRequest], list[str]]  # argv that starts an OpenAI-compatible server
     ready_path: str = "/health"  # GET answers 200 once the server can take requests
+    # the two calls that differ between servers, given the running server (.base_url, .artifact) and a text:
+    # its token ids (special tokens parsed), and the log-probability of each of its tokens after the first
+    tokenize: Callable[["Server", str], list[int]] | None = None
+    prompt_logprobs: Callable[["Server", str], list[float]] | None = None
     description: str = ""
 
 
 @dataclass(frozen=True)
 class SmokeCheck:
     name: str
-    run: Callable  # run(context) -> dict with at least {"passed": bool}; the context comes with the smoke stage
+    run: Callable[["SmokeContext"], dict]  # returns at least {"passed": bool} plus the figures to record
     gate: bool = True  # a failure fails the smoke test (False: recorded only)
     description: str = ""
+
+
+def __getattr__(name: str):
+    # SmokeContext and Golden live with the smoke stage, which needs the plugin registry itself
+    if name in ("SmokeContext", "Golden"):
+        from . import smoke
+
+        return getattr(smoke, name)
+    if name == "Server":
+        from . import serve
+
+        return serve.Server
+    raise AttributeError(name)

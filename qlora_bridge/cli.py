@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -24,7 +24,7 @@ class Outcome:
     data: dict
     text: str
     exit_code: int = EXIT_OK
-    extra: dict = field(default_factory=dict)
+    quiet: bool = False  # the command already printed what it had to say
 
 
 def quiet_libraries() -> None:
@@ -252,12 +252,7 @@ def run_export(a) -> Outcome:
     from .export import export
     from .plugins import load_plugins
 
-    options = {}
-    for item in a.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise BridgeError(f"--option {item!r} is not KEY=VALUE", field="--option", fix="e.g. --option key=value")
-        options[key.strip()] = value.strip()
+    options = options_from(a.option)
     reg = load_plugins(a.plugin)
     exporter, _ = reg.exporter(a.target)
     quant = a.quant or (exporter.quant_types[0] if exporter.quant_types else None)
@@ -270,6 +265,94 @@ def run_export(a) -> Outcome:
             f"plugin {manifest['plugin']['name']} {manifest['plugin']['version']})"
             + ("\nsigned: " + str(out / "model.sig") if a.sign_key else "\nnot signed (no --sign-key)"))
     return Outcome({"out": str(out), "signed": bool(a.sign_key), "manifest": manifest}, text)
+
+
+# ---------------------------------------------------------------------------------------------------- serve, smoke
+def options_from(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BridgeError(f"--option {item!r} is not KEY=VALUE", field="--option", fix="e.g. --option key=value")
+        options[key.strip()] = value.strip()
+    return options
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve an export on 127.0.0.1 through a serving adapter until Ctrl-C",
+                       description="Start the backend's OpenAI-compatible server on a free port of 127.0.0.1, wait "
+                       "until it is ready, stream its log to DIR's sibling DIR.BACKEND.log, and stop it and "
+                       "everything it started on exit, Ctrl-C or error.")
+    p.add_argument("dir", help="export folder")
+    p.add_argument("--backend", help="serving backend (default: the first that serves the export's format)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend setting (repeatable)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness (default: 300)")
+    add_plugin_option(p)
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(a) -> Outcome:
+    import signal
+    import threading
+
+    from .plugins import load_plugins
+    from .serve import artifact_format, serving
+
+    reg = load_plugins(a.plugin)
+    folder = Path(a.dir)
+    backend = a.backend or reg.backend_for(artifact_format(folder))
+    log = folder.parent / f"{folder.name}.{backend}.log"
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with serving(reg, backend, folder, log=log, options=options_from(a.option), timeout=a.timeout) as server:
+        ready = {"url": server.base_url, "backend": backend, "log": str(log), "pid": server.pid,
+                 "seconds_to_ready": server.seconds_to_ready}
+        print(json.dumps(ready) if a.json else f"serving {folder} at {server.base_url}/v1 ({backend}; log {log}); "
+              "Ctrl-C stops it", flush=True)
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    return Outcome({**ready, "stopped": True}, "stopped", quiet=True)
+
+
+def add_smoke(sub) -> None:
+    p = sub.add_parser("smoke", help="serve an export and run the smoke-test gate",
+                       description="Serve DIR, run every registered smoke check (answers, tokenization parity, "
+                       "chat template, golden prompts, fine-tune retention, perplexity delta, speed), write the "
+                       "results into the manifest's verification section and smoke-report.md, re-sign when given "
+                       "a key, and exit 3 when a gating check fails.")
+    p.add_argument("dir", help="export folder")
+    p.add_argument("--backend", help="serving backend (default: the first that serves the export's format)")
+    p.add_argument("--suite", help="golden prompts: JSONL or YAML with prompt, expected, match "
+                   "(exact|contains|regex|json) (default: the held-out examples from the export's lineage)")
+    p.add_argument("--merged", help="merged model folder to compare with (default: the one in the manifest)")
+    p.add_argument("--sign-key", help="private key to re-sign the folder with after adding the results")
+    p.add_argument("--passphrase-env", metavar="VAR", help="environment variable holding the key's passphrase")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend setting (repeatable)")
+    add_plugin_option(p)
+    p.set_defaults(func=run_smoke)
+
+
+def run_smoke(a) -> Outcome:
+    from .plugins import load_plugins
+    from .serve import artifact_format
+    from .smoke import smoke
+
+    reg = load_plugins(a.plugin)
+    folder = Path(a.dir)
+    backend = a.backend or reg.backend_for(artifact_format(folder))
+    result = smoke(reg, folder, backend, suite_file=Path(a.suite) if a.suite else None,
+                   merged=Path(a.merged) if a.merged else None, sign_key=Path(a.sign_key) if a.sign_key else None,
+                   passphrase=passphrase_from(a.passphrase_env), options=options_from(a.option))
+    lines = [f"smoke {folder} on {backend}: {'PASSED' if result['passed'] else 'FAILED'} "
+             f"(thresholds for {result['quant']}: {result['thresholds']})"]
+    for name, r in result["checks"].items():
+        figures = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("passed", "gate", "plugin", "details"))
+        lines.append(f"  {'ok  ' if r['passed'] else 'FAIL'} {name}{'' if r['gate'] else ' (not gating)'}: {figures}")
+    lines.append(f"signature: {result['signature']}")
+    return Outcome({"dir": str(folder), **result}, "\n".join(lines), EXIT_OK if result["passed"] else EXIT_CHECK_FAILED)
 
 
 # ---------------------------------------------------------------------------------------------------- signing
@@ -336,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Exit codes: 0 ok, 1 internal error, 2 bad input, 3 check failed.")
     parser.add_argument("--version", action="version", version=f"qlora-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_train, add_merge, add_export, add_plugins, add_keygen, add_sign, add_verify):
+    for add in (add_train, add_merge, add_export, add_serve, add_smoke, add_plugins, add_keygen, add_sign,
+                add_verify):
         add(sub)
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
@@ -359,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"ok": outcome.exit_code == EXIT_OK, "exit_code": outcome.exit_code, **outcome.data},
                          default=str))
-    else:
+    elif not outcome.quiet:
         print(outcome.text)
     return outcome.exit_code
 

@@ -12,6 +12,7 @@ from .data import HeldOut
 @dataclass
 class Answer:
     line: int
+    prompt: list[dict] | str
     expected: str
     got: str
 
@@ -61,7 +62,7 @@ def exact_match(model, tok, items: list[HeldOut], *, batch_size: int = 20, progr
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
             out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
             for item, row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-                answers.append(Answer(item.line, item.expected, tok.decode(row, skip_special_tokens=True)))
+                answers.append(Answer(item.line, item.prompt, item.expected, tok.decode(row, skip_special_tokens=True)))
             if progress:
                 progress(len(chunk))
     finally:

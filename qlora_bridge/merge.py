@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .corpus import REFERENCE_TEXT
 from .errors import BridgeError, CheckFailed
 from .files import digest_folder, output_folder, sha256_file, write_json
 from .quant import state_digest
@@ -40,18 +41,6 @@ EXACT_LIMIT = 1e-4
 KEPT_WARNING = 0.9
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
-CHECK_TEXT = (
-    "The committee met on Thursday to review the budget. After a long discussion, the members agreed to fund "
-    "the new library, provided that the construction starts before the end of the year.\n\n"
-    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
-    '{"intent": "meeting", "person": "Alice", "day": "Monday", "priority": "normal"}\n'
-    "Photosynthesis converts light energy into chemical energy, which the plant stores as sugar. Oxygen is "
-    "released as a by-product. In 1905, Albert Einstein published four papers that changed physics; one of them "
-    "explained the photoelectric effect, for which he later received the Nobel Prize. Remind me to call Omar on "
-    "Friday. Urgent: cancel the meeting with Priya on Tuesday. The quick brown fox jumps over the lazy dog 42 "
-    "times, and then 17 more. Water boils at 100 degrees Celsius at sea level, but at lower temperatures on "
-    "mountains, because the air pressure there is lower. SELECT name, total FROM orders WHERE total > 100;"
-)
 
 
 @dataclass
@@ -262,7 +251,7 @@ def logits_check(base: Path, adapter: Adapter, merged_dir: Path, mode: str, dtyp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(merged_dir)
-    ids = tok(CHECK_TEXT, return_tensors="pt")["input_ids"][:, :512]
+    ids = tok(REFERENCE_TEXT, return_tensors="pt")["input_ids"][:, :512]
     quant = (adapter.record or {}).get("quantization") or {"quant_type": "nf4", "double_quant": True}
     # float32 compute, so the comparison measures the merge and not bf16 matmul noise
     settings = TrainSettings(quant=quant["quant_type"], double_quant=quant["double_quant"], compute_dtype="float32")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -74,8 +75,16 @@ class Registry:
         return reg, self.plugins[plugin]
 
     def smoke_checks(self) -> list[tuple[SmokeCheck, PluginInfo]]:
-        return [(reg, self.plugins[p]) for key, (reg, p) in sorted(self.items["register_smoke_checks"].items())
+        return [(reg, self.plugins[p]) for key, (reg, p) in self.items["register_smoke_checks"].items()
                 if ("register_smoke_checks", key) not in self.conflicts]
+
+    def backend_for(self, fmt: str) -> str:
+        """The first registered backend that serves this artifact format."""
+        for key, (adapter, _) in self.items["register_servers"].items():
+            if fmt in adapter.formats and ("register_servers", key) not in self.conflicts:
+                return key
+        raise BridgeError(f"no serving backend serves {fmt} artifacts", field="--backend",
+                          fix="install a plugin that serves this format (see `qlora-bridge plugins`)")
 
 
 def builtin_dir() -> Path:
@@ -88,19 +97,29 @@ def builtin_dir() -> Path:
 
 
 def _import_path(path: Path):
+    """Import a plugin from a .py file or a package folder (whose modules may import each other relatively)."""
     name = f"qlora_bridge_plugin_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
+    if path.is_dir():
+        spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
+                                                      submodule_search_locations=[str(path)])
+    else:
+        spec = importlib.util.spec_from_file_location(name, path)
     if spec is None:
         raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 
 def _candidates(local: list[str]):
     """(name, source, origin, loader, version) for every plugin to load."""
-    for path in sorted(builtin_dir().glob("*.py")):
-        if not path.name.startswith("_"):
+    for path in sorted(builtin_dir().iterdir()):
+        if not path.name.startswith(("_", ".")) and (path.suffix == ".py" or (path / "__init__.py").is_file()):
             yield path.stem, "builtin", str(path), lambda p=path: _import_path(p), __version__
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist.name if ep.dist else "?"
@@ -108,7 +127,7 @@ def _candidates(local: list[str]):
         yield ep.name, "entry point", f"{dist} ({ep.value})", ep.load, version
     env = [v for v in os.environ.get(ENV_VAR, "").split(os.pathsep) if v]
     for spec in env + list(local):
-        is_path = spec.endswith(".py") or os.sep in spec
+        is_path = spec.endswith(".py") or os.sep in spec or Path(spec).is_dir()
         name = Path(spec).stem if is_path else spec
         loader = (lambda s=spec: _import_path(Path(s))) if is_path else (lambda s=spec: importlib.import_module(s))
         yield name, "local", spec, loader, None

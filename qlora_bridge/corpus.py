@@ -1,0 +1,54 @@
+"""Built-in text for tokenizer parity: ASCII, code, whitespace runs, numbers, unicode, emoji, special tokens.
+
+Exporters use it to choose and prove a tokenizer conversion; smoke checks use it to compare a served model's
+tokenization with the merged model's. Each entry is tokenized on its own.
+"""
+
+PARITY_CORPUS = [
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    " leading space and trailing space ",
+    "multiple   spaces\tand\ttabs\n\nnewlines\r\nwindows line end",
+    "    indented line\n        deeper\n",
+    "Numbers: 0 1 12 123 1234 12345 3.14159 -42 1e-5 2026-11-30 10:30pm $1,234.56 50%",
+    "in 2024 there were 365 days; 007 and 1000000",
+    "def fibonacci(n: int) -> int:\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+    'if (x != y && z >= 10) { printf("%d\\n", x << 2); } // C-style',
+    '{"intent": "meeting", "person": "Aiko", "day": "Thursday", "priority": "high"}',
+    "SELECT name, COUNT(*) FROM users WHERE age > 21 GROUP BY name;",
+    "https://example.com/path?query=1&lang=en#frag user@example.org",
+    "Ünïcödé: café naïve résumé Straße Ærøskøbing",
+    "Ελληνικά, русский язык, العربية, עברית, हिन्दी",
+    "中文测试：你好，世界！日本語のテキスト。한국어 텍스트",
+    "Emoji: 😀 🎉 👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️",
+    "Punctuation!!! ??? ... --- *** ___ ~~~ ``` '''",
+    "CamelCaseWords and snake_case_words and kebab-case-words",
+    "I'm you're we'll they'd it's don't can't Won't",
+    "   ",
+    "\n",
+    "a",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "text<|im_end|>more text<|endoftext|>",
+]
+
+# Reference prose for the equivalence check of a merge and the perplexity of served exports: plain English with a
+# little code, numbers and the demo's JSON, several hundred tokens on common tokenizers.
+REFERENCE_TEXT = (
+    "The committee met on Thursday to review the budget. After a long discussion, the members agreed to fund "
+    "the new library, provided that the construction starts before the end of the year.\n\n"
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+    '{"intent": "meeting", "person": "Alice", "day": "Monday", "priority": "normal"}\n'
+    "Photosynthesis converts light energy into chemical energy, which the plant stores as sugar. Oxygen is "
+    "released as a by-product. In 1905, Albert Einstein published four papers that changed physics; one of them "
+    "explained the photoelectric effect, for which he later received the Nobel Prize. Remind me to call Omar on "
+    "Friday. Urgent: cancel the meeting with Priya on Tuesday. The quick brown fox jumps over the lazy dog 42 "
+    "times, and then 17 more. Water boils at 100 degrees Celsius at sea level, but at lower temperatures on "
+    "mountains, because the air pressure there is lower. SELECT name, total FROM orders WHERE total > 100;\n\n"
+    "A river begins as a spring or as melting snow high in the mountains. As it flows downhill it collects water "
+    "from smaller streams, and by the time it reaches the plain it has become wide and slow. Many cities were "
+    "built on rivers, because the water was used for drinking, for farming and for transport. Today, rivers also "
+    "produce electricity: a dam holds the water back, and the falling water turns a turbine. When you write a "
+    "letter, start with the date and a greeting, say what you want in the first paragraph, and end with a short "
+    "summary and your name. Good software is tested: each function does one thing, and a test checks that it "
+    "does it, so that a change which breaks it is noticed before anyone depends on it."
+)

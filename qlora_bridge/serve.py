@@ -1,0 +1,120 @@
+"""Running a serving adapter's server: free port on 127.0.0.1, log to a file, wait until ready, stop it all.
+
+The server runs in its own process group, so stopping it stops everything it started. A server that dies or
+never becomes ready is reported with the tail of its log, and nothing outlives the `with` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import manifest as mf
+from .api import LaunchRequest, ServingAdapter
+from .errors import BridgeError, CheckFailed
+from .plugins import Registry
+
+
+class ServerFailed(CheckFailed):
+    """The server did not come up; the message carries its log's tail."""
+
+
+@dataclass
+class Server:
+    adapter: ServingAdapter
+    backend: str
+    base_url: str
+    pid: int
+    log: Path
+    artifact: Path
+    seconds_to_ready: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def artifact_format(folder: Path) -> str:
+    """The export's format from its manifest, or a guess from its files for folders made elsewhere."""
+    folder = Path(folder)
+    if (folder / mf.MANIFEST).is_file():
+        return mf.read(folder)["export"]["format"]
+    if any(folder.glob("*.gguf")):
+        return "gguf"
+    config = folder / "config.json"
+    if config.is_file():
+        method = (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method")
+        return method or "safetensors"
+    raise BridgeError("cannot tell what this folder holds (no manifest.json, no .gguf, no config.json)",
+                      file=folder, fix="pass an export folder written by `qlora-bridge export`")
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+            return
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def serving(registry: Registry, backend: str, artifact: Path, *, log: Path, options: dict | None = None,
+            timeout: float = 300.0):
+    adapter, plugin = registry.server(backend)
+    artifact = Path(artifact)
+    fmt = artifact_format(artifact)
+    if fmt not in adapter.formats:
+        raise BridgeError(f"backend '{backend}' serves {', '.join(adapter.formats)}; this artifact is {fmt}",
+                          file=artifact, field="--backend",
+                          fix="pick a backend that serves this format (see `qlora-bridge plugins`)")
+    port = free_port()
+    argv = adapter.command(LaunchRequest(artifact=artifact, port=port, options=dict(options or {})))
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        while not _ready(base_url + adapter.ready_path):
+            if proc.poll() is not None:
+                raise ServerFailed(f"the {backend} server exited with code {proc.returncode} before it was ready; "
+                                   f"last lines of {log}:\n{log_tail(log)}", file=artifact, field="--backend",
+                                   fix="read the log above")
+            if time.time() - started > timeout:
+                raise ServerFailed(f"the {backend} server was not ready after {timeout:.0f} s; last lines of "
+                                   f"{log}:\n{log_tail(log)}", file=artifact, fix="read the log above")
+            time.sleep(0.25)
+        yield Server(adapter, backend, base_url, proc.pid, log, artifact, round(time.time() - started, 2))
+    finally:
+        _stop(proc)
