@@ -30,10 +30,14 @@ def served_answers(ctx, items) -> list[str]:
 
 
 def serves(ctx) -> dict:
-    text, usage = ctx.client.generate("The capital of France is", 8)
-    chat, chat_usage = ctx.client.generate(PROBE, 16)
-    ok = usage.get("completion_tokens", 0) >= 1 and chat_usage.get("completion_tokens", 0) >= 1
-    return {"passed": ok, "completion": text[:80], "chat": chat[:80]}
+    """Both endpoints answer with a well-formed completion (a model may legitimately stop at once)."""
+    out = ctx.client.post("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 8,
+                                              "temperature": 0.0})
+    chat = ctx.client.post("/v1/chat/completions", {"messages": PROBE, "max_tokens": 16, "temperature": 0.0})
+    well_formed = all(r["choices"][0].get("finish_reason") in ("stop", "length") and
+                      r.get("usage", {}).get("prompt_tokens", 0) > 0 for r in (out, chat))
+    return {"passed": well_formed and isinstance(chat["choices"][0]["message"].get("content"), str),
+            "completion": out["choices"][0]["text"][:80], "chat": (chat["choices"][0]["message"]["content"] or "")[:80]}
 
 
 def tokenization(ctx) -> dict:

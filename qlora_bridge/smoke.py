@@ -3,10 +3,13 @@
 Results go into the manifest's `verification.smoke` and a human-readable `smoke-report.md` in the folder (both then
 listed in the manifest); the folder is re-signed when a key is given. Exit code 3 when a gating check fails.
 
-Thresholds per quantization (THRESHOLDS) are set from measurements on the embedded 135M model, which suffers far
-more from quantization than the 7B+ models behind llama.cpp's published tables (research: Q8_0 +0.5% perplexity,
-Q4_K_M +7.4% on SmolLM2-135M versus ~+0.1% and ~+3% on 7B): each bound is about twice the small-model figure, so
-an export that is merely small passes and one that is broken (wrong tokenizer, lost adapter, garbage) does not.
+Thresholds per quantization (THRESHOLDS) come from measurements on the embedded 135M model, which suffers far
+more from quantization than the 7B+ models behind llama.cpp's published tables (~+0.1% perplexity for Q8_0 and
+~+3% for Q4_K_M on 7B). Measured on the demo fine-tune, perplexity on the ~400-token reference text: F16 -0.01%,
+Q8_0 +2.9%, Q4_K_M +2.4% (on 1024 tokens of Python's pydoc text: +1.1% and +2.4%; the research notes give +0.5%
+and +7.4% over 8k tokens of the base model). A short text is noisy, so each bound is about twice the worst figure
+seen: an export that is merely small passes, a broken one (wrong tokenizer, lost adapter, garbage) does not.
+Retention bounds follow the same rule from the measured agreement (F16 100%, Q8_0 85%, Q4_K_M 87.5%).
 """
 
 from __future__ import annotations
@@ -30,12 +33,12 @@ THRESHOLDS = {
     "F32": {"retention": 0.9, "ppl_delta": 0.005}, "float32": {"retention": 0.9, "ppl_delta": 0.005},
     "F16": {"retention": 0.9, "ppl_delta": 0.01}, "float16": {"retention": 0.9, "ppl_delta": 0.01},
     "BF16": {"retention": 0.85, "ppl_delta": 0.02}, "bfloat16": {"retention": 0.85, "ppl_delta": 0.02},
-    "Q8_0": {"retention": 0.8, "ppl_delta": 0.02},
-    "Q6_K": {"retention": 0.7, "ppl_delta": 0.05},
-    "Q5_K_M": {"retention": 0.6, "ppl_delta": 0.08}, "Q5_K_S": {"retention": 0.6, "ppl_delta": 0.08},
-    "Q4_K_M": {"retention": 0.5, "ppl_delta": 0.15}, "Q4_K_S": {"retention": 0.5, "ppl_delta": 0.15},
-    "Q4_0": {"retention": 0.4, "ppl_delta": 0.35},
-    "gptq": {"retention": 0.4, "ppl_delta": 0.30}, "awq": {"retention": 0.4, "ppl_delta": 0.30},
+    "Q8_0": {"retention": 0.7, "ppl_delta": 0.06},
+    "Q6_K": {"retention": 0.6, "ppl_delta": 0.08},
+    "Q5_K_M": {"retention": 0.5, "ppl_delta": 0.10}, "Q5_K_S": {"retention": 0.5, "ppl_delta": 0.10},
+    "Q4_K_M": {"retention": 0.45, "ppl_delta": 0.15}, "Q4_K_S": {"retention": 0.45, "ppl_delta": 0.15},
+    "Q4_0": {"retention": 0.35, "ppl_delta": 0.35},
+    "gptq": {"retention": 0.35, "ppl_delta": 0.30}, "awq": {"retention": 0.35, "ppl_delta": 0.30},
 }
 DEFAULT_THRESHOLDS = {"retention": 0.5, "ppl_delta": 0.15}
 MATCH_RULES = ("exact", "contains", "regex", "json")

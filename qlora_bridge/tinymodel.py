@@ -36,20 +36,36 @@ def build_tokenizer(vocab_size: int = 1024):
                                    pad_token="<|endoftext|>", unk_token=None, chat_template=CHAT_TEMPLATE)
 
 
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+
+
 def build_tiny_model(out: Path, *, layers: int = 2, hidden: int = 256, intermediate: int = 768,
-                     dtype: str = "float32", seed: int = 0) -> Path:
-    """Write a random-init LlamaForCausalLM and its tokenizer to `out`; returns `out`."""
+                     dtype: str = "float32", seed: int = 0, arch: str = "llama", heads: int | None = None) -> Path:
+    """Write a random-init causal LM (Llama by default) and its tokenizer to `out`; returns `out`."""
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    import transformers
+    from transformers import GenerationConfig
 
     tok = build_tokenizer()
-    config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                         num_key_value_heads=hidden // 64, head_dim=64, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=None,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = dict(vocab_size=1024, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=heads or hidden // 64, num_key_value_heads=heads or hidden // 64, head_dim=64,
+                  max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config_cls, model_cls, extra = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+        # query scaling 1/sqrt(head_dim), as llama.cpp computes it for Gemma 3
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"query_pre_attn_scalar": 64, "sliding_window": 512}),
+    }[arch]
+    config = getattr(transformers, config_cls)(**common, **extra)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model = getattr(transformers, model_cls)(config).to(getattr(torch, dtype))
+    if arch == "gemma3":  # random norms, so that a missing 1 + w shift in conversion would show
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0, 0.1)
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     out = Path(out)
     model.save_pretrained(out)

@@ -56,3 +56,19 @@ def tiny_merged(tiny_model, tiny_adapter, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("merged") / "merged"
     merge(tiny_model, tiny_adapter, out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tiny_model, tmp_path_factory) -> Path:
+    """A tiny merged model that learned a skill, with held-out answers in its lineage (for smoke tests)."""
+    from qlora_bridge.merge import merge
+    from qlora_bridge.train import TrainSettings, train
+
+    d = tmp_path_factory.mktemp("release")
+    pairs = [("ping", "pong"), ("day one", "Monday"), ("day two", "Tuesday"), ("colour", "blue")]
+    data = write_jsonl(d / "train.jsonl", [chat(q, a) for q, a in pairs] * 4)
+    heldout = write_jsonl(d / "heldout.jsonl", [chat(q, a) for q, a in pairs])
+    adapter = train(tiny_model, data, d / "adapter", TrainSettings(steps=30, batch_size=4, learning_rate=3e-3),
+                    heldout_file=heldout, progress=False).adapter
+    merge(tiny_model, adapter, d / "merged", heldout_file=heldout, progress=False)
+    return d / "merged"

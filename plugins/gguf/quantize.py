@@ -25,6 +25,7 @@ QUANTS = {
 # to a neighbouring type (q5_0/q8_0 when rows are not multiples of 256, as on SmolLM2's 576-wide layers: 5.5 bpw
 # for Q4_K_M) pass; a file whose matrices stayed F16 (16 bpw) does not.
 MAX_BPW_RATIO = 1.35
+FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
 def quantize(src: Path, dst: Path, quant: str, threads: int) -> None:

@@ -1,0 +1,94 @@
+"""The GGUF exporter: logits parity per architecture, tokenizer parity, quantization read-back, lineage."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qlora_bridge.errors import BridgeError, CheckFailed
+from qlora_bridge.export import export
+from qlora_bridge.plugins import load_plugins
+from qlora_bridge.tinymodel import build_tiny_model
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF extra: pip install '.[gguf]'")
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_plugins()
+
+
+def hf_and_gguf_logits(folder, gguf_path, text="def add(a, b):\n    return a + b  # The quick brown fox 42"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
+    model = llama_cpp.Llama(str(gguf_path), logits_all=True, verbose=False, type_k=0, type_v=0)  # F32 KV cache
+    model.eval(ids)
+    got = np.array(model.scores[: len(ids)])
+    model.close()
+    return np.linalg.norm(got - ref) / np.linalg.norm(ref)
+
+
+# float32 end to end: only summation order differs (~5e-7 measured). Gemma 3 is looser: ggml evaluates GELU
+# through a float16 lookup table (2.7e-4 measured); a missing norm shift or rotary permutation gives errors ~1.
+@pytest.mark.parametrize("arch, limit", [("llama", 1e-5), ("qwen2", 1e-5), ("qwen3", 1e-5), ("gemma3", 1e-3)])
+def test_f32_conversion_matches_transformers(registry, tmp_path, arch, limit):
+    base = build_tiny_model(tmp_path / arch, arch=arch)
+    manifest = export(registry, "gguf", base, tmp_path / "gguf", quant="F32", progress=False)
+    assert manifest["export"]["settings"]["gguf_arch"] == arch
+    assert hf_and_gguf_logits(base, tmp_path / "gguf" / "model-F32.gguf") < limit
+
+
+def test_export_records_parity_quantization_and_lineage(registry, tiny_merged, tmp_path):
+    from gguf import GGUFReader
+
+    manifest = export(registry, "gguf", tiny_merged, tmp_path / "q", quant="Q4_K_M", progress=False)
+    checks = manifest["export"]["checks"]
+    assert checks["tokenizer_parity"] == "24/24" and checks["pre_tokenizer"]["pre"] == "gpt-2"
+    q = checks["quantization"]
+    assert q["fallback_count"] == 0 and set(q["tensor_types"]) == {"F32", "Q4_K", "Q6_K"}
+    assert 4.5 < q["bpw_matrices"] < 5.5
+    assert checks["chat_template_carried"] is True
+    reader = GGUFReader(str(tmp_path / "q" / "model-Q4_K_M.gguf"))
+    assert reader.get_field("qlora_bridge.merge_base_weights").contents() == "nf4"
+    adapter = manifest["inputs"]["adapter"]["sha256"]
+    assert reader.get_field("qlora_bridge.adapter_sha256").contents() == adapter
+    assert not (tmp_path / "q" / "intermediate-F16.gguf").exists()
+
+
+def test_a_wrong_pre_tokenizer_is_refused(registry, tiny_merged, tmp_path):
+    with pytest.raises(CheckFailed) as e:
+        export(registry, "gguf", tiny_merged, tmp_path / "g", quant="F16", options={"pre_tokenizer": "llama-bpe"},
+               progress=False)
+    assert "no llama.cpp pre-tokenizer reproduces this tokenizer" in str(e.value) and "llama-bpe" in str(e.value)
+    assert not (tmp_path / "g").exists()
+
+
+def test_k_quant_fallbacks_are_reported(registry, tmp_path):
+    # 320 is a multiple of 32 but not of 256: k-quant rows fall back to q5_0/q8_0, still ~5-6 bits
+    base = build_tiny_model(tmp_path / "w320", hidden=320, intermediate=832)
+    q = export(registry, "gguf", base, tmp_path / "g", quant="Q4_K_M", progress=False)["export"]["checks"]["quantization"]
+    assert q["fallback_count"] > 0 and all(t in ("Q5_0", "Q8_0", "Q6_K") for t in q["fallbacks"].values())
+
+
+def test_a_result_that_is_not_the_requested_quantization_fails(registry, tmp_path):
+    # 200 is not a multiple of 32: llama.cpp keeps every matrix in F16 and still returns success
+    base = build_tiny_model(tmp_path / "w200", hidden=200, intermediate=520, heads=2)
+    with pytest.raises(CheckFailed, match=r"not Q8_0 in substance: its matrices average 1\d\.\d\d bits"):
+        export(registry, "gguf", base, tmp_path / "g", quant="Q8_0", progress=False)
+    assert not (tmp_path / "g").exists()
+
+
+def test_unsupported_architecture_names_the_supported_ones(registry, tiny_merged, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_merged, other)
+    config = json.loads((other / "config.json").read_text())
+    config["architectures"] = ["GPTNeoXForCausalLM"]
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BridgeError, match="(?s)not supported by the GGUF exporter.*supported: Gemma3ForCausalLM"):
+        export(registry, "gguf", other, tmp_path / "g", quant="F16", progress=False)

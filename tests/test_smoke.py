@@ -1,0 +1,153 @@
+"""The llama.cpp serving adapter and the smoke-test gate, against real llama.cpp servers on 127.0.0.1."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from qlora_bridge.cli import main
+from qlora_bridge.errors import BridgeError
+from qlora_bridge.export import export
+from qlora_bridge.plugins import load_plugins
+from qlora_bridge.serve import ServerFailed, serving
+from qlora_bridge.smoke import smoke
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF extra: pip install '.[gguf]'")
+pytestmark = pytest.mark.slow  # starts real servers
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_plugins()
+
+
+@pytest.fixture(scope="module")
+def gguf_f16(registry, tiny_release, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "export-gguf-F16"
+    export(registry, "gguf", tiny_release, out, quant="F16", progress=False)
+    return out
+
+
+def servers_for(folder) -> list:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "llama_cpp.server" in cmd and str(folder) in cmd:
+            found.append(p)
+    return found
+
+
+def test_smoke_passes_records_and_resigns(gguf_f16, tmp_path, capsys):
+    from qlora_bridge.signing import keygen
+
+    folder = tmp_path / gguf_f16.name
+    shutil.copytree(gguf_f16, folder)
+    private, public = keygen(tmp_path / "k")
+    code = main(["smoke", str(folder), "--sign-key", str(private), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["passed"], out["checks"]
+    checks = out["checks"]
+    assert checks["tokenization"]["parity"] == "24/24"
+    assert checks["chat-template"]["prompt_tokens_served"] == checks["chat-template"]["prompt_tokens_hf"]
+    assert checks["retention"]["retention"] >= 0.9 and checks["golden"]["pass_rate"] >= 0.9
+    assert abs(checks["quality"]["ppl_delta"]) < 0.01  # F16 against the float32 merge
+    assert checks["speed"]["tokens_per_second"] > 0
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["verification"]["smoke-llamacpp"]["passed"] is True
+    assert "smoke-report.md" in {o["path"] for o in manifest["outputs"]}
+    assert main(["verify", str(folder), "--public-key", str(public)]) == 0
+    assert not servers_for(folder)
+
+
+def test_smoke_on_a_signed_folder_without_key_leaves_the_signature_stale(gguf_f16, tmp_path, capsys):
+    from qlora_bridge.signing import keygen, sign
+
+    folder = tmp_path / gguf_f16.name
+    shutil.copytree(gguf_f16, folder)
+    private, public = keygen(tmp_path / "k")
+    sign(folder, private)
+    assert main(["smoke", str(folder), "--json"]) == 0
+    assert "stale" in json.loads(capsys.readouterr().out)["signature"]
+    assert main(["verify", str(folder), "--public-key", str(public)]) == 3
+
+
+def test_a_gguf_of_the_base_model_fails_retention(registry, gguf_f16, tiny_model, tmp_path, capsys):
+    """The export that forgot the adapter: same lineage and tokenizer, base weights."""
+    from qlora_bridge import manifest as mf
+
+    base_export = tmp_path / "base"
+    export(registry, "gguf", tiny_model, base_export, quant="F16", progress=False)
+    folder = tmp_path / gguf_f16.name
+    shutil.copytree(gguf_f16, folder)
+    shutil.copy(base_export / "model-F16.gguf", folder / "model-F16.gguf")
+    manifest = mf.read(folder)
+    manifest["outputs"] = mf.output_files(folder)
+    mf.write(folder, manifest)
+    code = main(["smoke", str(folder), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 3 and not out["passed"]
+    assert not out["checks"]["retention"]["passed"] and out["checks"]["retention"]["retention"] < 0.5
+    assert out["checks"]["tokenization"]["passed"]  # same tokenizer: only the fine-tune is missing
+
+
+def test_a_server_that_dies_on_start_is_reported_with_its_log(registry, gguf_f16, tmp_path):
+    folder = tmp_path / gguf_f16.name
+    shutil.copytree(gguf_f16, folder)
+    (folder / "model-F16.gguf").write_bytes(b"GGUF" + b"\0" * 64)  # a corrupt model file
+    with pytest.raises(ServerFailed) as e:
+        with serving(registry, "llamacpp", folder, log=tmp_path / "server.log", timeout=120):
+            pass
+    assert "exited with code" in str(e.value) and "last lines of" in str(e.value)
+    assert e.value.exit_code == 3 and (tmp_path / "server.log").stat().st_size > 0
+    assert not servers_for(folder)
+
+
+def test_serve_runs_until_interrupted_and_leaves_nothing(gguf_f16, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_bridge.cli", "serve", str(gguf_f16), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = json.loads(proc.stdout.readline())
+    assert ready["url"].startswith("http://127.0.0.1:") and psutil.pid_exists(ready["pid"])
+    import urllib.request
+
+    with urllib.request.urlopen(ready["url"] + "/v1/models", timeout=10) as r:
+        assert r.status == 200
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    deadline = time.time() + 10
+    while psutil.pid_exists(ready["pid"]) and psutil.Process(ready["pid"]).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline, "the server outlived the serve command"
+        time.sleep(0.2)
+
+
+def test_a_backend_that_cannot_serve_the_format_is_refused(registry, tiny_merged, tmp_path):
+    export(registry, "safetensors", tiny_merged, tmp_path / "st", progress=False)
+    with pytest.raises(BridgeError, match="backend 'llamacpp' serves gguf; this artifact is safetensors"):
+        with serving(registry, "llamacpp", tmp_path / "st", log=tmp_path / "log"):
+            pass
+
+
+def test_suite_file_with_match_rules(registry, gguf_f16, tmp_path):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "min_pass_rate: 1.0\n"
+        "prompts:\n"
+        "  - {prompt: [{role: user, content: colour}], expected: blue}\n"
+        "  - {prompt: [{role: user, content: day one}], expected: 'Mon', match: contains}\n"
+        "  - {prompt: [{role: user, content: day two}], expected: '^Tue', match: regex}\n")
+    folder = tmp_path / gguf_f16.name
+    shutil.copytree(gguf_f16, folder)
+    result = smoke(registry, folder, "llamacpp", suite_file=suite)
+    assert result["checks"]["golden"]["pass_rate"] == 1.0 and result["passed"]
+    suite.write_text(suite.read_text().replace("expected: blue", "expected: green"))
+    result = smoke(registry, folder, "llamacpp", suite_file=suite)
+    assert result["checks"]["golden"]["pass_rate"] == pytest.approx(2 / 3, abs=1e-3) and not result["passed"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(BridgeError, match="entry 1 needs 'prompt' and 'expected'"):
+        smoke(registry, folder, "llamacpp", suite_file=bad)
