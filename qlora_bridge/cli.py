@@ -146,6 +146,9 @@ def add_merge(sub) -> None:
     p.add_argument("--ignore-base-digests", action="store_true",
                    help="accept a base whose files differ from those recorded in training (for a re-saved base; "
                    "nf4 mode still proves the weights by fingerprint)")
+    p.add_argument("--inexact-nf4", action="store_true",
+                   help="for an adapter trained on a GPU, merged where there is none: rebuild NF4 on the CPU "
+                   "without proving it (bitsandbytes' CUDA and CPU kernels round ~1e-3 apart); the report says so")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="output shard size in GiB (default: 2)")
     p.add_argument("--threads", type=int, help="torch threads for the arithmetic (default: all cores)")
     p.set_defaults(func=run_merge)
@@ -163,7 +166,8 @@ def run_merge(a) -> Outcome:
         heldout = a.heldout or ((adapter.record or {}).get("heldout") or {}).get("path")
     report = merge(base, Path(a.adapter), Path(a.out), base_weights=a.base_weights, dtype=a.dtype, check=a.check,
                    heldout_file=Path(heldout) if heldout else None, force=a.force,
-                   ignore_base_digests=a.ignore_base_digests, max_shard_bytes=int(a.max_shard_size * 2**30),
+                   ignore_base_digests=a.ignore_base_digests, inexact_nf4=a.inexact_nf4,
+                   max_shard_bytes=int(a.max_shard_size * 2**30),
                    threads=a.threads)
     warnings_ = []
     if report["delta_kept_overall"] < KEPT_WARNING:

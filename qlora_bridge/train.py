@@ -179,7 +179,9 @@ def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_fil
     record: dict = {"tool": {"name": "qlora-bridge", "version": __version__}, "settings": asdict(s)}
     if s.quant != "none":
         record["quantization"] = {"quant_type": s.quant, "double_quant": s.double_quant, "blocksize": BLOCKSIZE,
-                                  "compute_dtype": s.compute_dtype, "fingerprint": fingerprint(model)}
+                                  "compute_dtype": s.compute_dtype, "fingerprint": fingerprint(model),
+                                  # CUDA and CPU kernels round NF4 differently: the merge must rebuild it on the same
+                                  "device": model.device.type}
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif s.gradient_checkpointing:
