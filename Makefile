@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 demo: $(STAMP)
 	$(VENV)/bin/qlora-bridge train --out qlora-bridge-out/adapter --force
 	$(VENV)/bin/qlora-bridge merge --adapter qlora-bridge-out/adapter --out qlora-bridge-out/merged --force
+	$(VENV)/bin/qlora-bridge export --target gguf --quant Q4_K_M --merged qlora-bridge-out/merged \
+		--out qlora-bridge-out/gguf-Q4_K_M --force
+	$(VENV)/bin/qlora-bridge smoke qlora-bridge-out/gguf-Q4_K_M
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)

@@ -4,8 +4,8 @@ The exact merge rebuilds nf4(W) on CPU and proves it against the fingerprint rec
 on a GPU, that proof only holds when CUDA and CPU quantize identically. This script measures it per layer, then
 trains a tiny adapter on the GPU (paged 8-bit AdamW) and merges it (NF4 rebuilt on the GPU, as the merge does
 for adapters whose training record says cuda). Measured on an H200: CUDA and CPU NF4 differ in 13-14 of 14 layers
-(up to 1.3e-3 relative); the merge with the CUDA rebuild matches the 4-bit + adapter model to 1.1e-6. Prints one JSON object; writes it to
-$OUT/gpu_portability.json when OUT is set. Needs a CUDA GPU and bitsandbytes.
+(up to 1.3e-3 relative); the merge with the CUDA rebuild matches the 4-bit + adapter model to 1.1e-6.
+Prints one JSON object; writes it to $OUT/gpu_portability.json when OUT is set. Needs a CUDA GPU and bitsandbytes.
 """
 
 import json
