@@ -287,24 +287,35 @@ def add_serve(sub) -> None:
                        description="Start the backend's OpenAI-compatible server on a free port of 127.0.0.1, wait "
                        "until it is ready, stream its log to DIR's sibling DIR.BACKEND.log, and stop it and "
                        "everything it started on exit, Ctrl-C or error.")
+    add_served_export_options(p)
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness (default: 300)")
+    p.set_defaults(func=run_serve)
+
+
+def add_served_export_options(p) -> None:
     p.add_argument("dir", help="export folder")
     p.add_argument("--backend", help="serving backend (default: the first that serves the export's format)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend setting (repeatable)")
-    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness (default: 300)")
     add_plugin_option(p)
-    p.set_defaults(func=run_serve)
+
+
+def chosen_backend(a):
+    """The plugin registry, the export folder, and the backend asked for or the first that serves its format."""
+    from .plugins import load_plugins
+    from .serve import artifact_format
+
+    reg = load_plugins(a.plugin)
+    folder = Path(a.dir)
+    return reg, folder, a.backend or reg.backend_for(artifact_format(folder))
 
 
 def run_serve(a) -> Outcome:
     import signal
     import threading
 
-    from .plugins import load_plugins
-    from .serve import artifact_format, serving
+    from .serve import serving
 
-    reg = load_plugins(a.plugin)
-    folder = Path(a.dir)
-    backend = a.backend or reg.backend_for(artifact_format(folder))
+    reg, folder, backend = chosen_backend(a)
     log = folder.parent / f"{folder.name}.{backend}.log"
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -327,26 +338,19 @@ def add_smoke(sub) -> None:
                        "chat template, golden prompts, fine-tune retention, perplexity delta, speed), write the "
                        "results into the manifest's verification section and smoke-report.md, re-sign when given "
                        "a key, and exit 3 when a gating check fails.")
-    p.add_argument("dir", help="export folder")
-    p.add_argument("--backend", help="serving backend (default: the first that serves the export's format)")
+    add_served_export_options(p)
     p.add_argument("--suite", help="golden prompts: JSONL or YAML with prompt, expected, match "
                    "(exact|contains|regex|json) (default: the held-out examples from the export's lineage)")
     p.add_argument("--merged", help="merged model folder to compare with (default: the one in the manifest)")
     p.add_argument("--sign-key", help="private key to re-sign the folder with after adding the results")
     p.add_argument("--passphrase-env", metavar="VAR", help="environment variable holding the key's passphrase")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="backend setting (repeatable)")
-    add_plugin_option(p)
     p.set_defaults(func=run_smoke)
 
 
 def run_smoke(a) -> Outcome:
-    from .plugins import load_plugins
-    from .serve import artifact_format
     from .smoke import smoke
 
-    reg = load_plugins(a.plugin)
-    folder = Path(a.dir)
-    backend = a.backend or reg.backend_for(artifact_format(folder))
+    reg, folder, backend = chosen_backend(a)
     result = smoke(reg, folder, backend, suite_file=Path(a.suite) if a.suite else None,
                    merged=Path(a.merged) if a.merged else None, sign_key=Path(a.sign_key) if a.sign_key else None,
                    passphrase=passphrase_from(a.passphrase_env), options=options_from(a.option))

@@ -339,6 +339,7 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
     readers = {f: SafetensorsReader(f) for f in dict.fromkeys(shards.values())}
     order = [(name, readers[f]) for f, r in readers.items() for name in r.tensors if shards.get(name) == f]
     layers, bytes_read = {}, 0
+    seconds = {"read": 0.0, "nf4_rebuild": 0.0, "arithmetic": 0.0, "write": 0.0}
     with output_folder(out, force=force, what="merged model folder") as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for name, reader in order:
@@ -349,14 +350,17 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
             with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress,
                       mininterval=1.0, leave=False) as bar:
                 for i, (name, reader) in enumerate(order):
+                    t = time.perf_counter()
                     w = reader.read(name)
                     bytes_read += w.nbytes
+                    t = lap(seconds, "read", t)
                     layer = adapter.layers.get(name)
                     if layer is None:
                         stored = w.to(out_dtype) if w.is_floating_point() else w
                     else:
                         base_w = (nf4_base_weight(w, name, quant, device, inexact_nf4) if base_weights == "nf4"
                                   else w.float())
+                        t = lap(seconds, "nf4_rebuild", t)
                         delta = adapter.delta(layer)
                         merged = base_w + delta
                         stored = merged.to(out_dtype)
@@ -366,7 +370,9 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
                             "delta_kept": {d: delta_kept(merged, dn, getattr(torch, d)) for d in DTYPES},
                             "layer_check_rel_error": layer_check(stored, base_w, adapter, layer, seed=i)}
                         del base_w, delta, merged
+                    t = lap(seconds, "arithmetic", t)
                     writer.write(name, stored)
+                    lap(seconds, "write", t)
                     bar.update(w.nbytes)
                     del w, stored
             weight_map = writer.close()
@@ -419,6 +425,7 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
             "layers": layers,
             "check": result,
             "wall_seconds": round(time.time() - started, 2),
+            "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "peak_rss_mib": round(merge_rss, 1),
             "peak_rss_mib_with_check": round(peak_rss_mib(), 1),
             "bytes_read": bytes_read, "bytes_written": writer.bytes_written,
@@ -432,6 +439,12 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
         (tmp / "README.md").write_text(model_card(base, adapter, report))
         write_json(tmp / REPORT, report)
     return report
+
+
+def lap(totals: dict, key: str, since: float) -> float:
+    now = time.perf_counter()
+    totals[key] += now - since
+    return now
 
 
 def check_failure(result: dict, mode: str, dtype: str) -> str:
