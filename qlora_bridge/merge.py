@@ -51,10 +51,6 @@ class LoraLayer:
     scale: float
     fan_in_fan_out: bool
 
-    @property
-    def weight_key(self) -> str:
-        return f"{self.module}.weight"
-
 
 @dataclass
 class Adapter:
