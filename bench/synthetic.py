@@ -41,7 +41,7 @@ def build(shape: str, root: Path) -> tuple[Path, Path]:
     adapter.mkdir()
     LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["inter"],
                 num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
-                tie_word_embeddings=False, dtype="bfloat16").save_pretrained(base)
+                tie_word_embeddings=False, dtype="bfloat16", architectures=["LlamaForCausalLM"]).save_pretrained(base)
     build_tokenizer().save_pretrained(base)
     tensors = [("model.embed_tokens.weight", (s["vocab"], s["hidden"]))]
     for i in range(s["layers"]):
