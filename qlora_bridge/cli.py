@@ -106,6 +106,10 @@ def run_train(a) -> Outcome:
              f"steps: {rec['steps']}  loss {rec['loss_curve'][0]:.3f} -> {rec['loss_curve'][-1]:.3f}  "
              f"train {rec['train_seconds']:.0f} s  wall {rec['wall_seconds']:.0f} s  "
              f"peak RSS {rec['peak_rss_mib']:.0f} MiB  ({settings.quant} base)"]
+    cut, dropped = rec["dataset"]["truncated_lines"], rec["dataset"]["dropped_lines"]
+    if cut:
+        lines.append(f"truncated to {settings.max_seq_len} tokens: lines {cut}; dropped (no answer token left): "
+                     f"{dropped or 'none'}")
     if rec["heldout"]:
         before, after = rec["heldout"]["before"], rec["heldout"]["after"]
         lines.append(f"held-out exact match: before {before['exact_match']:.0%} -> after {after['exact_match']:.0%} "
@@ -435,9 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # so that every `finally` runs: servers stopped, staging folders removed
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
     quiet_libraries()
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         outcome = args.func(args)
     except BridgeError as e:
