@@ -15,10 +15,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)
 
+# torch goes first, pinned, so pip takes the local CPU build instead of resolving a CUDA one.
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
-	# torch first, pinned, so pip takes the local CPU build instead of resolving a CUDA one.
 	$(VENV)/bin/pip install -q torch==2.13.0
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip install -q -e '.[test,gguf]'
 	touch $(STAMP)

@@ -106,6 +106,22 @@ def unsafe_paths(manifest: dict) -> list[str]:
     return bad
 
 
+def compare_outputs(folder: Path, manifest: dict) -> tuple[list[str], dict]:
+    """Problems between the manifest's outputs and the folder's files, and the files present (by path)."""
+    unsafe = unsafe_paths(manifest)
+    problems = [f"manifest names a path outside the folder: {p}" for p in unsafe]
+    listed = {e["path"]: e for e in manifest.get("outputs", [])
+              if isinstance(e, dict) and "path" in e and e["path"] not in unsafe}
+    present = {e["path"]: e for e in output_files(folder)}
+    for path, entry in listed.items():
+        if path not in present:
+            problems.append(f"manifest lists {path}, which is missing")
+        elif (present[path]["sha256"], present[path]["size"]) != (entry.get("sha256"), entry.get("size")):
+            problems.append(f"manifest digest mismatch: {path} is not the file the manifest describes")
+    problems += [f"file not in the manifest: {p}" for p in present if p not in listed]
+    return problems, present
+
+
 def schema_errors(manifest: dict) -> list[str]:
     import jsonschema
 

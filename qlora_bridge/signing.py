@@ -124,18 +124,7 @@ def verify(folder: Path, public_key: Path) -> Verdict:
         verdict.problems.append(e.problem)
         return verdict
     verdict.problems += [f"manifest schema: {e}" for e in mf.schema_errors(manifest)]
-    unsafe = mf.unsafe_paths(manifest)
-    verdict.problems += [f"manifest names a path outside the folder: {p}" for p in unsafe]
-    listed = {}
-    for entry in manifest.get("outputs", []):
-        if isinstance(entry, dict) and entry.get("path") not in unsafe:
-            listed[entry["path"]] = entry
-    present = {e["path"]: e for e in mf.output_files(folder)}
-    for path, entry in listed.items():
-        if path not in present:
-            verdict.problems.append(f"manifest lists {path}, which is missing")
-        elif (present[path]["sha256"], present[path]["size"]) != (entry.get("sha256"), entry.get("size")):
-            verdict.problems.append(f"manifest digest mismatch: {path} is not the file the manifest describes")
-    verdict.problems += [f"file not in the manifest: {p}" for p in present if p not in listed]
+    problems, present = mf.compare_outputs(folder, manifest)
+    verdict.problems += problems
     verdict.files_checked = len(present)
     return verdict

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import manifest as mf
 from .api import http_json
-from .errors import BridgeError
+from .errors import BridgeError, CheckFailed
 from .plugins import Registry
 from .serve import Server, serving
 from .signing import sign
@@ -42,6 +42,7 @@ THRESHOLDS = {
 }
 DEFAULT_THRESHOLDS = {"retention": 0.5, "ppl_delta": 0.15}
 MATCH_RULES = ("exact", "contains", "regex", "json")
+REPORT = "smoke-report.md"
 
 
 @dataclass
@@ -188,6 +189,10 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
           options: dict | None = None) -> dict:
     artifact = Path(artifact)
     manifest = mf.read(artifact)
+    problems = [p for p in mf.compare_outputs(artifact, manifest)[0] if REPORT not in p]
+    if problems:  # results must describe the files the manifest describes, not files changed since
+        raise CheckFailed(f"the folder no longer matches its manifest: {'; '.join(problems[:3])}", file=artifact,
+                          fix="re-export it, or run `qlora-bridge verify` to see every difference")
     quant = manifest["export"].get("quant") or manifest["export"]["format"]
     thresholds = THRESHOLDS.get(quant, THRESHOLDS.get(manifest["export"]["format"], DEFAULT_THRESHOLDS))
     heldout = lineage_suite(manifest)
@@ -213,9 +218,10 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
                "quant": quant, "thresholds": thresholds, "seconds_to_ready": server.seconds_to_ready,
                "seconds": round(time.time() - started, 1), "server_log": log.name,
                "suite": str(suite_file) if suite_file else "lineage (held-out examples)", "checks": checks}
-    (artifact / "smoke-report.md").write_text(report_markdown(artifact, outcome))
+    (artifact / REPORT).write_text(report_markdown(artifact, outcome))
     manifest["verification"][f"smoke-{backend}"] = outcome
-    manifest["outputs"] = mf.output_files(artifact)
+    manifest["outputs"] = [e for e in manifest["outputs"] if e["path"] != REPORT] + [
+        e for e in mf.output_files(artifact) if e["path"] == REPORT]
     mf.write(artifact, manifest)
     if sign_key:
         sign(artifact, Path(sign_key), passphrase)

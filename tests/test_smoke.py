@@ -96,6 +96,17 @@ def test_a_gguf_of_the_base_model_fails_retention(registry, gguf_f16, tiny_model
     assert out["checks"]["tokenization"]["passed"]  # same tokenizer: only the fine-tune is missing
 
 
+def test_a_folder_changed_since_export_is_refused(registry, gguf_f16, tmp_path):
+    from qlora_bridge.errors import CheckFailed
+
+    folder = tmp_path / gguf_f16.name
+    shutil.copytree(gguf_f16, folder)
+    with open(folder / "model-F16.gguf", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(CheckFailed, match="no longer matches its manifest: manifest digest mismatch: model-F16.gguf"):
+        smoke(registry, folder, "llamacpp")
+
+
 def test_a_server_that_dies_on_start_is_reported_with_its_log(registry, gguf_f16, tmp_path):
     folder = tmp_path / gguf_f16.name
     shutil.copytree(gguf_f16, folder)
