@@ -6,7 +6,6 @@ tensor, reads every shard back, and compares it with the merged weights so a bad
 
 import json
 import shutil
-from pathlib import Path
 
 from qlora_bridge.api import BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, hookimpl
 

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pluggy
 
 from .corpus import PARITY_CORPUS, REFERENCE_TEXT
 from .errors import BridgeError, CheckFailed
+
+if TYPE_CHECKING:  # at run time these come through __getattr__ below: they need the plugin registry themselves
+    from .serve import Server
+    from .smoke import Golden, SmokeContext
 
 __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult", "ServingAdapter",
            "LaunchRequest", "SmokeCheck", "SmokeContext", "Golden", "Server", "BridgeError", "CheckFailed", "PARITY_CORPUS",

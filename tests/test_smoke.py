@@ -1,7 +1,6 @@
 """The llama.cpp serving adapter and the smoke-test gate, against real llama.cpp servers on 127.0.0.1."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

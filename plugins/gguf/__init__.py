@@ -46,8 +46,8 @@ def license_of(req: ExportRequest):
 
 
 def export(req: ExportRequest) -> ExportResult:
-    from .convert import ARCHS, architecture, convert
-    from .quantize import QUANTS, check_quantized, inspect, quantize, require_llama_cpp
+    from .convert import architecture, convert
+    from .quantize import check_quantized, inspect, quantize, require_llama_cpp
     from .vocab import choose_pre_tokenizer, parity
 
     require_llama_cpp()
