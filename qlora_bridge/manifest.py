@@ -38,11 +38,12 @@ def output_files(folder: Path) -> list[dict]:
 
 
 def environment() -> dict:
+    """Python, platform and the versions of the libraries that shape the results (those installed)."""
     from importlib.metadata import PackageNotFoundError, version
 
     libs = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "safetensors", "gguf", "llama-cpp-python",
-                 "gptqmodel", "model-signing"):
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "gguf",
+                 "llama-cpp-python", "gptqmodel", "model-signing"):
         try:
             libs[name] = version(name)
         except PackageNotFoundError:

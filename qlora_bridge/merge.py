@@ -29,7 +29,8 @@ from .errors import BridgeError, CheckFailed
 from .files import digest_folder, output_folder, sha256_file, write_json
 from .quant import state_digest
 from .safetensors_io import SafetensorsReader, ShardWriter, model_shards
-from .train import RECORD, TrainSettings, check_base, environment, load_model, peak_rss_mib
+from .manifest import environment
+from .train import RECORD, TrainSettings, check_base, load_model, peak_rss_mib
 
 MODES = ("nf4", "original")
 DTYPES = ("float32", "float16", "bfloat16")

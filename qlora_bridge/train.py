@@ -8,7 +8,6 @@ quantization settings, the bitsandbytes version, the base files' digests and a f
 from __future__ import annotations
 
 import math
-import platform
 import random
 import resource
 import time
@@ -19,6 +18,7 @@ from . import __version__
 from .data import Dataset, collate, load_dataset, load_heldout
 from .errors import BridgeError
 from .files import digest_folder, output_folder, sha256_file, write_json
+from .manifest import environment
 from .quant import BLOCKSIZE, QUANT_TYPES, QuantSettings, assert_standard_layout, disable_cpu_packed_layout, \
     fingerprint
 
@@ -180,7 +180,7 @@ def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_fil
     if s.quant != "none":
         record["quantization"] = {"quant_type": s.quant, "double_quant": s.double_quant, "blocksize": BLOCKSIZE,
                                   "compute_dtype": s.compute_dtype, "fingerprint": fingerprint(model),
-                                  # CUDA and CPU kernels round NF4 differently: the merge must rebuild it on the same
+                                  # CUDA and CPU kernels round NF4 differently: the merge rebuilds it on this kind
                                   "device": model.device.type}
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -259,10 +259,3 @@ def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_fil
         write_json(tmp / RECORD, record)  # last: an adapter folder without its record is not finished
     return TrainResult(out, record)
 
-
-def environment() -> dict:
-    from importlib.metadata import version
-
-    libs = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
-    return {"python": platform.python_version(), "platform": platform.platform(),
-            "libraries": {name: version(name) for name in libs}}
