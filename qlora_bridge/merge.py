@@ -111,7 +111,8 @@ def read_adapter(path: Path) -> Adapter:
     return Adapter(path, cfg, layers, reader, record)
 
 
-def check_pairing(base: Path, adapter: Adapter, shards: dict[str, Path], mode: str, ignore_digests: bool) -> None:
+def check_pairing(base: Path, adapter: Adapter, shards: dict[str, Path], mode: str, ignore_digests: bool,
+                  base_files: dict[str, str]) -> None:
     """Refuse an adapter trained on another base, and say which evidence shows it."""
     missing = [k for k in adapter.layers if k not in shards]
     if missing:
@@ -133,12 +134,11 @@ def check_pairing(base: Path, adapter: Adapter, shards: dict[str, Path], mode: s
                           "adapter lacks", file=adapter.path, fix="merge an adapter trained by `qlora-bridge train`, "
                           "or pass --base-weights original (a different model from the one trained)")
     if record and not ignore_digests:
-        ours = digest_folder(base, "*.safetensors") | digest_folder(base, "config.json")
-        differ = [n for n, d in record["base"]["files"].items() if n in ours and ours[n] != d]
-        gone = [n for n in record["base"]["files"] if n.endswith(".safetensors") and n not in ours]
+        differ = [n for n, d in record["base"]["files"].items() if n in base_files and base_files[n] != d]
+        gone = [n for n in record["base"]["files"] if n.endswith(".safetensors") and n not in base_files]
         if differ or gone:
             detail = "; ".join([f"{n}: trained on sha256 {record['base']['files'][n][:12]}…, this base has "
-                                f"{ours[n][:12]}…" for n in differ] + [f"{n} is missing" for n in gone])
+                                f"{base_files[n][:12]}…" for n in differ] + [f"{n} is missing" for n in gone])
             raise BridgeError(f"digest mismatch: this is not the base the adapter was trained on ({detail})",
                               file=base, fix="merge into the base recorded in training_record.json, or pass "
                               "--ignore-base-digests if the weights were only re-saved (nf4 mode still proves them "
@@ -339,7 +339,9 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
     check_base(base)
     adapter = read_adapter(adapter_dir)
     shards = model_shards(base)
-    check_pairing(base, adapter, shards, base_weights, ignore_base_digests)
+    # hashed once: the pairing check compares them with the training record, the report records them
+    base_files = digest_folder(base, "*.safetensors") | digest_folder(base, "config.json")
+    check_pairing(base, adapter, shards, base_weights, ignore_base_digests, base_files)
     quant = (adapter.record or {}).get("quantization")
     if quant is not None:
         quant = dict(quant, bitsandbytes_version=adapter.record["environment"]["libraries"]["bitsandbytes"])
@@ -417,7 +419,7 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
 
         report = {
             "tool": {"name": "qlora-bridge", "version": __version__},
-            "base": {"path": str(base.resolve()), "files": digest_folder(base, "*.safetensors")},
+            "base": {"path": str(base.resolve()), "files": base_files},
             "adapter": {"path": str(Path(adapter_dir).resolve()),
                         "sha256": sha256_file(Path(adapter_dir) / "adapter_model.safetensors"),
                         "rank": adapter.config.get("r"), "alpha": adapter.config.get("lora_alpha")},
