@@ -33,8 +33,13 @@ def output_files(folder: Path) -> list[dict]:
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).as_posix()
         if p.is_file() and rel not in NOT_LISTED:
-            entries.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
+            entries.append(output_entry(folder, rel))
     return entries
+
+
+def output_entry(folder: Path, rel: str) -> dict:
+    path = Path(folder) / rel
+    return {"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def environment() -> dict:

@@ -220,8 +220,7 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
                "suite": str(suite_file) if suite_file else "lineage (held-out examples)", "checks": checks}
     (artifact / REPORT).write_text(report_markdown(artifact, outcome))
     manifest["verification"][f"smoke-{backend}"] = outcome
-    manifest["outputs"] = [e for e in manifest["outputs"] if e["path"] != REPORT] + [
-        e for e in mf.output_files(artifact) if e["path"] == REPORT]
+    manifest["outputs"] = [e for e in manifest["outputs"] if e["path"] != REPORT] + [mf.output_entry(artifact, REPORT)]
     mf.write(artifact, manifest)
     if sign_key:
         sign(artifact, Path(sign_key), passphrase)
