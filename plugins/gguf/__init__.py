@@ -62,15 +62,16 @@ def export(req: ExportRequest) -> ExportResult:
     except ValueError:
         raise BridgeError("threads must be an integer", field="--option threads", fix="e.g. --option threads=4") from None
 
+    tok = AutoTokenizer.from_pretrained(req.merged, trust_remote_code=False)
     forced = req.options.get("pre_tokenizer")  # test a named pre-tokenizer instead of searching
     t0 = time.time()
-    pre = choose_pre_tokenizer(req.merged, config, arch_name, candidates=(forced,) if forced else None)
+    pre = choose_pre_tokenizer(req.merged, config, arch_name, tok, candidates=(forced,) if forced else None)
     t_parity = time.time() - t0
     outtype = req.quant if req.quant in FLOATS else "F16"
     final = req.out / f"model-{req.quant}.gguf"
     first = final if req.quant in FLOATS else req.out / "intermediate-F16.gguf"
     metadata = {k: v for k, v in lineage_metadata(req).items() if v is not None}
-    conv = convert(req.merged, first, outtype, tokenizer_pre=pre["pre"], metadata=metadata)
+    conv = convert(req.merged, first, outtype, tok=tok, tokenizer_pre=pre["pre"], metadata=metadata)
     t_convert = time.time() - t0 - t_parity
     if req.quant in FLOATS:
         found = inspect(final)
@@ -84,7 +85,6 @@ def export(req: ExportRequest) -> ExportResult:
         first.unlink()
         checks = {"quantization": check_quantized(final, req.quant)}
 
-    tok = AutoTokenizer.from_pretrained(req.merged, trust_remote_code=False)
     ok, wrong = parity(final, tok)
     if wrong:
         raise CheckFailed(f"the exported GGUF tokenizes {len(wrong)} corpus entries differently from the merged "

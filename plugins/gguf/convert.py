@@ -134,7 +134,7 @@ def plan_tensors(folder: Path, config: dict, arch: Arch):
     return plan
 
 
-def convert(folder: Path, out_file: Path, outtype: str, *, tokenizer_pre: str, metadata: dict,
+def convert(folder: Path, out_file: Path, outtype: str, *, tok, tokenizer_pre: str, metadata: dict,
             progress=None) -> dict:
     """Write `out_file` and return {'tensors': n, 'arch': ...}. Peak memory: one tensor at a time."""
     import gguf
@@ -157,7 +157,7 @@ def convert(folder: Path, out_file: Path, outtype: str, *, tokenizer_pre: str, m
         if key != "name" and value is not None:
             writer.add_string(key, str(value))
     add_hparams(writer, config, arch, hf_arch, file_type)
-    add_vocab(writer, folder, config, tokenizer_pre)
+    add_vocab(writer, folder, config, tokenizer_pre, tok)
 
     shards = model_shards(folder)
     readers = {f: SafetensorsReader(f) for f in dict.fromkeys(shards.values())}

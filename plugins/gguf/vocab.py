@@ -32,9 +32,9 @@ def tokenizer_kind(folder: Path) -> str:
     return "llama"
 
 
-def add_vocab(writer, folder: Path, config: dict, tokenizer_pre: str) -> None:
+def add_vocab(writer, folder: Path, config: dict, tokenizer_pre: str, tok) -> None:
+    """Tokens, types, merges and special tokens of the Hugging Face tokenizer `tok` saved in `folder`."""
     import gguf
-    from transformers import AutoTokenizer
 
     folder = Path(folder)
     kind = tokenizer_kind(folder)
@@ -49,7 +49,6 @@ def add_vocab(writer, folder: Path, config: dict, tokenizer_pre: str) -> None:
         writer.add_token_types([int(t) for t in types])
         gguf.SpecialVocab(folder, n_vocab=len(tokens)).add_to_gguf(writer)
         return
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     n_vocab = config.get("vocab_size", len(tok.vocab))
     reverse = {i: t for t, i in tok.vocab.items()}
     added = tok.get_added_vocab()
@@ -98,30 +97,27 @@ def parity(vocab_file: Path, tok, corpus=PARITY_CORPUS) -> tuple[int, list[str]]
     return len(corpus) - len(wrong), wrong
 
 
-def write_vocab_only(folder: Path, out_file: Path, config: dict, arch_name: str, pre: str) -> None:
+def write_vocab_only(folder: Path, out_file: Path, config: dict, arch_name: str, pre: str, tok) -> None:
     import gguf
 
     writer = gguf.GGUFWriter(out_file, arch_name)
     writer.add_type(gguf.GGUFType.MODEL)
-    add_vocab(writer, folder, config, pre)
+    add_vocab(writer, folder, config, pre, tok)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
 
 
-def choose_pre_tokenizer(folder: Path, config: dict, arch_name: str, candidates=None) -> dict:
-    """The first candidate whose llama.cpp tokenization matches Hugging Face on every corpus entry."""
-    from transformers import AutoTokenizer
-
+def choose_pre_tokenizer(folder: Path, config: dict, arch_name: str, tok, candidates=None) -> dict:
+    """The first candidate whose llama.cpp tokenization matches Hugging Face's `tok` on every corpus entry."""
     folder = Path(folder)
-    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     kind = tokenizer_kind(folder)
     candidates = candidates or (BPE_PRE_CANDIDATES if kind == "gpt2" else ("default",))
     scores = {}
     with tempfile.TemporaryDirectory() as d:
         for pre in candidates:
             path = Path(d) / f"{pre}.gguf"
-            write_vocab_only(folder, path, config, arch_name, pre)
+            write_vocab_only(folder, path, config, arch_name, pre, tok)
             ok, wrong = parity(path, tok)
             scores[pre] = ok
             if not wrong:
