@@ -238,6 +238,10 @@ def passphrase_from(env_var: str | None) -> bytes | None:
     return os.environ[env_var].encode()
 
 
+def add_passphrase_option(p) -> None:
+    p.add_argument("--passphrase-env", metavar="VAR", help="environment variable holding the key's passphrase")
+
+
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="re-quantize or re-save a merged model through an exporter plugin",
                        description="Run the exporter registered for --target on a merged model folder, write "
@@ -250,7 +254,7 @@ def add_export(sub) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="exporter-specific setting (repeatable), e.g. max_shard_size=4")
     p.add_argument("--sign-key", help="private key (.pem) to sign the export folder with")
-    p.add_argument("--passphrase-env", metavar="VAR", help="environment variable holding the key's passphrase")
+    add_passphrase_option(p)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_plugin_option(p)
     p.set_defaults(func=run_export)
@@ -347,7 +351,7 @@ def add_smoke(sub) -> None:
                    "(exact|contains|regex|json) (default: the held-out examples from the export's lineage)")
     p.add_argument("--merged", help="merged model folder to compare with (default: the one in the manifest)")
     p.add_argument("--sign-key", help="private key to re-sign the folder with after adding the results")
-    p.add_argument("--passphrase-env", metavar="VAR", help="environment variable holding the key's passphrase")
+    add_passphrase_option(p)
     p.set_defaults(func=run_smoke)
 
 
@@ -392,7 +396,7 @@ def add_sign(sub) -> None:
                        "OpenSSF model-signing format.")
     p.add_argument("dir", help="export folder")
     p.add_argument("--key", required=True, help="private key (.pem)")
-    p.add_argument("--passphrase-env", metavar="VAR", help="environment variable holding the key's passphrase")
+    add_passphrase_option(p)
     p.set_defaults(func=run_sign)
 
 
