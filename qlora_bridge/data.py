@@ -161,6 +161,11 @@ def load_dataset(path: Path, tok, max_len: int, truncate: bool = False) -> Datas
     return ds
 
 
+def token_sequences(path: Path, tok, max_len: int) -> list[list[int]]:
+    """Every record's token ids as the model was trained on them (cut to max_len): calibration data for exporters."""
+    return [ex.input_ids for ex in load_dataset(path, tok, max_len, truncate=True).examples]
+
+
 def collate(batch: list[Example], pad_id: int):
     """Right-padded tensors for training."""
     import torch

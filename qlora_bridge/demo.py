@@ -24,3 +24,24 @@ def train_file() -> Path:
 
 def heldout_file() -> Path:
     return demo_data_dir() / "heldout.jsonl"
+
+
+def exports() -> list:
+    """The demo release's targets: those this machine can export and serve in a few minutes.
+
+    GGUF Q4_K_M on llama.cpp always; the merged model as float32 safetensors on vLLM when a vLLM environment
+    exists. GPTQ and AWQ take 4-15 minutes to quantize on 2 cores and vLLM serves them only on an AVX-512 CPU or
+    a GPU, so the demo leaves them to `qlora-bridge export --target awq` and to projects that ask for them.
+    """
+    import os
+
+    from .project import ExportSpec
+
+    specs = [ExportSpec("gguf", "Q4_K_M", "llamacpp")]
+    if os.environ.get("QLORA_BRIDGE_VLLM_PYTHON") or Path(".venv-vllm/bin/python").is_file():
+        specs.append(ExportSpec("safetensors", "float32", "vllm"))
+    return specs
+
+
+# `export --target awq|gptq` on the demo: calibration sized for 2 CPU cores (~4k tokens of the training data)
+EXPORT_OPTIONS = {"awq": {"samples": "16", "seq_len": "256"}, "gptq": {"samples": "16", "seq_len": "256"}}

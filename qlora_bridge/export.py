@@ -9,6 +9,7 @@ from . import manifest as mf
 from .api import ExportRequest, ExportResult
 from .errors import BridgeError
 from .files import output_folder
+from .modelcard import CARD, render
 from .plugins import Registry
 from .signing import sign
 
@@ -21,7 +22,7 @@ class PluginFailed(BridgeError):
 
 def export(registry: Registry, target: str, merged: Path, out: Path, *, quant: str | None = None,
            options: dict[str, str] | None = None, sign_key: Path | None = None, passphrase: bytes | None = None,
-           force: bool = False, progress: bool = True) -> dict:
+           force: bool = False, progress: bool = True, license: str | None = None) -> dict:
     exporter, plugin = registry.exporter(target)
     if exporter.quant_types and quant is None:
         quant = exporter.quant_types[0]
@@ -59,6 +60,9 @@ def export(registry: Registry, target: str, merged: Path, out: Path, *, quant: s
                             plugin={"name": plugin.name, "version": plugin.version, "source": plugin.source,
                                     "origin": plugin.origin},
                             settings=settings, checks=result.checks, inputs=inputs)
+        if not (tmp / CARD).exists():  # an exporter may write its own card
+            (tmp / CARD).write_text(render(out.name, manifest, license))
+            manifest["outputs"] = sorted([*manifest["outputs"], mf.output_entry(tmp, CARD)], key=lambda e: e["path"])
         mf.write(tmp, manifest)
         if sign_key is not None:
             sign(tmp, Path(sign_key), passphrase)

@@ -93,11 +93,15 @@ def serving(registry: Registry, backend: str, artifact: Path, *, log: Path, opti
     artifact = Path(artifact)
     fmt = artifact_format(artifact)
     if fmt not in adapter.formats:
-        raise BridgeError(f"backend '{backend}' serves {', '.join(adapter.formats)}; this artifact is {fmt}",
-                          file=artifact, field="--backend",
-                          fix="pick a backend that serves this format (see `qlora-bridge plugins`)")
+        reason = adapter.unsupported.get(fmt, f"it serves {', '.join(adapter.formats)}")
+        try:
+            fix = f"serve it with --backend {registry.backend_for(fmt)}"
+        except BridgeError:
+            fix = "no installed backend serves this format (see `qlora-bridge plugins`)"
+        raise BridgeError(f"backend '{backend}' does not serve {fmt} artifacts: {reason}", file=artifact,
+                          field="--backend", fix=fix)
     port = free_port()
-    argv = adapter.command(LaunchRequest(artifact=artifact, port=port, options=dict(options or {})))
+    argv = adapter.command(LaunchRequest(artifact=artifact, port=port, options=dict(options or {}), format=fmt))
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -49,7 +49,7 @@ def build_tiny_model(out: Path, *, layers: int = 2, hidden: int = 256, intermedi
     tok = build_tokenizer()
     common = dict(vocab_size=1024, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                   num_attention_heads=heads or hidden // 64, num_key_value_heads=heads or hidden // 64, head_dim=64,
-                  max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=None,
+                  max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=None,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     config_cls, model_cls, extra = {
         "llama": ("LlamaConfig", "LlamaForCausalLM", {}),

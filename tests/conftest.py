@@ -72,3 +72,22 @@ def tiny_release(tiny_model, tmp_path_factory) -> Path:
                     heldout_file=heldout, progress=False).adapter
     merge(tiny_model, adapter, d / "merged", heldout_file=heldout, progress=False)
     return d / "merged"
+
+
+@pytest.fixture(scope="session")
+def demo_adapter(embedded_model, tmp_path_factory) -> Path:
+    """The README's main job, trained once per test session: the embedded model on the demo data."""
+    from qlora_bridge.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "adapter"
+    assert main(["train", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_merged(demo_adapter) -> Path:
+    from qlora_bridge.cli import main
+
+    out = demo_adapter.parent / "merged"
+    assert main(["merge", "--adapter", str(demo_adapter), "--out", str(out)]) == 0
+    return out

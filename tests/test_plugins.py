@@ -60,7 +60,7 @@ def test_local_plugin_by_path_and_by_env(tmp_path, monkeypatch, tiny_merged):
     assert (info.source, info.version) == ("local", "0.3")
     assert info.provides == ["exporter copyconf", "servingadapter echo", "smokecheck always-passes"]
     manifest = export(reg, "copyconf", tiny_merged, tmp_path / "out", progress=False)
-    assert [o["path"] for o in manifest["outputs"]] == ["config.json"]
+    assert [o["path"] for o in manifest["outputs"]] == ["README.md", "config.json"]  # the model card is added
     assert manifest["plugin"]["name"] == "copyconf" and manifest["export"]["settings"]["copied"] == 1
 
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -141,7 +141,7 @@ def test_inhouse_example_installs_and_exports_through_its_entry_point(inhouse_in
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {o["path"] for o in manifest["outputs"]} == {"model.tar.gz", "registry.json"}
+    assert {o["path"] for o in manifest["outputs"]} == {"model.tar.gz", "registry.json", "README.md"}
     assert manifest["plugin"] == {"name": "acme-registry", "version": "1.2.0", "source": "entry point",
                                   "origin": "acme-registry-bundle (acme_registry_bundle)"}
     assert json.loads((out / "registry.json").read_text())["team"] == "search"

@@ -9,20 +9,6 @@ from qlora_bridge.cli import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo_adapter(embedded_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "adapter"
-    assert main(["train", "--out", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def demo_merged(demo_adapter):
-    out = demo_adapter.parent / "merged"
-    assert main(["merge", "--adapter", str(demo_adapter), "--out", str(out)]) == 0
-    return out
-
-
 def test_demo_training_raises_heldout_exact_match(demo_adapter):
     record = json.loads((demo_adapter / "training_record.json").read_text())
     before = record["heldout"]["before"]["exact_match"]

@@ -1,0 +1,64 @@
+"""The model card (README.md with Hugging Face front matter) every export folder carries.
+
+Written by `export` from the manifest, and written again by `smoke` with the gate's results, so the card a
+registry shows is the one the signature covers.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CARD = "README.md"
+LIBRARY = {"gguf": "gguf", "gptq": "transformers", "awq": "transformers", "safetensors": "transformers"}
+
+
+def merged_license(merged: Path | None) -> str | None:
+    card = Path(merged) / CARD if merged else None
+    if card and card.is_file():
+        m = re.search(r"^license:\s*(\S+)", card.read_text(errors="replace"), re.M)
+        return m.group(1) if m else None
+    return None
+
+
+def render(name: str, manifest: dict, license: str | None = None) -> str:
+    inputs, export = manifest.get("inputs") or {}, manifest["export"]
+    merge = inputs.get("merge") or {}
+    record = inputs.get("training_record") or {}
+    base = (inputs.get("base") or {}).get("path") or "unknown"
+    license = license or merged_license(Path((inputs.get("merged") or {}).get("path", "")) or None) or "other"
+    quant = export.get("quant") or ""
+    front = ["---", f"base_model: {Path(base).name}", f"license: {license}",
+             f"library_name: {LIBRARY.get(export['format'], export['format'])}",
+             f"tags: [qlora-bridge, {export['format']}" + (f", {quant}" if quant else "") + ", lora, merged]",
+             "quantized_by: qlora-bridge", "---", ""]
+    body = [f"# {name}", "",
+            f"{Path(base).name} fine-tuned with QLoRA, merged into its "
+            f"{merge.get('base_weights', '?')} base weights ({merge.get('dtype', '?')}) and exported as "
+            f"**{export['target']} {quant}** by qlora-bridge {manifest['tool']['version']}.", ""]
+    heldout = record.get("heldout") or {}
+    if heldout:
+        body.append(f"- held-out exact match: {heldout['before']['exact_match']:.0%} before training, "
+                    f"{heldout['after']['exact_match']:.0%} after ({heldout['after']['n']} prompts)")
+    adapter = inputs.get("adapter") or {}
+    if adapter.get("sha256"):
+        body.append(f"- adapter sha256: `{adapter['sha256']}`")
+    if record.get("dataset"):
+        body.append(f"- training data sha256: `{record['dataset']['sha256']}`")
+    settings = export.get("settings") or {}
+    shown = {k: v for k, v in settings.items() if not isinstance(v, (dict, list)) and v is not None}
+    body += ["", "## Export settings", "", *(f"- {k}: {v}" for k, v in shown.items())]
+    smoke = {k: v for k, v in (manifest.get("verification") or {}).items() if k.startswith("smoke-")}
+    body += ["", "## Verification", ""]
+    if not smoke:
+        body.append("Not smoke-tested yet: run `qlora-bridge smoke` on this folder.")
+    for key, result in smoke.items():
+        body.append(f"Smoke test on {result['backend']}: **{'PASSED' if result['passed'] else 'FAILED'}**")
+        body.append("")
+        for check, r in result["checks"].items():
+            figures = ", ".join(f"{k}={v}" for k, v in r.items()
+                                if k not in ("passed", "gate", "plugin", "details") and not isinstance(v, (dict, list)))
+            body.append(f"- {check}: {'passed' if r['passed'] else 'FAILED'} ({figures})")
+    body += ["", "`manifest.json` lists every file with its sha256; `model.sig`, when present, is an OpenSSF "
+             "model-signing signature: `qlora-bridge verify DIR --public-key KEY.pub`."]
+    return "\n".join(front + body) + "\n"

@@ -1,0 +1,120 @@
+"""Stages that know their inputs: train -> merge -> export, each reused when its inputs are unchanged.
+
+A stage's key is a digest of everything that decides its output: the content digests of its input files, its
+settings and the tool (or plugin) version. The key and a content digest of the output are recorded in
+OUT/stages.json; a stage is reused only when its key is the same and its output is still byte for byte what was
+written. Anything else runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import __version__
+from .errors import BridgeError
+from .files import digest_folder, sha256_file, write_json
+from .project import ExportSpec, Project
+
+STATE = "stages.json"
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    return digest(digest_folder(folder))
+
+
+class Pipeline:
+    def __init__(self, project: Project, registry=None, *, progress: bool = True):
+        self.project, self.registry, self.progress = project, registry, progress
+        self.state_path = project.out / STATE
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        self.log: list[dict] = []  # what ran and what was reused, in order
+
+    def say(self, text: str) -> None:
+        if self.progress:
+            print(text, file=sys.stderr, flush=True)
+
+    def _run(self, name: str, key: str, out: Path, work) -> Path:
+        rec = self.state.get(name)
+        if rec and rec["key"] == key and out.is_dir() and folder_digest(out) == rec["output"]:
+            self.say(f"reuse  {name}: {out} (inputs unchanged)")
+            self.log.append({"stage": name, "out": str(out), "reused": True})
+            return out
+        why = "no earlier run" if not rec else ("inputs changed" if rec["key"] != key else "output changed or missing")
+        self.say(f"run    {name}: {out} ({why})")
+        started = time.time()
+        work()
+        self.state[name] = {"key": key, "output": folder_digest(out), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                                 time.gmtime())}
+        self.project.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.state_path, self.state)
+        self.log.append({"stage": name, "out": str(out), "reused": False, "seconds": round(time.time() - started, 1)})
+        return out
+
+    def rerecord(self, name: str, out: Path) -> None:
+        """The output changed on purpose (smoke results, a signature): what is there now is what to reuse."""
+        if name in self.state:
+            self.state[name]["output"] = folder_digest(out)
+            write_json(self.state_path, self.state)
+
+    def settings(self):
+        from .train import TrainSettings
+
+        return TrainSettings(**self.project.train)
+
+    def adapter(self) -> Path:
+        from .default_model import resolve_base
+        from .train import check_base, train
+
+        p, settings = self.project, self.settings()
+        settings.validate()
+        base = resolve_base(p.base)
+        check_base(base)  # bad input is named before anything is hashed
+        for path, what in ((p.train_data, "training data"), (p.heldout, "held-out data")):
+            if path is not None and not Path(path).is_file():
+                raise BridgeError(f"{what} file not found", file=path, field="data",
+                                  fix="fix the path (in qlora-bridge.toml, relative to it, or the command's flag)")
+        key = digest({"stage": "train", "tool": __version__, "base": digest_folder(base),
+                      "data": sha256_file(p.train_data), "heldout": sha256_file(p.heldout) if p.heldout else None,
+                      "settings": asdict(settings)})
+        out = p.out / "adapter"
+        return self._run("train", key, out, lambda: train(base, p.train_data, out, settings, heldout_file=p.heldout,
+                                                          force=True, progress=self.progress))
+
+    def merged(self, base_weights: str | None = None) -> Path:
+        from .merge import merge
+
+        adapter = self.adapter()
+        record = json.loads((adapter / "training_record.json").read_text())
+        base = Path(record["base"]["path"])
+        settings = {"base_weights": base_weights or self.project.merge.get("base_weights", "nf4"),
+                    "dtype": self.project.merge.get("dtype", "float32")}
+        name = "merge" if settings["base_weights"] == "nf4" else f"merge-{settings['base_weights']}"
+        key = digest({"stage": "merge", "tool": __version__, "adapter": folder_digest(adapter),
+                      "base": digest_folder(base), "heldout": sha256_file(self.project.heldout)
+                      if self.project.heldout else None, "settings": settings})
+        out = self.project.out / ("merged" if name == "merge" else f"merged-{settings['base_weights']}")
+        return self._run(name, key, out, lambda: merge(base, adapter, out, heldout_file=self.project.heldout,
+                                                       force=True, progress=self.progress, **settings))
+
+    def export(self, spec: ExportSpec, merged: Path | None = None, folder: str | None = None) -> Path:
+        from .export import export
+
+        merged = merged or self.merged()
+        exporter, plugin = self.registry.exporter(spec.target)
+        quant = spec.quant or (exporter.quant_types[0] if exporter.quant_types else None)
+        out = self.project.out / (folder or ExportSpec(spec.target, quant, name=spec.name).folder)
+        key = digest({"stage": "export", "tool": __version__, "plugin": [plugin.name, plugin.version],
+                      "merged": folder_digest(merged), "target": spec.target, "quant": quant,
+                      "options": spec.options})
+        return self._run(f"export {out.name}", key, out,
+                         lambda: export(self.registry, spec.target, merged, out, quant=quant, options=spec.options,
+                                        force=True, progress=self.progress))

@@ -1,0 +1,130 @@
+"""`qlora-bridge release`: train -> merge -> every export -> serve and smoke-test each -> sign -> report.
+
+An artifact is signed only after its smoke gate passed. One that fails (or cannot be served here) is renamed
+NAME.FAILED, its manifest says why, and it is never signed: nothing left behind looks releasable. The report
+(release-report.md and .json in the output folder) has one row per artifact; the exit code is 3 if any failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import manifest as mf
+from .errors import BridgeError
+from .files import write_json
+from .pipeline import Pipeline
+from .project import Project
+from .signing import sign
+
+REPORT = "release-report"
+COLUMNS = ("artifact", "format", "size_mb", "bits_per_weight", "parity", "retention", "ppl_delta",
+           "tokens_per_second", "signature", "status")
+
+
+def bits_per_weight(manifest: dict) -> float | None:
+    """Bits per weight of the quantized matrices, as the export read them back."""
+    export = manifest["export"]
+    checks, settings = export.get("checks") or {}, export.get("settings") or {}
+    if "quantization" in checks:
+        return checks["quantization"].get("bpw_matrices")
+    if export["format"] in ("gptq", "awq"):  # codes + one scale (16 bits) and one zero point per group
+        bits, group = settings["bits"], settings["group_size"]
+        return round(bits + (16 + bits) / group, 3)
+    if export["format"] == "safetensors":
+        return {"float32": 32, "float16": 16, "bfloat16": 16}.get(export.get("quant"))
+    return None
+
+
+def row(folder: Path, manifest: dict, smoke: dict | None, signature: str, status: str, note: str = "") -> dict:
+    checks = (smoke or {}).get("checks") or {}
+    get = lambda check, key: (checks.get(check) or {}).get(key)
+    return {"artifact": folder.name, "format": f"{manifest['export']['format']} {manifest['export'].get('quant') or ''}"
+            .strip(), "size_mb": round(sum(o["size"] for o in manifest["outputs"]) / 1e6, 1),
+            "bits_per_weight": bits_per_weight(manifest), "parity": get("tokenization", "parity"),
+            "retention": get("retention", "retention"), "ppl_delta": get("quality", "ppl_delta"),
+            "tokens_per_second": get("speed", "tokens_per_second"), "signature": signature, "status": status,
+            "backend": (smoke or {}).get("backend"), "path": str(folder), "note": note}
+
+
+def mark_failed(folder: Path, manifest: dict, reason: str) -> Path:
+    manifest["verification"]["release"] = {"status": "failed", "reason": reason,
+                                           "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    mf.write(folder, manifest)
+    (folder / mf.SIGNATURE).unlink(missing_ok=True)  # a signature from an earlier, passing release
+    failed = folder.with_name(folder.name + ".FAILED")
+    shutil.rmtree(failed, ignore_errors=True)
+    os.replace(folder, failed)
+    return failed
+
+
+def markdown(rows: list[dict], stages: list[dict], seconds: float) -> str:
+    fmt = lambda v: "-" if v is None else (f"{v:+.1%}" if isinstance(v, float) and abs(v) < 5 and v != 0 else str(v))
+    lines = ["# Release report", "",
+             f"**{'PASSED' if rows and all(r['status'] == 'passed' for r in rows) else 'FAILED'}** "
+             f"in {seconds:.0f} s", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = [fmt(r[c]) if c == "ppl_delta" else ("-" if r[c] is None else str(r[c])) for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {r['artifact']}: {r['note']}" for r in rows if r["note"]]
+    lines += ["", *notes, "", "Stages:", "",
+              *(f"- {s['stage']}: {'reused' if s['reused'] else 'ran'}" + (f" ({s['seconds']} s)" if "seconds" in s
+                                                                            else "") for s in stages)]
+    return "\n".join(lines) + "\n"
+
+
+def release(project: Project, registry, *, progress: bool = True, passphrase: bytes | None = None) -> dict:
+    from .smoke import smoke
+
+    if not project.exports:
+        raise BridgeError("the project has no export targets", file=project.path, field="[[export]]",
+                          fix='add an [[export]] table with target = "gguf"')
+    if project.sign_key and not project.sign_key.is_file():
+        raise BridgeError("signing key not found", file=project.sign_key, field="sign.key",
+                          fix="create it with `qlora-bridge keygen`")
+    started = time.time()
+    pipe = Pipeline(project, registry, progress=progress)
+    merged = pipe.merged()
+    rows = []
+    for spec in project.exports:
+        exporter, _ = registry.exporter(spec.target)
+        folder = pipe.export(spec, merged)
+        manifest = mf.read(folder)
+        backend = spec.backend or registry.backend_for(exporter.format)
+        result, note = None, ""
+        try:
+            result = smoke(registry, folder, backend, suite_file=project.suite, options=dict(spec.options),
+                           timeout=project.smoke_timeout, license=project.license)
+            manifest = mf.read(folder)
+            passed = result["passed"]
+            if not passed:
+                note = "failed: " + ", ".join(k for k, r in result["checks"].items() if r["gate"] and not r["passed"])
+        except BridgeError as e:  # could not be served here: not verified, so not releasable
+            passed, note = False, f"not verified: {e.problem}"
+        if passed:
+            signature = "signed" if project.sign_key else "unsigned (no sign.key)"
+            if project.sign_key:
+                sign(folder, project.sign_key, passphrase)
+            pipe.rerecord(f"export {folder.name}", folder)
+            rows.append(row(folder, manifest, result, signature, "passed"))
+        else:
+            failed = mark_failed(folder, manifest, note)
+            pipe.state.pop(f"export {folder.name}", None)  # never reuse a failed artifact
+            write_json(pipe.state_path, pipe.state)
+            rows.append(row(failed, manifest, result, "not signed", "FAILED", note))
+        if progress:
+            print(f"{rows[-1]['status']:<7}{folder.name} ({backend}) {note}", flush=True, file=sys.stderr)
+    seconds = time.time() - started
+    report = {"passed": all(r["status"] == "passed" for r in rows), "seconds": round(seconds, 1), "rows": rows,
+              "stages": pipe.log, "project": str(project.path) if project.path else "embedded demo project"}
+    (project.out / f"{REPORT}.md").write_text(markdown(rows, pipe.log, seconds))
+    write_json(project.out / f"{REPORT}.json", report)
+    return report
+
+
+def load_report(out: Path) -> dict:
+    return json.loads((Path(out) / f"{REPORT}.json").read_text())

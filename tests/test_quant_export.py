@@ -1,0 +1,149 @@
+"""GPTQ and AWQ: our own format reader, the exporters on the tiny model, and the read-back check."""
+
+import importlib
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qlora_bridge.errors import BridgeError
+from qlora_bridge.export import export
+from qlora_bridge.plugins import load_plugins
+from qlora_bridge.tinymodel import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_plugins()
+
+
+@pytest.fixture(scope="module")
+def fmt(registry):
+    return importlib.import_module("qlora_bridge_plugin_gptq_awq.formats")
+
+
+def test_pack_orders_are_the_published_ones(fmt):
+    # GPTQ packs input channels 0..7 of a column into one word in order; AWQ packs output columns 0..7 of a row
+    # interleaved as 0,2,4,6,1,3,5,7 (AutoAWQ's order). A reader with either order wrong dequantizes garbage.
+    codes = torch.arange(8)
+    q_gptq = codes.reshape(8, 1).expand(8, 8)  # [K=8, N=8], q[k, n] = k
+    qweight, _ = fmt.gptq_pack(q_gptq, torch.full((1, 8), 8), 4)
+    assert qweight[0, 0].item() == 0x76543210
+    q_awq = codes.reshape(1, 8).expand(8, 8)  # q[k, n] = n
+    qweight, _ = fmt.awq_pack(q_awq, torch.zeros(1, 8, dtype=torch.long))
+    assert qweight[0, 0].item() == 0x75316420  # nibble i (from the lowest) holds column 0,2,4,6,1,3,5,7
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_pack_and_dequantize_round_trip(fmt, bits):
+    w = torch.randn(96, 256)
+    q, z, s = fmt.rtn(w, bits, 64, sym=True)
+    qweight, qzeros = fmt.gptq_pack(q, z, bits)
+    assert qweight.shape == (256 * bits // 32, 96) and qzeros.shape == (4, 96 * bits // 32)
+    g_idx = torch.arange(256, dtype=torch.int32) // 64
+    got = fmt.gptq_dequantize(qweight, qzeros, s, g_idx, bits)
+    assert torch.equal(got, ((q - z[g_idx.long()]).float() * s[g_idx.long()]).T)
+    assert (got - w).abs().max() <= s.max() + 1e-6  # within one step (the symmetric grid clips its top code)
+
+
+def test_awq_pack_and_dequantize_round_trip(fmt):
+    w = torch.randn(96, 256)
+    q, z, s = fmt.rtn(w, 4, 64, sym=False)
+    qweight, qzeros = fmt.awq_pack(q, z)
+    assert qweight.shape == (256, 12) and qzeros.shape == (4, 12)
+    got = fmt.awq_dequantize(qweight, qzeros, s, 64)
+    assert (got - w).abs().max() <= s.max() / 2 + 1e-6  # round to nearest on an asymmetric grid
+
+
+# --- the exporters, with the real GPTQModel, on the tiny model ---
+
+SMALL = {"samples": "16", "seq_len": "64"}  # CI-sized calibration; the tiny model learns nothing from more
+
+
+@pytest.fixture(scope="module")
+def gptqmodel():
+    return pytest.importorskip("gptqmodel", reason="GPTQModel is the quant extra: pip install '.[quant]'")
+
+
+@pytest.fixture(scope="module")
+def exports(gptqmodel, registry, tiny_release, tmp_path_factory):
+    out = {}
+    for target in ("gptq", "awq"):
+        folder = tmp_path_factory.mktemp(target) / f"export-{target}"
+        export(registry, target, tiny_release, folder, options=SMALL, progress=False)
+        out[target] = folder
+    return out
+
+
+@pytest.mark.parametrize("target", ["gptq", "awq"])
+def test_export_is_read_back_layer_by_layer(exports, tiny_release, target):
+    manifest = json.loads((exports[target] / "manifest.json").read_text())
+    settings, checks = manifest["export"]["settings"], manifest["export"]["checks"]
+    assert settings["group_size"] == 128 and settings["group_size_note"] is None  # 256 and 768 wide layers
+    record = json.loads((tiny_release / "training_record.json").read_text())
+    assert settings["calibration"]["source"] == "the fine-tune's training data"
+    assert settings["calibration"]["sha256"] == record["dataset"]["sha256"]
+    rb = checks["read_back"]
+    assert rb["layers"] == 2 * 7 and len(rb["layer_errors"]) == 14  # q k v o gate up down in 2 layers
+    # 4-bit groups of 128 on random-init weights: GPTQ 0.13 mean relative weight error here; AWQ 0.24 (it
+    # minimizes output error with salient input channels scaled up, not weight error); wrong packing gives >1
+    assert 0.01 < rb["mean_rel_error"] < (0.2 if target == "gptq" else 0.35) and rb["worst_rel_error"] < 0.45
+    qc = checks["quantization_config"]
+    assert qc["quant_method"] == target and qc["bits"] == 4
+    assert (qc["checkpoint_format"] == "gptq") if target == "gptq" else (qc["version"] == "gemm" and qc["zero_point"])
+
+
+@pytest.mark.parametrize("target", ["gptq", "awq"])
+def test_our_reader_computes_what_the_library_loads(exports, tiny_release, target):
+    """Our dequantized export and transformers + GPTQModel's kernels must compute the same function."""
+    pytest.importorskip("optimum", reason="transformers loads GPTQ only with optimum: pip install '.[quant]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rb = importlib.import_module("qlora_bridge_plugin_gptq_awq.readback")
+    ids = AutoTokenizer.from_pretrained(tiny_release)("Monday meeting with Alice, urgent.", return_tensors="pt")
+    library = AutoModelForCausalLM.from_pretrained(exports[target], device_map="cpu", dtype=torch.bfloat16)
+    ours = AutoModelForCausalLM.from_pretrained(tiny_release, dtype=torch.float32)
+    ours.load_state_dict(rb.dense_state(exports[target]), strict=False)
+    with torch.no_grad():
+        a = library(**ids).logits.float()
+        b = ours(**ids).logits.float()
+    # the library computes in bfloat16 (8 mantissa bits, ~0.4% per operation); a misread pack order or
+    # zero point gives errors of order 1
+    assert (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item() < 0.03
+
+
+def test_a_corrupted_pack_order_fails_the_read_back(exports, tiny_release, fmt, tmp_path):
+    rb = importlib.import_module("qlora_bridge_plugin_gptq_awq.readback")
+    broken = tmp_path / "awq-sequential"
+    shutil.copytree(exports["awq"], broken)
+    (path,) = broken.glob("*.safetensors")
+    state = load_file(path)
+    for name in [n for n in state if n.endswith(".qweight")]:  # written in GPTQ's sequential nibble order
+        codes = fmt.unpack(state[name], 4)[..., list(fmt.AWQ_REVERSE)]
+        state[name] = fmt.pack(codes, 4)
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="relative error .* wrong packing"):
+        rb.layer_errors(broken, tiny_release)
+
+
+def test_group_size_that_does_not_divide_a_layer(gptqmodel, registry, tmp_path):
+    merged = build_tiny_model(tmp_path / "m", hidden=192, intermediate=512, heads=3)  # 192 = 1.5 x 128
+    with pytest.raises(BridgeError, match="group size 128 does not divide the input width 192") as e:
+        export(registry, "gptq", merged, tmp_path / "out", options={"group_size": "128"}, progress=False)
+    assert "64" in e.value.fix
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. 0123456789 meeting Monday.\n" * 40)
+    manifest = export(registry, "gptq", merged, tmp_path / "auto", options={**SMALL, "calibration": str(calib)},
+                      progress=False)
+    settings = manifest["export"]["settings"]
+    assert settings["group_size"] == 64 and "128 does not divide the input width 192" in settings["group_size_note"]
+    assert settings["calibration"]["source"] == "option calibration"
+
+
+def test_no_calibration_data_is_a_clear_error(registry, tiny_model, tmp_path):
+    with pytest.raises(BridgeError, match="no calibration data") as e:
+        export(registry, "awq", tiny_model, tmp_path / "out", progress=False)  # a base model: no training record
+    assert e.value.field == "--option calibration"
+    assert not (tmp_path / "out").exists()
