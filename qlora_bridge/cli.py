@@ -30,6 +30,10 @@ class Outcome:
 def quiet_libraries() -> None:
     # bitsandbytes logs a harmless "Failed to load CPU gemm_4bit_forward from kernels-community" on import.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # torchao (a GPTQModel dependency, imported by transformers when present) reports its missing CUDA kernels
+    # and deprecated enum registrations on every start
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
     import transformers
@@ -159,11 +163,10 @@ def run_train(a) -> Outcome:
         if a.force:
             pipe.state.pop("train", None)
         adapter = pipe.adapter()
-        rec = json.loads((adapter / "training_record.json").read_text())
     else:
         adapter = train(resolve_base(base), data, Path(a.out), settings, heldout_file=heldout_path,
                         force=a.force).adapter
-        rec = json.loads((adapter / "training_record.json").read_text())
+    rec = json.loads((adapter / "training_record.json").read_text())
     lines = [f"adapter: {adapter}",
              f"steps: {rec['steps']}  loss {rec['loss_curve'][0]:.3f} -> {rec['loss_curve'][-1]:.3f}  "
              f"train {rec['train_seconds']:.0f} s  wall {rec['wall_seconds']:.0f} s  "

@@ -63,7 +63,7 @@ def mark_failed(folder: Path, manifest: dict, reason: str) -> Path:
 
 
 def markdown(rows: list[dict], stages: list[dict], seconds: float) -> str:
-    fmt = lambda v: "-" if v is None else (f"{v:+.1%}" if isinstance(v, float) and abs(v) < 5 and v != 0 else str(v))
+    fmt = lambda v: "-" if v is None else (f"{v:+.1%}" if isinstance(v, (int, float)) else str(v))
     lines = ["# Release report", "",
              f"**{'PASSED' if rows and all(r['status'] == 'passed' for r in rows) else 'FAILED'}** "
              f"in {seconds:.0f} s", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
