@@ -22,8 +22,7 @@ SCHEMA = {  # section -> key -> (type, allowed values or None)
     "data": {"train": (str, None), "heldout": (str, None)},
     "train": {f.name: (_TRAIN_TYPES.get(f.name, type(f.default)) if f.name != "target_modules" else (str, list),
                        None) for f in fields(TrainSettings)},
-    "merge": {"base_weights": (str, ("nf4", "original")), "dtype": (str, ("float32", "float16", "bfloat16")),
-              "compare": (bool, None)},
+    "merge": {"base_weights": (str, ("nf4", "original")), "dtype": (str, ("float32", "float16", "bfloat16"))},
     "export": {"target": (str, None), "quant": (str, None), "backend": (str, None), "options": (dict, None),
                "name": (str, None)},
     "smoke": {"suite": (str, None), "timeout": (float, None)},
@@ -190,7 +189,6 @@ max_seq_len = 512
 [merge]
 base_weights = "nf4"              # add the adapter to the NF4-rounded weights it was trained against (exact)
 dtype = "float32"
-# compare = true                  # `release` also builds the merge into the original weights and reports both
 
 [[export]]
 target = "gguf"

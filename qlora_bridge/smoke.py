@@ -225,10 +225,13 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
                "suite": str(suite_file) if suite_file else "lineage (held-out examples)", "checks": checks}
     (artifact / REPORT).write_text(report_markdown(artifact, outcome))
     manifest["verification"][f"smoke-{backend}"] = outcome
-    (artifact / CARD).write_text(render(artifact.name, manifest, license))  # the card shows the results
-    manifest["outputs"] = sorted([e for e in manifest["outputs"] if e["path"] not in (REPORT, CARD)]
-                                 + [mf.output_entry(artifact, REPORT), mf.output_entry(artifact, CARD)],
-                                 key=lambda e: e["path"])
+    card = artifact / CARD
+    ours = not card.exists() or "quantized_by: qlora-bridge" in card.read_text(errors="replace")
+    if ours:  # the card shows the results (a card an exporter wrote itself is left alone)
+        card.write_text(render(artifact.name, manifest, license))
+    rewritten = (REPORT, CARD) if ours else (REPORT,)
+    manifest["outputs"] = sorted([e for e in manifest["outputs"] if e["path"] not in rewritten]
+                                 + [mf.output_entry(artifact, name) for name in rewritten], key=lambda e: e["path"])
     mf.write(artifact, manifest)
     if sign_key:
         sign(artifact, Path(sign_key), passphrase)

@@ -87,9 +87,10 @@ def test_export_is_read_back_layer_by_layer(exports, tiny_release, target):
     assert settings["calibration"]["sha256"] == record["dataset"]["sha256"]
     rb = checks["read_back"]
     assert rb["layers"] == 2 * 7 and len(rb["layer_errors"]) == 14  # q k v o gate up down in 2 layers
-    # 4-bit groups of 128 on random-init weights: GPTQ 0.13 mean relative weight error here; AWQ 0.24 (it
-    # minimizes output error with salient input channels scaled up, not weight error); wrong packing gives >1
-    assert 0.01 < rb["mean_rel_error"] < (0.2 if target == "gptq" else 0.35) and rb["worst_rel_error"] < 0.45
+    # 4-bit groups of 128 on random-init weights: GPTQ 0.13 mean relative weight error (worst 0.14); AWQ 0.24
+    # (worst 0.48: it scales salient channels and clips weights to lower the output error, not the weight error)
+    assert 0.01 < rb["mean_rel_error"] < (0.2 if target == "gptq" else 0.35)
+    assert rb["worst_rel_error"] < (0.3 if target == "gptq" else 0.7)
     qc = checks["quantization_config"]
     assert qc["quant_method"] == target and qc["bits"] == 4
     assert (qc["checkpoint_format"] == "gptq") if target == "gptq" else (qc["version"] == "gemm" and qc["zero_point"])

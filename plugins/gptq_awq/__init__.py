@@ -193,7 +193,7 @@ def cast_floats(folder: Path, dtype) -> None:
 def export(req: ExportRequest, method: str) -> ExportResult:
     from transformers import AutoTokenizer
 
-    from .readback import layer_errors, logits_check
+    from .readback import MAX_LAYER_ERROR, layer_errors, logits_check
 
     bits = int(req.quant.removeprefix("int"))
     widths = linear_in_features(req.merged)
@@ -234,7 +234,7 @@ def export(req: ExportRequest, method: str) -> ExportResult:
     checks = {"quantization_config": qc, "read_back": {
         "reader": "qlora-bridge formats.py (independent of the quantizer)", "layers": len(errors),
         "mean_rel_error": round(sum(errors.values()) / len(errors), 5), "worst_layer": worst,
-        "worst_rel_error": errors[worst], "max_allowed": 0.5, "layer_errors": errors,
+        "worst_rel_error": errors[worst], "max_allowed": MAX_LAYER_ERROR[method], "layer_errors": errors,
         "awq_smoothing_undone": method == "awq"}, "dequantized_model": logits}
     return ExportResult(settings={"bits": bits, "group_size": group, "group_size_note": group_note,
                                   "dtype": dtype, "calibration": calib, "library": "gptqmodel", **library,

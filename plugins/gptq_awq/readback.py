@@ -19,10 +19,11 @@ import torch
 
 from .formats import awq_dequantize, gptq_dequantize
 
-# 4-bit round-to-nearest with groups of 32..128 leaves ~5-15% relative error on trained weights; GPTQ and AWQ
-# trade per-layer weight error for output error and stay in that range. Wrong packing or zero points give
-# errors near or above 1 (the scrambled weight is as far from the merged one as the merged one from zero).
-MAX_LAYER_ERROR = 0.5
+# 4-bit round-to-nearest with groups of 32..128 leaves ~10-15% relative error on weights; GPTQ stays near that
+# (demo: mean 0.13, worst 0.26). AWQ also clips weights where that lowers the output error, so its weight error
+# runs higher (worst 0.48 on a random-init tiny model). Scrambled packing gives ~1.4 (columns swapped within
+# blocks of 8) and an all-zero layer 1.0, so the bound sits between.
+MAX_LAYER_ERROR = {"gptq": 0.5, "awq": 0.8}
 
 
 def tensors(folder: Path) -> dict[str, tuple[Path, str]]:
@@ -88,9 +89,10 @@ def layer_errors(export_dir: Path, merged_dir: Path) -> dict[str, float]:
         if qc["quant_method"] == "awq":
             got = undo_smoothing(got, ref)
         err = (torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref).clamp(min=1e-30)).item()
-        if not math.isfinite(err) or err > MAX_LAYER_ERROR:
+        limit = MAX_LAYER_ERROR[qc["quant_method"]]
+        if not math.isfinite(err) or err > limit:
             raise ValueError(f"{prefix}: relative error {err:.3g} against the merged weight (limit "
-                             f"{MAX_LAYER_ERROR}): wrong packing, zero points or scales")
+                             f"{limit}): wrong packing, zero points or scales")
         errors[prefix] = round(err, 5)
     return errors
 
