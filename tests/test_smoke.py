@@ -137,7 +137,7 @@ def test_serve_runs_until_interrupted_and_leaves_nothing(gguf_f16, tmp_path):
 
 def test_a_backend_that_cannot_serve_the_format_is_refused(registry, tiny_merged, tmp_path):
     export(registry, "safetensors", tiny_merged, tmp_path / "st", progress=False)
-    with pytest.raises(BridgeError, match="backend 'llamacpp' serves gguf; this artifact is safetensors"):
+    with pytest.raises(BridgeError, match="backend 'llamacpp' does not serve safetensors artifacts: it serves gguf"):
         with serving(registry, "llamacpp", tmp_path / "st", log=tmp_path / "log"):
             pass
 
