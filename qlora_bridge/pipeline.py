@@ -27,16 +27,25 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def folder_digest(folder: Path) -> str:
-    return digest(digest_folder(folder))
-
-
 class Pipeline:
     def __init__(self, project: Project, registry=None, *, progress: bool = True):
         self.project, self.registry, self.progress = project, registry, progress
         self.state_path = project.out / STATE
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self.log: list[dict] = []  # what ran and what was reused, in order
+        self._files: dict[Path, dict[str, str]] = {}  # folder -> its files' sha256: the base and merged model are
+        # inputs of several stages, and hashing 13 GB once per stage would dominate a 7B run
+
+    def files(self, folder: Path) -> dict[str, str]:
+        folder = Path(folder).resolve()
+        if folder not in self._files:
+            self._files[folder] = digest_folder(folder)
+        return self._files[folder]
+
+    def folder_digest(self, folder: Path, *, fresh: bool = False) -> str:
+        if fresh:  # the folder was just written
+            self._files.pop(Path(folder).resolve(), None)
+        return digest(self.files(folder))
 
     def say(self, text: str) -> None:
         if self.progress:
@@ -44,7 +53,7 @@ class Pipeline:
 
     def _run(self, name: str, key: str, out: Path, work) -> Path:
         rec = self.state.get(name)
-        if rec and rec["key"] == key and out.is_dir() and folder_digest(out) == rec["output"]:
+        if rec and rec["key"] == key and out.is_dir() and self.folder_digest(out) == rec["output"]:
             self.say(f"reuse  {name}: {out} (inputs unchanged)")
             self.log.append({"stage": name, "out": str(out), "reused": True})
             return out
@@ -52,7 +61,7 @@ class Pipeline:
         self.say(f"run    {name}: {out} ({why})")
         started = time.time()
         work()
-        self.state[name] = {"key": key, "output": folder_digest(out), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+        self.state[name] = {"key": key, "output": self.folder_digest(out, fresh=True), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                                  time.gmtime())}
         self.project.out.mkdir(parents=True, exist_ok=True)
         write_json(self.state_path, self.state)
@@ -62,7 +71,7 @@ class Pipeline:
     def rerecord(self, name: str, out: Path) -> None:
         """The output changed on purpose (smoke results, a signature): what is there now is what to reuse."""
         if name in self.state:
-            self.state[name]["output"] = folder_digest(out)
+            self.state[name]["output"] = self.folder_digest(out, fresh=True)
             write_json(self.state_path, self.state)
 
     def settings(self):
@@ -82,7 +91,7 @@ class Pipeline:
             if path is not None and not Path(path).is_file():
                 raise BridgeError(f"{what} file not found", file=path, field="data",
                                   fix="fix the path (in qlora-bridge.toml, relative to it, or the command's flag)")
-        key = digest({"stage": "train", "tool": __version__, "base": digest_folder(base),
+        key = digest({"stage": "train", "tool": __version__, "base": self.files(base),
                       "data": sha256_file(p.train_data), "heldout": sha256_file(p.heldout) if p.heldout else None,
                       "settings": asdict(settings)})
         out = p.out / "adapter"
@@ -98,8 +107,8 @@ class Pipeline:
         settings = {"base_weights": base_weights or self.project.merge.get("base_weights", "nf4"),
                     "dtype": self.project.merge.get("dtype", "float32")}
         name = "merge" if settings["base_weights"] == "nf4" else f"merge-{settings['base_weights']}"
-        key = digest({"stage": "merge", "tool": __version__, "adapter": folder_digest(adapter),
-                      "base": digest_folder(base), "heldout": sha256_file(self.project.heldout)
+        key = digest({"stage": "merge", "tool": __version__, "adapter": self.folder_digest(adapter),
+                      "base": self.files(base), "heldout": sha256_file(self.project.heldout)
                       if self.project.heldout else None, "settings": settings})
         out = self.project.out / ("merged" if name == "merge" else f"merged-{settings['base_weights']}")
         return self._run(name, key, out, lambda: merge(base, adapter, out, heldout_file=self.project.heldout,
@@ -113,7 +122,7 @@ class Pipeline:
         quant = spec.quant or (exporter.quant_types[0] if exporter.quant_types else None)
         out = self.project.out / (folder or ExportSpec(spec.target, quant, name=spec.name).folder)
         key = digest({"stage": "export", "tool": __version__, "plugin": [plugin.name, plugin.version],
-                      "merged": folder_digest(merged), "target": spec.target, "quant": quant,
+                      "merged": self.folder_digest(merged), "target": spec.target, "quant": quant,
                       "options": spec.options})
         return self._run(f"export {out.name}", key, out,
                          lambda: export(self.registry, spec.target, merged, out, quant=quant, options=spec.options,
