@@ -7,7 +7,7 @@ tensor, reads every shard back, and compares it with the merged weights so a bad
 import json
 import shutil
 
-from qlora_bridge.api import BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, hookimpl
+from qlora_bridge.api import BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, folder_logits, hookimpl
 
 PLUGIN_API = 1  # the plugin API this module was written for
 DTYPES = ("float16", "bfloat16", "float32")
@@ -74,4 +74,5 @@ def export(req: ExportRequest) -> ExportResult:
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="safetensors", export=export, format="safetensors", quant_types=DTYPES,
+                      logits=folder_logits,
                       description="the merged model re-saved in float16, bfloat16 or float32, sharded"))

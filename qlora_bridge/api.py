@@ -13,21 +13,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pluggy
 
 from .corpus import PARITY_CORPUS, REFERENCE_TEXT
 from .data import token_sequences
 from .errors import BridgeError, CheckFailed
+from .logits import folder_logits, model_logits
 
-if TYPE_CHECKING:  # at run time these come through __getattr__ below: they need the plugin registry themselves
+if TYPE_CHECKING:
+    import torch
+
+    # at run time these come through __getattr__ below: they need the plugin registry themselves
     from .serve import Server
     from .smoke import Golden, SmokeContext
 
 __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult", "ServingAdapter",
            "LaunchRequest", "SmokeCheck", "SmokeContext", "Golden", "Server", "BridgeError", "CheckFailed", "PARITY_CORPUS",
-           "REFERENCE_TEXT", "http_json", "token_sequences"]
+           "REFERENCE_TEXT", "http_json", "token_sequences", "folder_logits", "model_logits"]
 
 PLUGIN_API = 1  # bump when a hook or a registration type changes incompatibly
 SUPPORTED_PLUGIN_APIS = (1,)
@@ -72,6 +76,9 @@ class Exporter:
     format: str  # the artifact format written, which serving adapters match on: safetensors, gguf, gptq, awq, ...
     quant_types: tuple[str, ...] = ()  # accepted --quant values; the first is the default
     description: str = ""
+    # optional: full-vocabulary logits [len, vocab] (float32) of an export folder for each token sequence, one at
+    # a time; with it, `merge --compare` can hold this target's artifacts against the trained model
+    logits: Callable[[Path, list[list[int]]], Iterator["torch.Tensor"]] | None = None
 
 
 @dataclass

@@ -220,6 +220,11 @@ def add_merge(sub) -> None:
                    "without proving it (bitsandbytes' CUDA and CPU kernels round ~1e-3 apart); the report says so")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="output shard size in GiB (default: 2)")
     p.add_argument("--threads", type=int, help="torch threads for the arithmetic (default: all cores)")
+    p.add_argument("--compare", action="store_true",
+                   help="build both merges (nf4 and original base weights), export each to the project's targets, "
+                   "and report which stays closer to the trained 4-bit + adapter model on the held-out set (KL, "
+                   "answers kept, exact match); writes OUT/compare-report.md and .json")
+    add_plugin_option(p)
     p.set_defaults(func=run_merge)
 
 
@@ -229,6 +234,19 @@ def run_merge(a) -> Outcome:
     from .pipeline import Pipeline
 
     project = project_of(a)
+    if a.compare:
+        given = [f for f, v in (("--base", a.base), ("--adapter", a.adapter), ("--out", a.out),
+                                ("--base-weights", a.base_weights), ("--heldout", a.heldout)) if v]
+        if given:
+            raise BridgeError(f"--compare works on the project's own stages and builds both merges; it does not "
+                              f"take {', '.join(given)}", field=given[0],
+                              fix="set the base, data and held-out set in qlora-bridge.toml (or drop the flags)")
+        from .compare import REPORT, compare
+        from .plugins import load_plugins
+
+        report = compare(project, load_plugins(a.plugin))
+        text = (project.out / f"{REPORT}.md").read_text() + f"\n(report: {project.out / REPORT}.md and .json)"
+        return Outcome(report, text)
     a.base_weights = a.base_weights or project.merge.get("base_weights", "nf4")
     a.dtype = a.dtype or project.merge.get("dtype", "float32")
     if a.adapter is None and a.out is None and a.base is None and a.check == "auto" and not a.heldout \
@@ -449,6 +467,7 @@ def add_smoke(sub) -> None:
 
 
 def run_smoke(a) -> Outcome:
+    from .modelcard import figures
     from .smoke import smoke
 
     project = project_of(a)
@@ -461,8 +480,7 @@ def run_smoke(a) -> Outcome:
     lines = [f"smoke {folder} on {backend}: {'PASSED' if result['passed'] else 'FAILED'} "
              f"(thresholds for {result['quant']}: {result['thresholds']})"]
     for name, r in result["checks"].items():
-        figures = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("passed", "gate", "plugin", "details"))
-        lines.append(f"  {'ok  ' if r['passed'] else 'FAIL'} {name}{'' if r['gate'] else ' (not gating)'}: {figures}")
+        lines.append(f"  {'ok  ' if r['passed'] else 'FAIL'} {name}{'' if r['gate'] else ' (not gating)'}: {figures(r)}")
     lines.append(f"signature: {result['signature']}")
     return Outcome({"dir": str(folder), **result}, "\n".join(lines), EXIT_OK if result["passed"] else EXIT_CHECK_FAILED)
 

@@ -30,8 +30,9 @@ def exports() -> list:
     """The demo release's targets: those this machine can export and serve in a few minutes.
 
     GGUF Q4_K_M on llama.cpp always; the merged model as float32 safetensors on vLLM when a vLLM environment
-    exists. GPTQ and AWQ take 4-15 minutes to quantize on 2 cores and vLLM serves them only on an AVX-512 CPU or
-    a GPU, so the demo leaves them to `qlora-bridge export --target awq` and to projects that ask for them.
+    exists. On 2 cores GPTQ takes ~4 minutes to quantize the demo and AWQ ~31, and vLLM serves them only on an
+    AVX-512 CPU or a GPU, so the demo leaves them to `qlora-bridge export --target awq|gptq` and to projects that
+    ask for them.
     """
     import os
 

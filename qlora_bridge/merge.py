@@ -272,21 +272,27 @@ def model_card(base: Path, adapter: Adapter, report: dict) -> str:
     return "\n".join(front + [""] + body) + "\n"
 
 
+def trained_model(base: Path, adapter_dir: Path, record: dict | None):
+    """The model that was trained: the 4-bit base + the adapter, computing in float32 so that comparisons with it
+    measure the merge or the export, not bf16 matmul noise."""
+    from peft import PeftModel
+
+    quant = (record or {}).get("quantization") or {"quant_type": "nf4", "double_quant": True}
+    settings = TrainSettings(quant=quant["quant_type"], double_quant=quant["double_quant"], compute_dtype="float32")
+    return PeftModel.from_pretrained(load_model(base, settings), adapter_dir).eval()
+
+
 def logits_check(base: Path, adapter: Adapter, merged_dir: Path, mode: str, dtype: str) -> dict:
     """Merged model's logits against the 4-bit base + adapter model (and the 4-bit base alone)."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(merged_dir)
     ids = tok(REFERENCE_TEXT, return_tensors="pt")["input_ids"][:, :512]
-    quant = (adapter.record or {}).get("quantization") or {"quant_type": "nf4", "double_quant": True}
-    # float32 compute, so the comparison measures the merge and not bf16 matmul noise
-    settings = TrainSettings(quant=quant["quant_type"], double_quant=quant["double_quant"], compute_dtype="float32")
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
         got = merged(ids).logits.float()
         del merged
-        model = PeftModel.from_pretrained(load_model(base, settings), adapter.path).eval()
+        model = trained_model(base, adapter.path, adapter.record)
         ref = model(ids.to(model.device)).logits.float().cpu()
         with model.disable_adapter():
             plain = model(ids.to(model.device)).logits.float().cpu()
@@ -323,7 +329,7 @@ def heldout_comparison(merged_dir: Path, heldout_file: Path, record: dict | None
 
 def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4", dtype: str = "float32",
           check: str = "auto", heldout_file: Path | None = None, force: bool = False, ignore_base_digests: bool = False,
-          inexact_nf4: bool = False,
+          inexact_nf4: bool = False, gate: bool = True,
           max_shard_bytes: int = 2 * 2**30, threads: int | None = None, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -413,7 +419,7 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
                       "limit": EXACT_LIMIT if (base_weights, dtype) == ("nf4", "float32") else None}
             result["passed"] = method == "none" or result["limit"] is None or worst_layer <= EXACT_LIMIT
         result["worst_layer_rel_error"] = worst_layer
-        if not result["passed"]:
+        if not result["passed"] and gate:
             raise CheckFailed(check_failure(result, base_weights, dtype), file=out,
                               fix="see merge_report figures in the JSON output; nothing was written")
 
@@ -457,6 +463,7 @@ def check_failure(result: dict, mode: str, dtype: str) -> str:
         return "the adapter does not change the model's outputs: the merged model would equal the base"
     if result.get("fine_tune_retained", 1) <= 0.5:
         return (f"the merged model kept only {result['fine_tune_retained']:.0%} of the fine-tune's effect on the "
-                f"logits ({mode} base weights, {dtype}): it is closer to the base than to the trained model")
+                f"logits of the reference text ({mode} base weights, {dtype}): it is closer to the base than to the "
+                "trained model (`qlora-bridge merge --compare` measures both merges on the held-out answers)")
     return (f"the merged model's logits differ from the 4-bit base + adapter by {result['rel_error']:.2e} "
             f"(relative), above the {result['limit']:.0e} an exact nf4 float32 merge must meet")

@@ -56,9 +56,13 @@ def render(name: str, manifest: dict, license: str | None = None) -> str:
         body.append(f"Smoke test on {result['backend']}: **{'PASSED' if result['passed'] else 'FAILED'}**")
         body.append("")
         for check, r in result["checks"].items():
-            figures = ", ".join(f"{k}={v}" for k, v in r.items()
-                                if k not in ("passed", "gate", "plugin", "details") and not isinstance(v, (dict, list)))
-            body.append(f"- {check}: {'passed' if r['passed'] else 'FAILED'} ({figures})")
+            body.append(f"- {check}: {'passed' if r['passed'] else 'FAILED'} ({figures(r)})")
     body += ["", "`manifest.json` lists every file with its sha256; `model.sig`, when present, is an OpenSSF "
              "model-signing signature: `qlora-bridge verify DIR --public-key KEY.pub`."]
     return "\n".join(front + body) + "\n"
+
+
+def figures(check: dict) -> str:
+    """A smoke check's measured figures on one line, e.g. "retention=0.85, ppl_delta=0.022"."""
+    return ", ".join(f"{k}={v}" for k, v in check.items()
+                     if k not in ("passed", "gate", "plugin", "details") and not isinstance(v, (dict, list)))

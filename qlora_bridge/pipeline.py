@@ -33,6 +33,7 @@ class Pipeline:
         self.state_path = project.out / STATE
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self.log: list[dict] = []  # what ran and what was reused, in order
+        self._settled: dict[str, str] = {}  # stage -> key, for stages already run or reused in this run
         self._files: dict[Path, dict[str, str]] = {}  # folder -> its files' sha256: the base and merged model are
         # inputs of several stages, and hashing 13 GB once per stage would dominate a 7B run
 
@@ -52,10 +53,13 @@ class Pipeline:
             print(text, file=sys.stderr, flush=True)
 
     def _run(self, name: str, key: str, out: Path, work) -> Path:
+        if self._settled.get(name) == key:  # asked again in this run (merge and export both need the adapter)
+            return out
         rec = self.state.get(name)
         if rec and rec["key"] == key and out.is_dir() and self.folder_digest(out) == rec["output"]:
             self.say(f"reuse  {name}: {out} (inputs unchanged)")
             self.log.append({"stage": name, "out": str(out), "reused": True})
+            self._settled[name] = key
             return out
         why = "no earlier run" if not rec else ("inputs changed" if rec["key"] != key else "output changed or missing")
         self.say(f"run    {name}: {out} ({why})")
@@ -66,6 +70,7 @@ class Pipeline:
         self.project.out.mkdir(parents=True, exist_ok=True)
         write_json(self.state_path, self.state)
         self.log.append({"stage": name, "out": str(out), "reused": False, "seconds": round(time.time() - started, 1)})
+        self._settled[name] = key
         return out
 
     def rerecord(self, name: str, out: Path) -> None:
@@ -98,14 +103,15 @@ class Pipeline:
         return self._run("train", key, out, lambda: train(base, p.train_data, out, settings, heldout_file=p.heldout,
                                                           force=True, progress=self.progress))
 
-    def merged(self, base_weights: str | None = None) -> Path:
+    def merged(self, base_weights: str | None = None, *, gate: bool = True) -> Path:
+        """gate=False keeps a merge whose equivalence check failed (its report says so), for `merge --compare`."""
         from .merge import merge
 
         adapter = self.adapter()
         record = json.loads((adapter / "training_record.json").read_text())
         base = Path(record["base"]["path"])
         settings = {"base_weights": base_weights or self.project.merge.get("base_weights", "nf4"),
-                    "dtype": self.project.merge.get("dtype", "float32")}
+                    "dtype": self.project.merge.get("dtype", "float32"), **({} if gate else {"gate": False})}
         name = "merge" if settings["base_weights"] == "nf4" else f"merge-{settings['base_weights']}"
         key = digest({"stage": "merge", "tool": __version__, "adapter": self.folder_digest(adapter),
                       "base": self.files(base), "heldout": sha256_file(self.project.heldout)
@@ -114,16 +120,18 @@ class Pipeline:
         return self._run(name, key, out, lambda: merge(base, adapter, out, heldout_file=self.project.heldout,
                                                        force=True, progress=self.progress, **settings))
 
-    def export(self, spec: ExportSpec, merged: Path | None = None, folder: str | None = None) -> Path:
+    def export(self, spec: ExportSpec, merged: Path | None = None, under: str = "") -> Path:
+        """Export into OUT/[under/]export-TARGET-QUANT (or the spec's name)."""
         from .export import export
 
         merged = merged or self.merged()
         exporter, plugin = self.registry.exporter(spec.target)
         quant = spec.quant or (exporter.quant_types[0] if exporter.quant_types else None)
-        out = self.project.out / (folder or ExportSpec(spec.target, quant, name=spec.name).folder)
+        out = self.project.out / under / ExportSpec(spec.target, quant, name=spec.name).folder
+        out.parent.mkdir(parents=True, exist_ok=True)
         key = digest({"stage": "export", "tool": __version__, "plugin": [plugin.name, plugin.version],
                       "merged": self.folder_digest(merged), "target": spec.target, "quant": quant,
                       "options": spec.options})
-        return self._run(f"export {out.name}", key, out,
+        return self._run(f"export {out.relative_to(self.project.out)}", key, out,
                          lambda: export(self.registry, spec.target, merged, out, quant=quant, options=spec.options,
                                         force=True, progress=self.progress))

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import manifest as mf
 from .api import http_json
 from .errors import BridgeError, CheckFailed
-from .modelcard import CARD, render
+from .modelcard import CARD, figures, render
 from .plugins import Registry
 from .serve import Server, serving
 from .signing import sign
@@ -183,9 +183,7 @@ def report_markdown(artifact: Path, result: dict) -> str:
              f"- result: **{'PASSED' if result['passed'] else 'FAILED'}**", "",
              "| check | gate | passed | figures |", "|---|---|---|---|"]
     for name, r in result["checks"].items():
-        figures = ", ".join(f"{k}={v}" for k, v in r.items()
-                            if k not in ("passed", "gate", "plugin", "details") and not isinstance(v, (dict, list)))
-        lines.append(f"| {name} | {'yes' if r['gate'] else 'no'} | {'yes' if r['passed'] else '**no**'} | {figures} |")
+        lines.append(f"| {name} | {'yes' if r['gate'] else 'no'} | {'yes' if r['passed'] else '**no**'} | {figures(r)} |")
     return "\n".join(lines) + "\n"
 
 

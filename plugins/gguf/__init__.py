@@ -8,6 +8,7 @@ the fallbacks are listed), and the lineage (base, adapter, merge mode, tool) is 
 import json
 import os
 import time
+from pathlib import Path
 
 from qlora_bridge.api import BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, hookimpl
 
@@ -105,7 +106,28 @@ def export(req: ExportRequest) -> ExportResult:
                         checks=checks)
 
 
+def logits(folder, sequences):
+    """llama.cpp's logits of the exported GGUF, every position, for each token sequence."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    files = sorted(Path(folder).glob("*.gguf"))
+    if len(files) != 1:
+        raise BridgeError(f"expected one .gguf file, found {len(files)}", file=folder,
+                          fix="pass a folder written by `qlora-bridge export --target gguf`")
+    model = Llama(str(files[0]), logits_all=True, n_ctx=max(512, max(map(len, sequences)) + 8),
+                  n_threads=os.cpu_count() or 1, verbose=False)
+    try:
+        for ids in sequences:
+            model.reset()
+            model.eval(ids)
+            yield torch.from_numpy(np.array(model.scores[: len(ids)], dtype=np.float32))
+    finally:
+        model.close()
+
+
 @hookimpl
 def register_exporters(register):
-    register(Exporter(target="gguf", export=export, format="gguf", quant_types=quant_types(),
+    register(Exporter(target="gguf", export=export, format="gguf", quant_types=quant_types(), logits=logits,
                       description="GGUF for llama.cpp: F32/F16/BF16, Q8_0 and k-quants, tokenizer parity-checked"))
