@@ -181,9 +181,9 @@ def keep_freed_memory() -> None:
 
     AWQ's clipping search allocates and frees ~75 MB temporaries thousands of times from worker threads, each with
     its own glibc arena that hands freed pages back to the kernel, which zeroes them again on the next allocation:
-    two AWQ layers of the demo spent 41 of 153 CPU seconds in the kernel (14.9M page faults), and raising the mmap
-    and trim thresholds alone did not change that. With one arena as well: 3 s (0.24M page faults), and the run
-    took 58 s instead of 82 s. The price: the process keeps its peak heap until it exits.
+    two AWQ layers of the embedded model spent 41.7 of 146 CPU seconds in the kernel (17.3M page faults; raising
+    the mmap and trim thresholds alone did not change that). With one arena as well: 2.6 s and 0.3M, and the run
+    took 61 s instead of 88 s (bench/quant_malloc.py). The price: the process keeps its peak heap until it exits.
     """
     import ctypes
     import ctypes.util
