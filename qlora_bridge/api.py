@@ -21,6 +21,7 @@ from .corpus import PARITY_CORPUS, REFERENCE_TEXT
 from .data import token_sequences
 from .errors import BridgeError, CheckFailed
 from .logits import folder_logits, model_logits
+from .modelcard import merged_license
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult", "ServingAdapter",
            "LaunchRequest", "SmokeCheck", "SmokeContext", "Golden", "Server", "BridgeError", "CheckFailed", "PARITY_CORPUS",
-           "REFERENCE_TEXT", "http_json", "token_sequences", "folder_logits", "model_logits"]
+           "REFERENCE_TEXT", "http_json", "token_sequences", "folder_logits", "model_logits", "merged_license"]
 
 PLUGIN_API = 1  # bump when a hook or a registration type changes incompatibly
 SUPPORTED_PLUGIN_APIS = (1,)

@@ -42,6 +42,11 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def written_report(project, name: str) -> str:
+    """A report the command wrote into the project's output folder, and where it is."""
+    return (project.out / f"{name}.md").read_text() + f"\n(report: {project.out / name}.md and .json)"
+
+
 def project_of(a):
     """The release this command works on: --project, ./qlora-bridge.toml, or the embedded demo project."""
     from .project import find
@@ -88,8 +93,7 @@ def run_release(a) -> Outcome:
     project = project_of(a)
     report = release(project, load_plugins(a.plugin),
                      passphrase=passphrase_from(a.passphrase_env or project.passphrase_env))
-    text = (project.out / f"{REPORT}.md").read_text() + f"\n(report: {project.out / REPORT}.md and .json)"
-    return Outcome(report, text, EXIT_OK if report["passed"] else EXIT_CHECK_FAILED)
+    return Outcome(report, written_report(project, REPORT), EXIT_OK if report["passed"] else EXIT_CHECK_FAILED)
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -161,7 +165,7 @@ def run_train(a) -> Outcome:
         project.base, project.train_data, project.heldout, project.train = base, data, heldout_path, values
         pipe = Pipeline(project)
         if a.force:
-            pipe.state.pop("train", None)
+            pipe.forget("train")
         adapter = pipe.adapter()
     else:
         adapter = train(resolve_base(base), data, Path(a.out), settings, heldout_file=heldout_path,
@@ -231,7 +235,7 @@ def add_merge(sub) -> None:
 def run_merge(a) -> Outcome:
     from .default_model import resolve_base
     from .merge import merge, read_adapter
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, merge_stage
 
     project = project_of(a)
     if a.compare:
@@ -244,9 +248,7 @@ def run_merge(a) -> Outcome:
         from .compare import REPORT, compare
         from .plugins import load_plugins
 
-        report = compare(project, load_plugins(a.plugin))
-        text = (project.out / f"{REPORT}.md").read_text() + f"\n(report: {project.out / REPORT}.md and .json)"
-        return Outcome(report, text)
+        return Outcome(compare(project, load_plugins(a.plugin)), written_report(project, REPORT))
     a.base_weights = a.base_weights or project.merge.get("base_weights", "nf4")
     a.dtype = a.dtype or project.merge.get("dtype", "float32")
     if a.adapter is None and a.out is None and a.base is None and a.check == "auto" and not a.heldout \
@@ -254,7 +256,7 @@ def run_merge(a) -> Outcome:
         project.merge.update(base_weights=a.base_weights, dtype=a.dtype)
         pipe = Pipeline(project)
         if a.force:
-            pipe.state.pop("merge" if a.base_weights == "nf4" else f"merge-{a.base_weights}", None)
+            pipe.forget(merge_stage(a.base_weights))
         out = pipe.merged(a.base_weights)
         return merge_outcome(out, json.loads((out / "merge_report.json").read_text()))
     a.adapter = a.adapter or str(project.out / "adapter")
@@ -366,9 +368,9 @@ def add_export(sub) -> None:
 
 def run_export(a) -> Outcome:
     from .export import export
-    from .plugins import load_plugins
-
     from .pipeline import Pipeline
+    from .plugins import load_plugins
+    from .project import ExportSpec
 
     project = project_of(a)
     reg = load_plugins(a.plugin)
@@ -376,7 +378,7 @@ def run_export(a) -> Outcome:
     spec = project.export_for(a.target, a.quant)
     options = {**spec.options, **options_from(a.option)}
     quant = a.quant or spec.quant or (exporter.quant_types[0] if exporter.quant_types else None)
-    out = Path(a.out) if a.out else project.out / (spec.name or f"export-{a.target}" + (f"-{quant}" if quant else ""))
+    out = Path(a.out) if a.out else project.out / ExportSpec(a.target, quant, name=spec.name).folder
     merged = Path(a.merged) if a.merged else Pipeline(project, reg).merged()
     sign_key = a.sign_key or project.sign_key
     manifest = export(reg, a.target, merged, out, quant=quant, options=options,

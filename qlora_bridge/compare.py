@@ -28,11 +28,11 @@ import torch
 from .errors import BridgeError
 from .files import write_json
 from .logits import folder_logits, model_logits
+from .merge import MODES, trained_model
 from .pipeline import Pipeline
 from .project import Project
 
 REPORT = "compare-report"
-MODES = ("nf4", "original")
 
 
 @dataclass
@@ -98,8 +98,6 @@ class Scorer:
 
 def compare(project: Project, registry, *, progress: bool = True) -> dict:
     from transformers import AutoTokenizer
-
-    from .merge import trained_model
 
     started = time.time()
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)

@@ -14,6 +14,7 @@ LIBRARY = {"gguf": "gguf", "gptq": "transformers", "awq": "transformers", "safet
 
 
 def merged_license(merged: Path | None) -> str | None:
+    """The license named in a merged folder's model card front matter, if any."""
     card = Path(merged) / CARD if merged else None
     if card and card.is_file():
         m = re.search(r"^license:\s*(\S+)", card.read_text(errors="replace"), re.M)

@@ -27,6 +27,10 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def merge_stage(base_weights: str) -> str:
+    return "merge" if base_weights == "nf4" else f"merge-{base_weights}"
+
+
 class Pipeline:
     def __init__(self, project: Project, registry=None, *, progress: bool = True):
         self.project, self.registry, self.progress = project, registry, progress
@@ -65,8 +69,8 @@ class Pipeline:
         self.say(f"run    {name}: {out} ({why})")
         started = time.time()
         work()
-        self.state[name] = {"key": key, "output": self.folder_digest(out, fresh=True), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                                 time.gmtime())}
+        self.state[name] = {"key": key, "output": self.folder_digest(out, fresh=True),
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.project.out.mkdir(parents=True, exist_ok=True)
         write_json(self.state_path, self.state)
         self.log.append({"stage": name, "out": str(out), "reused": False, "seconds": round(time.time() - started, 1)})
@@ -79,16 +83,20 @@ class Pipeline:
             self.state[name]["output"] = self.folder_digest(out, fresh=True)
             write_json(self.state_path, self.state)
 
-    def settings(self):
-        from .train import TrainSettings
+    def forget(self, name: str) -> None:
+        """Never reuse this stage's output: it runs again next time."""
+        if self.state.pop(name, None) is not None:
+            self.project.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.state_path, self.state)
 
-        return TrainSettings(**self.project.train)
+    def export_stage(self, out: Path) -> str:
+        return f"export {Path(out).relative_to(self.project.out)}"
 
     def adapter(self) -> Path:
         from .default_model import resolve_base
-        from .train import check_base, train
+        from .train import TrainSettings, check_base, train
 
-        p, settings = self.project, self.settings()
+        p, settings = self.project, TrainSettings(**self.project.train)
         settings.validate()
         base = resolve_base(p.base)
         check_base(base)  # bad input is named before anything is hashed
@@ -112,7 +120,7 @@ class Pipeline:
         base = Path(record["base"]["path"])
         settings = {"base_weights": base_weights or self.project.merge.get("base_weights", "nf4"),
                     "dtype": self.project.merge.get("dtype", "float32"), **({} if gate else {"gate": False})}
-        name = "merge" if settings["base_weights"] == "nf4" else f"merge-{settings['base_weights']}"
+        name = merge_stage(settings["base_weights"])
         key = digest({"stage": "merge", "tool": __version__, "adapter": self.folder_digest(adapter),
                       "base": self.files(base), "heldout": sha256_file(self.project.heldout)
                       if self.project.heldout else None, "settings": settings})
@@ -132,6 +140,6 @@ class Pipeline:
         key = digest({"stage": "export", "tool": __version__, "plugin": [plugin.name, plugin.version],
                       "merged": self.folder_digest(merged), "target": spec.target, "quant": quant,
                       "options": spec.options})
-        return self._run(f"export {out.relative_to(self.project.out)}", key, out,
+        return self._run(self.export_stage(out), key, out,
                          lambda: export(self.registry, spec.target, merged, out, quant=quant, options=spec.options,
                                         force=True, progress=self.progress))

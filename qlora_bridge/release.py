@@ -7,7 +7,6 @@ NAME.FAILED, its manifest says why, and it is never signed: nothing left behind 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -109,12 +108,11 @@ def release(project: Project, registry, *, progress: bool = True, passphrase: by
             signature = "signed" if project.sign_key else "unsigned (no sign.key)"
             if project.sign_key:
                 sign(folder, project.sign_key, passphrase)
-            pipe.rerecord(f"export {folder.name}", folder)
+            pipe.rerecord(pipe.export_stage(folder), folder)
             rows.append(row(folder, manifest, result, signature, "passed"))
         else:
+            pipe.forget(pipe.export_stage(folder))  # never reuse a failed artifact
             failed = mark_failed(folder, manifest, note)
-            pipe.state.pop(f"export {folder.name}", None)  # never reuse a failed artifact
-            write_json(pipe.state_path, pipe.state)
             rows.append(row(failed, manifest, result, "not signed", "FAILED", note))
         if progress:
             print(f"{rows[-1]['status']:<7}{folder.name} ({backend}) {note}", flush=True, file=sys.stderr)
@@ -125,6 +123,3 @@ def release(project: Project, registry, *, progress: bool = True, passphrase: by
     write_json(project.out / f"{REPORT}.json", report)
     return report
 
-
-def load_report(out: Path) -> dict:
-    return json.loads((Path(out) / f"{REPORT}.json").read_text())

@@ -10,7 +10,8 @@ import os
 import time
 from pathlib import Path
 
-from qlora_bridge.api import BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, hookimpl
+from qlora_bridge.api import (BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, hookimpl,
+                              merged_license)
 
 PLUGIN_API = 1  # the plugin API this module was written for
 FLOATS = ("F16", "F32", "BF16")
@@ -34,16 +35,7 @@ def lineage_metadata(req: ExportRequest) -> dict:
             "qlora_bridge.adapter_sha256": (lin.get("adapter") or {}).get("sha256"),
             "qlora_bridge.merge_base_weights": merge.get("base_weights"),
             "qlora_bridge.merge_dtype": merge.get("dtype"),
-            "general.license": license_of(req)}
-
-
-def license_of(req: ExportRequest):
-    card = req.merged / "README.md"
-    if card.is_file():
-        for line in card.read_text(errors="replace").splitlines():
-            if line.startswith("license:"):
-                return line.split(":", 1)[1].strip()
-    return None
+            "general.license": merged_license(req.merged)}
 
 
 def export(req: ExportRequest) -> ExportResult:
