@@ -4,9 +4,9 @@ import os
 import sys
 from pathlib import Path
 
-from qlora_bridge.api import BridgeError, LaunchRequest, ServingAdapter, hookimpl, http_json
+from qlora_bridge.api import REFERENCE_TEXT, BridgeError, LaunchRequest, ServingAdapter, TokenScores, hookimpl, http_json
 
-PLUGIN_API = 1  # the plugin API this module was written for
+PLUGIN_API = 2  # the plugin API this module was written for
 
 
 def gguf_file(folder: Path) -> Path:
@@ -35,39 +35,57 @@ def tokenize(server, text: str) -> list[int]:
     return http_json(server.base_url + "/extras/tokenize", {"input": text})["tokens"]
 
 
-def prompt_logprobs(server, text: str) -> list[float]:
-    """Log-probability of each token after the first, from the served model's llama.cpp runtime.
+def logprobs(server, sequences: list[list[int]]):
+    """Next-token log-probabilities over the full vocabulary along each token sequence, from the served GGUF in
+    this process's llama.cpp (the same build as the server's).
 
     llama-cpp-python 0.3.36's server scores echoed prompt token i with the logits *at* position i instead of i-1,
-    which makes any perplexity from it meaningless (~7000x). So the served numbers are checked against the same
-    GGUF in the same llama.cpp build in this process, and the correctly shifted log-probabilities are returned.
+    which makes any perplexity from it meaningless (~7000x). So the server's numbers are first checked against the
+    same GGUF in this process on a short text, which proves the server serves this model as built, and the
+    distributions come from here. (Short: the server's echo log-probabilities cost ~0.25 s a token.)
     """
     import numpy as np
+    import torch
     from llama_cpp import Llama
 
+    text = REFERENCE_TEXT.split(". ")[0] + "."
     out = http_json(server.base_url + "/v1/completions", {"prompt": text, "max_tokens": 1, "temperature": 0.0,
                                                            "echo": True, "logprobs": 0})
     n = out["usage"]["prompt_tokens"]
     served_same_position = np.array(out["choices"][0]["logprobs"]["token_logprobs"][1:n], dtype=np.float64)
-    model = Llama(str(gguf_file(server.artifact)), logits_all=True, n_ctx=max(512, n + 8), verbose=False)
+    longest = max([n, *map(len, sequences)])
+    model = Llama(str(gguf_file(server.artifact)), logits_all=True, n_ctx=max(512, longest + 8),
+                  n_threads=os.cpu_count() or 1, n_threads_batch=os.cpu_count() or 1, verbose=False)
+
+    def scores(ids):
+        # keep what the previous sequence shares with this one (held-out prompts share their system prompt, a
+        # record's two answers their prompt): llama.cpp keeps those positions' cache and logits
+        shared = 0
+        for a, b in zip(model.input_ids[: model.n_tokens], ids[:-1]):
+            if a != b:
+                break
+            shared += 1
+        model.n_tokens = shared
+        model.eval(ids[shared:])
+        return torch.log_softmax(torch.from_numpy(np.array(model.scores[: len(ids)], dtype=np.float32)), -1)
+
     try:
         ids = model.tokenize(text.encode(), add_bos=model.metadata.get("tokenizer.ggml.add_bos_token") == "true",
                              special=True)
-        model.eval(ids)
-        scores = np.array(model.scores[: len(ids)], dtype=np.float64)
+        model.reset()
+        local = scores(ids)
+        local_same_position = local[torch.arange(1, len(ids)), ids[1:]].double().numpy()
+        if len(ids) != n or np.abs(local_same_position - served_same_position).max() > 1e-2:
+            raise RuntimeError("the server's log-probabilities differ from llama.cpp's on the same file: it is not "
+                               "serving this model as built")
+        for ids in sequences:
+            yield TokenScores(scores(ids)[:-1])
     finally:
         model.close()
-    top = scores.max(axis=1, keepdims=True)
-    logp = scores - top - np.log(np.exp(scores - top).sum(axis=1, keepdims=True))
-    local_same_position = logp[np.arange(1, len(ids)), ids[1:]]
-    if len(ids) != n or np.abs(local_same_position - served_same_position).max() > 1e-2:
-        raise RuntimeError("the server's log-probabilities differ from llama.cpp's on the same file: it is not "
-                           "serving this model as built")
-    return logp[np.arange(len(ids) - 1), ids[1:]].tolist()
 
 
 @hookimpl
 def register_servers(register):
     register(ServingAdapter(backend="llamacpp", formats=("gguf",), command=command, ready_path="/v1/models",
-                            tokenize=tokenize, prompt_logprobs=prompt_logprobs,
+                            tokenize=tokenize, logprobs=logprobs,
                             description="llama-cpp-python's OpenAI server (python -m llama_cpp.server)"))

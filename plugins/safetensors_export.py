@@ -7,9 +7,17 @@ tensor, reads every shard back, and compares it with the merged weights so a bad
 import json
 import shutil
 
-from qlora_bridge.api import BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, folder_logits, hookimpl
+from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, folder_logits,
+                              hookimpl)
 
-PLUGIN_API = 1  # the plugin API this module was written for
+PLUGIN_API = 2  # the plugin API this module was written for
+# The smoke gate's bounds. float32 served by vLLM measured a KL of 8e-11 on the demo's reference text (a copy);
+# float16 holds what llama.cpp's F16 of the demo measured, 5.7e-6, to 2e-4. bfloat16 keeps 8 bits of mantissa,
+# what Q8_0 keeps, and erases small LoRA deltas (research notes): Q8_0's bounds.
+FLOAT = Bounds(kl_answers=1e-4, kl_text=2e-4, ppl_ratio=1.001, task_ratio=1.0,
+               reason="a float copy: float32 measured 8e-11 on the demo through vLLM, F16 5.7e-6 through llama.cpp")
+BFLOAT16 = Bounds(kl_answers=1e-3, kl_text=0.01, ppl_ratio=1.02, task_ratio=0.98,
+                  reason="8 bits of mantissa, Q8_0's precision: about 2x Q8_0's 4.9e-4 / 4.6e-3 on the demo")
 DTYPES = ("float16", "bfloat16", "float32")
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
@@ -74,5 +82,5 @@ def export(req: ExportRequest) -> ExportResult:
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="safetensors", export=export, format="safetensors", quant_types=DTYPES,
-                      logits=folder_logits,
+                      logits=folder_logits, bounds={"float32": FLOAT, "float16": FLOAT, "bfloat16": BFLOAT16},
                       description="the merged model re-saved in float16, bfloat16 or float32, sharded"))

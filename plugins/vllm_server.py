@@ -15,10 +15,11 @@ import os
 import sys
 from pathlib import Path
 
-from qlora_bridge.api import BridgeError, LaunchRequest, ServingAdapter, hookimpl, http_json
+from qlora_bridge.api import BridgeError, LaunchRequest, ServingAdapter, TokenScores, hookimpl, http_json
 
-PLUGIN_API = 1  # the plugin API this module was written for
+PLUGIN_API = 2  # the plugin API this module was written for
 ENV_VAR = "QLORA_BRIDGE_VLLM_PYTHON"
+TOP_K = 20  # log-probabilities listed per position: vLLM's default --max-logprobs
 
 
 def interpreter(req: LaunchRequest) -> str:
@@ -81,28 +82,43 @@ def command(req: LaunchRequest) -> list[str]:
             "--served-model-name", req.artifact.name, "--host", "127.0.0.1", "--port", str(req.port),
             "--dtype", req.options.get("dtype", served_dtype(req.artifact, req.format)),
             "--max-model-len", req.options.get("max_model_len", str(context_length(req.artifact))), "--enforce-eager",
-            "--distributed-executor-backend", "uni", "--kv-cache-memory-bytes", str(kv_bytes), "--seed", "0"]
+            "--distributed-executor-backend", "uni", "--kv-cache-memory-bytes", str(kv_bytes), "--seed", "0",
+            "--max-logprobs", str(TOP_K)]
 
 
 def tokenize(server, text: str) -> list[int]:
     return http_json(server.base_url + "/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
 
 
-def prompt_logprobs(server, text: str) -> list[float]:
-    """vLLM scores every prompt token given the ones before it (prompt_logprobs=0: the actual token only)."""
-    ids = http_json(server.base_url + "/tokenize", {"prompt": text})["tokens"]  # as completions tokenizes
-    out = http_json(server.base_url + "/v1/completions", {"prompt": text, "max_tokens": 1, "temperature": 0.0,
-                                                           "prompt_logprobs": 0})
-    scored = out["choices"][0]["prompt_logprobs"]
-    if len(scored) != len(ids):
-        raise RuntimeError(f"vLLM scored {len(scored)} prompt tokens, /tokenize gave {len(ids)}")
-    return [entry[str(token)]["logprob"] for token, entry in zip(ids[1:], scored[1:])]
+def logprobs(server, sequences: list[list[int]]):
+    """vLLM's prompt log-probabilities along each token sequence: for every position its TOP_K most likely next
+    tokens plus the actual one (vLLM lists at most --max-logprobs; full distributions over HTTP would be ~50k
+    numbers a token). Requests go out eight at a time so that vLLM batches them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    def one(ids):
+        out = http_json(server.base_url + "/v1/completions", {"prompt": ids, "max_tokens": 1, "temperature": 0.0,
+                                                               "prompt_logprobs": TOP_K})
+        rows = out["choices"][0]["prompt_logprobs"][1:]  # the first token has no prediction
+        if len(rows) != len(ids) - 1:
+            raise RuntimeError(f"vLLM scored {len(rows)} positions of a {len(ids)}-token sequence")
+        k = max(map(len, rows))
+        lp, tid = torch.full((len(rows), k), float("-inf")), torch.full((len(rows), k), -1, dtype=torch.long)
+        for j, entry in enumerate(rows):
+            tid[j, : len(entry)] = torch.tensor([int(t) for t in entry])
+            lp[j, : len(entry)] = torch.tensor([v["logprob"] for v in entry.values()])
+        return TokenScores(lp, tid)
+
+    with ThreadPoolExecutor(8) as pool:
+        yield from pool.map(one, sequences)
 
 
 @hookimpl
 def register_servers(register):
     register(ServingAdapter(
         backend="vllm", formats=("safetensors", "gptq", "awq"), command=command, ready_path="/health",
-        tokenize=tokenize, prompt_logprobs=prompt_logprobs,
+        tokenize=tokenize, logprobs=logprobs,
         unsupported={"gguf": "vLLM no longer loads GGUF (its GGUF loader was removed; vllm 0.32/0.33 have none)"},
         description="vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server), in its own environment"))

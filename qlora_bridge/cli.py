@@ -456,7 +456,8 @@ def run_serve(a) -> Outcome:
 def add_smoke(sub) -> None:
     p = sub.add_parser("smoke", help="serve an export and run the smoke-test gate",
                        description="Serve DIR, run every registered smoke check (answers, tokenization parity, "
-                       "chat template, golden prompts, fine-tune retention, perplexity delta, speed), write the "
+                       "chat template, golden prompts, KL divergence from the trained model on its held-out answers "
+                       "and a long text, held-out task score with a paired test, speed), write the "
                        "results into the manifest's verification section and smoke-report.md, re-sign when given "
                        "a key, and exit 3 when a gating check fails.")
     add_served_export_options(p)
@@ -480,7 +481,7 @@ def run_smoke(a) -> Outcome:
                    passphrase=passphrase_from(a.passphrase_env), options=options_from(a.option),
                    timeout=project.smoke_timeout, license=project.license)
     lines = [f"smoke {folder} on {backend}: {'PASSED' if result['passed'] else 'FAILED'} "
-             f"(thresholds for {result['quant']}: {result['thresholds']})"]
+             f"(bounds {result['bounds_source']})", f"  against {result['reference']}"]
     for name, r in result["checks"].items():
         lines.append(f"  {'ok  ' if r['passed'] else 'FAIL'} {name}{'' if r['gate'] else ' (not gating)'}: {figures(r)}")
     lines.append(f"signature: {result['signature']}")

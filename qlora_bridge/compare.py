@@ -19,12 +19,9 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-import torch
-
+from .divergence import AnswerScorer, full_scores, teacher_sequences
 from .errors import BridgeError
 from .files import write_json
 from .logits import folder_logits, model_logits
@@ -35,65 +32,11 @@ from .project import Project
 REPORT = "compare-report"
 
 
-@dataclass
-class Teacher:
-    """One held-out record, tokenized twice: prompt + the trained model's answer, prompt + the expected one."""
-    line: int
-    kept: list[int]
-    gold: list[int]
-    start: int  # index of the first answer token in both sequences
-
-
-def teacher_sequences(tok, answers: list[dict]) -> list[Teacher]:
-    from .data import HeldOut
-    from .evaluate import render_prompt
-
-    stop = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    answer = lambda text: tok(text.strip(), add_special_tokens=False)["input_ids"] + stop
-    out = []
-    for a in answers:
-        chat = isinstance(a["prompt"], list)
-        prompt = tok(render_prompt(tok, HeldOut(a["prompt"], a["expected"], a["line"])),
-                     add_special_tokens=not chat)["input_ids"]
-        out.append(Teacher(a["line"], prompt + answer(a["got"]), prompt + answer(a["expected"]), len(prompt)))
-    return out
-
-
-def answer_rows(teachers: list[Teacher], logits) -> Iterator[torch.Tensor]:
-    """From logits of teacher sequences (kept answers, then expected ones): the rows that predict answer tokens."""
-    for i, lg in enumerate(logits):
-        t = teachers[i % len(teachers)]
-        yield lg[t.start - 1: -1].float()  # position i predicts token i + 1
-
-
-class Scorer:
-    """Holds the trained model's log-probabilities along its own answers; scores any model's answer rows."""
-
-    def __init__(self, teachers: list[Teacher], reference_rows: list[torch.Tensor]):
-        self.teachers = teachers
-        self.ref = [torch.log_softmax(rows, -1) for rows in reference_rows]
-
-    def score(self, rows) -> dict:
-        """rows: answer_rows of a model's logits for the kept-answer sequences, then the expected-answer ones."""
-        n, kl_sum, tokens, same_top1, kept, exact = len(self.teachers), 0.0, 0, 0, 0, 0
-        for i, got in enumerate(rows):
-            t = self.teachers[i % n]
-            if i < n:
-                ref = self.ref[i]
-                if got.shape != ref.shape:
-                    raise BridgeError(f"the artifact's logits have shape {tuple(got.shape)} along held-out line "
-                                      f"{t.line}, the trained model's {tuple(ref.shape)}",
-                                      fix="the artifact has another vocabulary: compare artifacts of this model")
-                kl_sum += (ref.exp() * (ref - torch.log_softmax(got, -1))).sum().item()
-                tokens += ref.shape[0]
-                agree = got.argmax(-1) == ref.argmax(-1)
-                same_top1 += int(agree.sum())
-                kept += bool(agree.all())
-            else:
-                exact += bool((got.argmax(-1) == torch.tensor(t.gold[t.start:])).all())
-        # identical distributions sum to |KL| ~ 1e-8 in float32, either sign: report that as 0
-        return {"kl": max(kl_sum / tokens, 0.0), "top1_agreement": same_top1 / tokens, "answers_kept": kept,
-                "exact_match": exact, "records": n, "answer_tokens": tokens}
+def figures(scored: dict) -> dict:
+    """An AnswerScorer result in this report's terms."""
+    return {"kl": scored["kl_mean"], "top1_agreement": scored["top1"], "answers_kept": scored["answers_kept"],
+            "exact_match": sum(scored["served_correct"]), "records": scored["records"],
+            "answer_tokens": scored["tokens"]}
 
 
 def compare(project: Project, registry, *, progress: bool = True) -> dict:
@@ -114,15 +57,11 @@ def compare(project: Project, registry, *, progress: bool = True) -> dict:
     checks = {mode: json.loads((folder / "merge_report.json").read_text())["check"] for mode, folder in merged.items()}
 
     tok = AutoTokenizer.from_pretrained(merged["nf4"])
-    teachers = teacher_sequences(tok, answers)
-    say(f"run    trained model (4-bit base + adapter) on {len(teachers)} held-out records")
+    scorer = AnswerScorer(teacher_sequences(tok, answers))
+    say(f"run    trained model (4-bit base + adapter) on {len(answers)} held-out records")
     model = trained_model(Path(record["base"]["path"]), adapter, record)
-    sequences = [t.kept for t in teachers] + [t.gold for t in teachers]
-    ref_rows = [r.clone() for r in answer_rows(teachers, model_logits(model, sequences))]  # clone: drop the prompts' rows
+    scorer.ref = scorer.reference_rows(model_logits(model, scorer.inputs))
     del model
-    scorer = Scorer(teachers, ref_rows[:len(teachers)])
-    reference = scorer.score(ref_rows)
-    del ref_rows
 
     artifacts = [(f"merged ({project.merge.get('dtype', 'float32')})", mode, merged[mode], None) for mode in MODES]
     skipped = []
@@ -138,13 +77,16 @@ def compare(project: Project, registry, *, progress: bool = True) -> dict:
     rows = []
     for label, mode, folder, logits in artifacts:
         say(f"score  {label} from the {mode} merge: {folder}")
-        rows.append({"target": label, "base_weights": mode, "path": str(folder),
-                     **scorer.score(answer_rows(teachers, (logits or folder_logits)(folder, sequences)))})
+        scored = scorer.score(map(full_scores, (logits or folder_logits)(folder, scorer.inputs)))
+        rows.append({"target": label, "base_weights": mode, "path": str(folder), **figures(scored)})
+    # the trained model against itself: every answer kept; its exact match is the reference side of any score
+    trained = {**figures(scored), "kl": 0.0, "top1_agreement": 1.0, "answers_kept": scored["records"],
+               "exact_match": sum(scored["reference_correct"])}
     closer = {}
     for label in dict.fromkeys(r["target"] for r in rows):
         pair = {r["base_weights"]: r for r in rows if r["target"] == label}
         closer[label] = min(pair, key=lambda m: pair[m]["kl"])
-    report = {"reference": "the trained model: 4-bit base + adapter, float32 compute", "trained": reference,
+    report = {"reference": "the trained model: 4-bit base + adapter, float32 compute", "trained": trained,
               "merge_checks": checks, "rows": rows, "closer_to_trained": closer, "not_compared": skipped,
               "seconds": round(time.time() - started, 1)}
     write_json(project.out / f"{REPORT}.json", report)

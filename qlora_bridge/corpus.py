@@ -52,3 +52,15 @@ REFERENCE_TEXT = (
     "summary and your name. Good software is tested: each function does one thing, and a test checks that it "
     "does it, so that a change which breaks it is noticed before anyone depends on it."
 )
+
+
+def reference_document() -> str:
+    """~9k tokens of prose with some code, the same for every target: the smoke gate's long reference text, long
+    enough that its divergence and perplexity figures are stable (on the ~400-token REFERENCE_TEXT a Q8_0 export
+    read +2.9% perplexity, over 8k tokens +0.5%). It is part of CPython's language reference (the `pydoc_data`
+    topics objects, execmodel, exceptions, import, context-managers, truth, lambda and calls), shipped with the
+    package so that every Python version scores the same text; Python Software Foundation License, see
+    reference_text.NOTICE."""
+    from pathlib import Path
+
+    return (Path(__file__).with_name("reference_text.txt")).read_text(encoding="utf-8")

@@ -46,8 +46,10 @@ def max_answer_tokens(tok, items: list[HeldOut], slack: int = 8) -> int:
 
 
 @torch.no_grad()
-def exact_match(model, tok, items: list[HeldOut], *, batch_size: int = 20, progress=None) -> EvalResult:
-    """Greedy decoding, left-padded batches; the model is put back in the mode it was in."""
+def exact_match(model, tok, items: list[HeldOut], *, batch_size: int = 50, progress=None) -> EvalResult:
+    """Greedy decoding, left-padded batches; the model is put back in the mode it was in. On a CPU a 4-bit model's
+    decoding step costs about the same for 20 sequences as for 50 (bitsandbytes dequantizes every weight each step),
+    so large batches: 200 held-out prompts took 4 minutes in batches of 20."""
     was_training = model.training
     model.eval()
     side, tok.padding_side = tok.padding_side, "left"

@@ -21,8 +21,8 @@ from .project import Project
 from .signing import sign
 
 REPORT = "release-report"
-COLUMNS = ("artifact", "format", "size_mb", "bits_per_weight", "parity", "retention", "ppl_delta",
-           "tokens_per_second", "signature", "status")
+COLUMNS = ("artifact", "format", "size_mb", "bits_per_weight", "parity", "kl_answers", "kl_text", "top1_text",
+           "ppl_ratio", "task_score", "agreement", "tokens_per_second", "signature", "status")
 
 
 def bits_per_weight(manifest: dict) -> float | None:
@@ -45,7 +45,10 @@ def row(folder: Path, manifest: dict, smoke: dict | None, signature: str, status
     return {"artifact": folder.name, "format": f"{manifest['export']['format']} {manifest['export'].get('quant') or ''}"
             .strip(), "size_mb": round(sum(o["size"] for o in manifest["outputs"]) / 1e6, 1),
             "bits_per_weight": bits_per_weight(manifest), "parity": get("tokenization", "parity"),
-            "retention": get("retention", "retention"), "ppl_delta": get("quality", "ppl_delta"),
+            "kl_answers": get("divergence", "kl_answers"), "kl_text": get("divergence", "kl_text"),
+            "top1_text": get("divergence", "top1_text"), "ppl_ratio": get("divergence", "ppl_ratio"),
+            "task_score": get("task-score", "task_score"), "task_score_reference": get("task-score", "task_score_reference"),
+            "task_interval": get("task-score", "interval_95"), "agreement": get("task-score", "agreement"),
             "tokens_per_second": get("speed", "tokens_per_second"), "signature": signature, "status": status,
             "backend": (smoke or {}).get("backend"), "path": str(folder), "note": note}
 
@@ -61,14 +64,20 @@ def mark_failed(folder: Path, manifest: dict, reason: str) -> Path:
     return failed
 
 
+def cell(r: dict, column: str) -> str:
+    if r[column] is None:
+        return "-"
+    if column == "task_score":  # with the reference's score and the 95% interval of the paired difference
+        return f"{r['task_score']} (ref {r['task_score_reference']}, diff {r['task_interval']})"
+    return str(r[column])
+
+
 def markdown(rows: list[dict], stages: list[dict], seconds: float) -> str:
-    fmt = lambda v: "-" if v is None else (f"{v:+.1%}" if isinstance(v, (int, float)) else str(v))
     lines = ["# Release report", "",
              f"**{'PASSED' if rows and all(r['status'] == 'passed' for r in rows) else 'FAILED'}** "
              f"in {seconds:.0f} s", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        cells = [fmt(r[c]) if c == "ppl_delta" else ("-" if r[c] is None else str(r[c])) for c in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cell(r, c) for c in COLUMNS) + " |")
     notes = [f"- {r['artifact']}: {r['note']}" for r in rows if r["note"]]
     lines += ["", *notes, "", "Stages:", "",
               *(f"- {s['stage']}: {'reused' if s['reused'] else 'ran'}" + (f" ({s['seconds']} s)" if "seconds" in s
@@ -101,7 +110,8 @@ def release(project: Project, registry, *, progress: bool = True, passphrase: by
             manifest = mf.read(folder)
             passed = result["passed"]
             if not passed:
-                note = "failed: " + ", ".join(k for k, r in result["checks"].items() if r["gate"] and not r["passed"])
+                note = "failed: " + "; ".join(f"{k} ({r.get('why') or r.get('error') or 'see smoke-report.md'})"
+                                              for k, r in result["checks"].items() if r["gate"] and not r["passed"])
         except BridgeError as e:  # could not be served here: not verified, so not releasable
             passed, note = False, f"not verified: {e.problem}"
         if passed:

@@ -1,15 +1,17 @@
 """`qlora-bridge smoke`: serve an export, run every registered smoke check, record the results, gate a release.
 
-Results go into the manifest's `verification.smoke` and a human-readable `smoke-report.md` in the folder (both then
-listed in the manifest); the folder is re-signed when a key is given. Exit code 3 when a gating check fails.
+PASSED must mean the fine-tune survived the export. The reference is the model that was trained (the 4-bit base
++ adapter), or the merged model when its merge check proved it equal to that (an exact nf4 float32 merge); an
+export of a merge that was not proven equal is measured against the trained model itself. The served model is
+measured through the engine that serves it (ServingAdapter.logprobs), teacher-forced along the reference's own
+held-out answers and over a ~9k-token reference text (qlora_bridge.divergence): KL divergence, same top-1 share,
+perplexity ratio, and the held-out task score beside the reference's on the same prompts with an exact McNemar
+test. The bounds come from the exporter's registration for the export's quant type (Exporter.bounds); a quant
+type it declares none for is gated by STRICT, and the results say which bounds were used and why.
 
-Thresholds per quantization (THRESHOLDS) come from measurements on the embedded 135M model, which suffers far
-more from quantization than the 7B+ models behind llama.cpp's published tables (~+0.1% perplexity for Q8_0 and
-~+3% for Q4_K_M on 7B). Measured on the demo fine-tune, perplexity on the ~400-token reference text: F16 -0.01%,
-Q8_0 +2.9%, Q4_K_M +2.4% (on 1024 tokens of Python's pydoc text: +1.1% and +2.4%; the research notes give +0.5%
-and +7.4% over 8k tokens of the base model). A short text is noisy, so each bound is about twice the worst figure
-seen: an export that is merely small passes, a broken one (wrong tokenizer, lost adapter, garbage) does not.
-Retention bounds follow the same rule from the measured agreement (F16 100%, Q8_0 85%, Q4_K_M 87.5%).
+Results go into the manifest's `verification.smoke-BACKEND` and a human-readable `smoke-report.md` in the folder
+(both then listed in the manifest); the folder is re-signed when a key is given. Exit code 3 when a gating check
+fails.
 """
 
 from __future__ import annotations
@@ -17,35 +19,29 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 from . import manifest as mf
-from .api import http_json
+from .api import Bounds, TokenScores, http_json
 from .errors import BridgeError, CheckFailed
 from .modelcard import CARD, figures, render
 from .plugins import Registry
+from .reference import Reference, reference_for
 from .serve import Server, serving
 from .signing import sign
 
-# retention: share of held-out prompts answered exactly as the merged model answers them;
-# ppl_delta: allowed relative perplexity increase over the merged model on the reference text.
-THRESHOLDS = {
-    "F32": {"retention": 0.9, "ppl_delta": 0.005}, "float32": {"retention": 0.9, "ppl_delta": 0.005},
-    "F16": {"retention": 0.9, "ppl_delta": 0.01}, "float16": {"retention": 0.9, "ppl_delta": 0.01},
-    "BF16": {"retention": 0.85, "ppl_delta": 0.02}, "bfloat16": {"retention": 0.85, "ppl_delta": 0.02},
-    "Q8_0": {"retention": 0.7, "ppl_delta": 0.06},
-    "Q6_K": {"retention": 0.6, "ppl_delta": 0.08},
-    "Q5_K_M": {"retention": 0.5, "ppl_delta": 0.10}, "Q5_K_S": {"retention": 0.5, "ppl_delta": 0.10},
-    "Q4_K_M": {"retention": 0.45, "ppl_delta": 0.15}, "Q4_K_S": {"retention": 0.45, "ppl_delta": 0.15},
-    "Q4_0": {"retention": 0.35, "ppl_delta": 0.35},
-    # 4-bit GPTQ/AWQ, groups of 64, calibrated on the demo's training data (JSON requests), dequantized and run
-    # in float32 on the demo: retention 72.5%, perplexity on the (prose) reference text +55% for GPTQ. Calibration
-    # on the fine-tune's narrow data costs general perplexity; the research notes give +12-14% with in-domain text.
-    "gptq": {"retention": 0.35, "ppl_delta": 1.0}, "awq": {"retention": 0.35, "ppl_delta": 1.0},
-    "int8": {"retention": 0.7, "ppl_delta": 0.06},
-}
-DEFAULT_THRESHOLDS = {"retention": 0.5, "ppl_delta": 0.15}
+# Bounds for a quant type no exporter vouches for: those of a float16 copy of the model (measured on the demo:
+# F16 GGUF 0.0001 nats/token along the answers, 0.0004 on the text, perplexity x1.0003), with room for rounding.
+STRICT = Bounds(kl_answers=0.002, kl_text=0.005, ppl_ratio=1.01, task_ratio=1.0,
+                reason="strict defaults: no bounds declared for this quant type; a float16 copy meets them")
+SIGNIFICANCE = 0.05  # one-sided: a task-score drop counts only when chance would produce it less than 1 in 20 times
+# The default golden suite generates through the server's chat endpoint, end to end; the statistics are the
+# teacher-forced task score's, so a sample of held-out prompts the reference answers correctly is enough, and
+# more than half of them must come back exactly (a base-model export answers none).
+LINEAGE_GOLDEN = 16
+LINEAGE_MIN_PASS_RATE = 0.5
 MATCH_RULES = ("exact", "contains", "regex", "json")
 REPORT = "smoke-report.md"
 
@@ -108,11 +104,20 @@ def load_suite(path: Path) -> tuple[list[Golden], float]:
     return suite, min_rate
 
 
-def lineage_suite(manifest: dict) -> list[Golden]:
-    """The held-out examples the merge answered, from the export's own lineage."""
-    heldout = ((manifest.get("inputs") or {}).get("merge") or {}).get("heldout") or {}
-    return [Golden(a["prompt"], a["expected"], "exact", a["got"]) for a in heldout.get("answers", [])
-            if "prompt" in a]
+def heldout_goldens(answers: list[dict]) -> list[Golden]:
+    return [Golden(a["prompt"], a["expected"], "exact", a["got"]) for a in answers if "prompt" in a]
+
+
+def gate_bounds(registry: Registry, manifest: dict) -> tuple[Bounds, str]:
+    """The bounds the export's own exporter declares for its quant type, else STRICT; and where they came from."""
+    target, quant = manifest["export"]["target"], manifest["export"].get("quant")
+    try:
+        exporter, plugin = registry.exporter(target)
+    except BridgeError:
+        return STRICT, f"strict defaults: no installed exporter '{target}' declares bounds for {quant}"
+    if quant in exporter.bounds:
+        return exporter.bounds[quant], f"declared by exporter '{target}' (plugin {plugin.name}) for {quant}"
+    return STRICT, f"strict defaults: exporter '{target}' (plugin {plugin.name}) declares no bounds for {quant}"
 
 
 class Client:
@@ -136,7 +141,9 @@ class Client:
 
 @dataclass
 class SmokeContext:
-    """What a smoke check gets: the running server, the export, the merged reference, the suite, thresholds."""
+    """What a smoke check gets: the running server, the export, the reference model, the suite and the bounds.
+
+    measurements() gives the divergence and task-score figures, computed once and shared by every check."""
 
     client: Client
     server: Server
@@ -145,8 +152,10 @@ class SmokeContext:
     merged: Path | None
     suite: list[Golden]  # golden prompts
     min_pass_rate: float
-    heldout: list[Golden]  # held-out prompts with the merged model's answers, from the lineage
-    thresholds: dict
+    heldout: list[Golden]  # held-out prompts with the reference's answers
+    reference: Reference
+    bounds: Bounds
+    bounds_source: str
     _cache: dict = field(default_factory=dict)
 
     def tokenizer(self):
@@ -157,17 +166,37 @@ class SmokeContext:
             self._cache["tok"] = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
         return self._cache["tok"]
 
-    def reference_model(self):
-        """The merged model in float32, the reference every served export is compared with."""
-        if "model" not in self._cache:
-            import torch
-            from transformers import AutoModelForCausalLM
+    def measurements(self) -> dict:
+        """Through the serving engine (ServingAdapter.logprobs); computed once, shared by every check."""
+        if "measured" not in self._cache:
+            adapter = self.server.adapter
+            if adapter.logprobs is None:
+                raise BridgeError(f"backend {self.server.backend} offers no next-token log-probabilities",
+                                  field="--backend", fix="serve it with a backend whose adapter has `logprobs`")
+            self._cache["measured"] = measure(self.reference, self.tokenizer(),
+                                              lambda sequences: adapter.logprobs(self.server, sequences))
+        return self._cache["measured"]
 
-            if self.merged is None:
-                raise BridgeError("the merged model this export came from is not available", file=self.artifact,
-                                  fix="pass --merged DIR (the folder written by `qlora-bridge merge`)")
-            self._cache["model"] = AutoModelForCausalLM.from_pretrained(self.merged, dtype=torch.float32).eval()
-        return self._cache["model"]
+
+def measure(reference: Reference, tok, scores: Callable[[list[list[int]]], Iterator[TokenScores]]) -> dict:
+    """An export against the reference: along the reference's held-out answers (KL, top-1, answers kept, the
+    paired task score) and over the reference document (KL, top-1, perplexity ratio). scores: the export's
+    next-token distributions for token sequences (a serving engine's, or an exporter's logits hook's)."""
+    from .divergence import text_divergence
+    from .reference import reference_scores
+    from .stats import mcnemar_drop, paired_interval
+
+    ref = reference_scores(reference, tok)
+    started = time.time()
+    answers = ref.scorer.score(scores(ref.scorer.inputs))
+    text = text_divergence(ref.windows, ref.text, scores(ref.windows))
+    correct, served = answers.pop("reference_correct"), answers.pop("served_correct")
+    n, r, s = len(correct), sum(correct), sum(served)
+    task = {"reference": r / n, "served": s / n, "ratio": s / r if r else 1.0, **mcnemar_drop(correct, served),
+            "interval": paired_interval(correct, served), "prompts": n, "significance": SIGNIFICANCE}
+    return {"reference": reference.label, "answers": answers, "text": text, "task": task,
+            "seconds": round(time.time() - started, 1), "reference_seconds": ref.seconds,
+            "reference_cache": str(ref.cached)}
 
 
 def merged_folder(manifest: dict, override: Path | None) -> Path | None:
@@ -180,7 +209,9 @@ def merged_folder(manifest: dict, override: Path | None) -> Path | None:
 def report_markdown(artifact: Path, result: dict) -> str:
     lines = [f"# Smoke test: {artifact.name}", "",
              f"- backend: {result['backend']}; server ready in {result['seconds_to_ready']} s",
-             f"- result: **{'PASSED' if result['passed'] else 'FAILED'}**", "",
+             f"- result: **{'PASSED' if result['passed'] else 'FAILED'}**",
+             f"- reference: {result['reference']}",
+             f"- bounds ({result['bounds_source']}): {figures(result['bounds'])}", "",
              "| check | gate | passed | figures |", "|---|---|---|---|"]
     for name, r in result["checks"].items():
         lines.append(f"| {name} | {'yes' if r['gate'] else 'no'} | {'yes' if r['passed'] else '**no**'} | {figures(r)} |")
@@ -197,28 +228,32 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
         raise CheckFailed(f"the folder no longer matches its manifest: {'; '.join(problems[:3])}", file=artifact,
                           fix="re-export it, or run `qlora-bridge verify` to see every difference")
     quant = manifest["export"].get("quant") or manifest["export"]["format"]
-    thresholds = THRESHOLDS.get(quant, THRESHOLDS.get(manifest["export"]["format"], DEFAULT_THRESHOLDS))
-    heldout = lineage_suite(manifest)
+    bounds, bounds_source = gate_bounds(registry, manifest)
+    merged = merged_folder(manifest, merged)
+    reference = reference_for(manifest, merged)  # before the server starts: a missing input is found at once
+    heldout = heldout_goldens(reference.answers)
     if suite_file:
         suite, min_rate = load_suite(suite_file)
-    else:  # golden by default: the held-out prompts the merged model answers correctly
-        suite, min_rate = [g for g in heldout if g.passes(g.merged_answer)], thresholds["retention"]
+    else:  # golden by default: held-out prompts the reference answers correctly
+        suite, min_rate = [g for g in heldout if g.passes(g.merged_answer)][:LINEAGE_GOLDEN], LINEAGE_MIN_PASS_RATE
     was_signed = (artifact / mf.SIGNATURE).is_file()
     log = artifact.parent / f"{artifact.name}.{backend}.log"
     started = time.time()
     checks = {}
     with serving(registry, backend, artifact, log=log, options=options, timeout=timeout) as server:
-        ctx = SmokeContext(Client(server.base_url), server, artifact, manifest, merged_folder(manifest, merged),
-                           suite, min_rate, heldout, thresholds)
+        ctx = SmokeContext(Client(server.base_url), server, artifact, manifest, merged, suite, min_rate, heldout,
+                           reference, bounds, bounds_source)
         for check, plugin in registry.smoke_checks():
+            began = time.time()
             try:
                 result = dict(check.run(ctx))
             except Exception as e:  # a check that crashes has failed, and says why
                 result = {"passed": False, "error": f"{type(e).__name__}: {e}"}
-            result.update(gate=check.gate, plugin=plugin.name)
+            result.update(gate=check.gate, plugin=plugin.name, check_seconds=round(time.time() - began, 1))
             checks[check.name] = result
     outcome = {"backend": backend, "passed": all(r["passed"] for r in checks.values() if r["gate"]),
-               "quant": quant, "thresholds": thresholds, "seconds_to_ready": server.seconds_to_ready,
+               "quant": quant, "bounds": asdict(bounds), "bounds_source": bounds_source,
+               "reference": reference.label, "seconds_to_ready": server.seconds_to_ready,
                "seconds": round(time.time() - started, 1), "server_log": log.name,
                "suite": str(suite_file) if suite_file else "lineage (held-out examples)", "checks": checks}
     (artifact / REPORT).write_text(report_markdown(artifact, outcome))

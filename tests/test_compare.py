@@ -5,7 +5,7 @@ import json
 import torch
 
 from qlora_bridge.cli import main
-from qlora_bridge.compare import Scorer, Teacher, answer_rows
+from qlora_bridge.divergence import AnswerScorer, Teacher, full_scores
 from test_project import project_file
 
 
@@ -13,20 +13,24 @@ def test_scorer_counts_what_greedy_decoding_would_do():
     # two records, prompt of 2 tokens and answers of 2 tokens: rows 1..2 of a 4-token sequence predict the answer
     teachers = [Teacher(1, [5, 6, 1, 2], [5, 6, 1, 2], 2), Teacher(2, [5, 7, 3, 4], [5, 7, 0, 4], 2)]
     vocab = 8
+    scorer = AnswerScorer(teachers)
+    assert len(scorer.inputs) == 3  # record 1's answer is the expected one: scored once
     logits = []
-    for t in teachers:
-        for seq in (t.kept, t.gold):
-            lg = torch.zeros(len(seq), vocab)
-            lg[torch.arange(len(seq) - 1), torch.tensor(seq[1:])] = 5.0  # top-1 is always the next kept token
-            logits.append(lg)
-    logits = logits[0::2] + logits[1::2]  # kept sequences first, then the expected ones
-    trained = Scorer(teachers, list(answer_rows(teachers, logits))[:2])
-    same = trained.score(answer_rows(teachers, logits))
-    assert same["kl"] == 0 and same["answers_kept"] == 2 and same["exact_match"] == 2 and same["answer_tokens"] == 4
-    other = [lg.clone() for lg in logits]
+    for seq in scorer.inputs:
+        lg = torch.zeros(len(seq), vocab)
+        lg[torch.arange(len(seq) - 1), torch.tensor(seq[1:])] = 5.0  # top-1 is always the next token
+        logits.append(lg)
+    trained_logits = [lg.clone() for lg in logits]
+    trained_logits[2] = logits[1].clone()  # the trained model answers record 2 with its kept answer, not the gold
+    scorer.ref = scorer.reference_rows(trained_logits)
+    same = scorer.score(map(full_scores, trained_logits))
+    assert same["kl_mean"] == 0 and same["answers_kept"] == 2 and same["tokens"] == 4
+    assert same["served_correct"] == same["reference_correct"] == [True, False]
+    other = [lg.clone() for lg in trained_logits]
     other[1][1, 4] = 9.0  # record 2 now predicts token 4 where the trained model said 3
-    got = trained.score(answer_rows(teachers, other))
-    assert got["answers_kept"] == 1 and got["top1_agreement"] == 0.75 and got["kl"] > 0.5
+    got = scorer.score(map(full_scores, other))
+    assert got["answers_kept"] == 1 and got["top1"] == 0.75 and got["kl_mean"] > 0.5
+    assert sum(scorer.score(map(full_scores, logits))["served_correct"]) == 2  # greedy gives both expected answers
 
 
 def test_compare_builds_both_merges_and_scores_every_target(tmp_path, tiny_model, capsys):

@@ -113,7 +113,7 @@ def test_release_report_signs_passes_and_marks_a_failed_gate(tmp_path, tiny_mode
     report = json.loads(capsys.readouterr().out)
     (row,) = report["rows"]
     assert row["status"] == "passed" and row["signature"] == "signed" and row["parity"] == "24/24"
-    assert row["format"] == "gguf F16" and row["retention"] >= 0.9 and row["bits_per_weight"] == 16
+    assert row["format"] == "gguf F16" and row["agreement"] >= 0.9 and row["bits_per_weight"] == 16
     folder = tmp_path / "out" / "export-gguf-F16"
     assert main(["verify", str(folder), "--public-key", str(public)]) == 0
     card = (folder / "README.md").read_text()

@@ -6,10 +6,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
+from damage import permute_layer, scale_rope, with_base_weights
 from qlora_bridge.cli import main
 from qlora_bridge.errors import BridgeError
 from qlora_bridge.export import export
@@ -54,9 +56,12 @@ def test_smoke_passes_records_and_resigns(gguf_f16, tmp_path, capsys):
     checks = out["checks"]
     assert checks["tokenization"]["parity"] == "24/24"
     assert checks["chat-template"]["prompt_tokens_served"] == checks["chat-template"]["prompt_tokens_hf"]
-    assert checks["retention"]["retention"] >= 0.9 and checks["golden"]["pass_rate"] >= 0.9
-    assert abs(checks["quality"]["ppl_delta"]) < 0.01  # F16 against the float32 merge
-    assert checks["speed"]["tokens_per_second"] > 0
+    assert checks["task-score"]["agreement"] >= 0.9 and checks["golden"]["pass_rate"] >= 0.9
+    # F16 against the float32 merge, the full vocabulary through llama.cpp
+    assert checks["divergence"]["kl_text"] < 1e-3 and abs(checks["divergence"]["ppl_ratio"] - 1) < 0.01
+    assert checks["divergence"]["text_tokens"] > 8000
+    assert checks["speed"]["completion_tokens"] == 128 and checks["speed"]["tokens_per_second"] > 0
+    assert out["reference"].startswith("the merged model") and "declared by exporter 'gguf'" in out["bounds_source"]
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["verification"]["smoke-llamacpp"]["passed"] is True
     assert "smoke-report.md" in {o["path"] for o in manifest["outputs"]}
@@ -76,23 +81,49 @@ def test_smoke_on_a_signed_folder_without_key_leaves_the_signature_stale(gguf_f1
     assert main(["verify", str(folder), "--public-key", str(public)]) == 3
 
 
-def test_a_gguf_of_the_base_model_fails_retention(registry, gguf_f16, tiny_model, tmp_path, capsys):
+def test_a_gguf_of_the_base_model_fails(registry, gguf_f16, tiny_model, tmp_path, capsys):
     """The export that forgot the adapter: same lineage and tokenizer, base weights."""
-    from qlora_bridge import manifest as mf
-
     base_export = tmp_path / "base"
     export(registry, "gguf", tiny_model, base_export, quant="F16", progress=False)
     folder = tmp_path / gguf_f16.name
     shutil.copytree(gguf_f16, folder)
-    shutil.copy(base_export / "model-F16.gguf", folder / "model-F16.gguf")
-    manifest = mf.read(folder)
-    manifest["outputs"] = mf.output_files(folder)
-    mf.write(folder, manifest)
+    with_base_weights(folder, base_export)
     code = main(["smoke", str(folder), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 3 and not out["passed"]
-    assert not out["checks"]["retention"]["passed"] and out["checks"]["retention"]["retention"] < 0.5
+    assert not out["checks"]["divergence"]["passed"]
+    assert "mean KL along the held-out answers" in out["checks"]["divergence"]["why"]
+    assert out["checks"]["task-score"]["agreement"] < 0.5
     assert out["checks"]["tokenization"]["passed"]  # same tokenizer: only the fine-tune is missing
+
+
+@pytest.mark.parametrize("damage,instrument", [
+    (lambda folder: permute_layer(folder, 1), "mean KL on the reference text"),
+    (lambda folder: scale_rope(folder, 0.05), "mean KL on the reference text"),
+], ids=["layer-permuted", "rope-base-wrong"])
+def test_damaged_ggufs_fail_the_divergence_check(gguf_f16, tmp_path, damage, instrument):
+    folder = tmp_path / gguf_f16.name
+    shutil.copytree(gguf_f16, folder)
+    damage(folder)
+    result = smoke(load_plugins(), folder, "llamacpp")
+    assert not result["passed"] and not result["checks"]["divergence"]["passed"]
+    assert instrument in result["checks"]["divergence"]["why"]
+
+
+def test_an_export_of_an_unproven_merge_is_held_against_the_trained_model(registry, tiny_release, tmp_path):
+    """The adapter merged into the original weights: its merge check fails, so the reference is the 4-bit base +
+    adapter itself, and the export is measurably not the model that was trained."""
+    from qlora_bridge.merge import merge
+
+    report = json.loads((tiny_release / "merge_report.json").read_text())
+    original = tmp_path / "merged-original"
+    merge(Path(report["base"]["path"]), Path(report["adapter"]["path"]), original, base_weights="original",
+          heldout_file=Path(report["heldout"]["path"]), gate=False, progress=False)
+    folder = tmp_path / "export-gguf-F32"
+    export(registry, "gguf", original, folder, quant="F32", progress=False)
+    result = smoke(registry, folder, "llamacpp")
+    assert result["reference"].startswith("the trained model (4-bit base")
+    assert not result["passed"] and not result["checks"]["divergence"]["passed"]
 
 
 def test_a_folder_changed_since_export_is_refused(registry, gguf_f16, tmp_path):

@@ -158,6 +158,6 @@ def test_demo_dataset_is_well_formed():
     train_people = {json.loads(m["messages"][-1]["content"])["person"]
                     for m in map(json.loads, (DEMO / "train.jsonl").read_text().splitlines())}
     held = load_heldout(DEMO / "heldout.jsonl")
-    assert len(held) == 40
+    assert len(held) == 200
     # held-out inputs name people training never saw: exact match on them measures a skill, not memory
     assert not {json.loads(h.expected)["person"] for h in held} & train_people

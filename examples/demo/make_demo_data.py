@@ -16,7 +16,8 @@ TRAIN_NAMES = ["Alice", "Omar", "Priya", "Jonas", "Mei", "Carlos", "Fatima", "Li
                "Amara", "Lukas", "Elena", "Ravi", "Chloe", "Diego", "Hana", "Tom", "Ingrid", "Kwame",
                "Nadia", "Pablo", "Yuki", "Ben", "Zara", "Ivan", "Leila", "Marco", "Anya", "Felix"]
 HELDOUT_NAMES = ["Greta", "Tariq", "Noor", "Hugo", "Sven", "Rosa", "Daniel", "Aiko", "Malik", "Clara",
-                 "Emeka", "Lotte"]
+                 "Emeka", "Lotte", "Bruno", "Selin", "Oskar", "Ayumi", "Rafael", "Wanjiru", "Matteo", "Dagny",
+                 "Farid", "Ines", "Tobias", "Mariam"]
 PHRASES = {
     "meeting": ["Set up a meeting with {p} on {d}", "Book a meeting with {p} for {d}",
                 "Can you schedule a meeting with {p} on {d}?", "I need to meet {p} on {d}",
@@ -36,6 +37,9 @@ HELDOUT_PHRASES = {
     "cancel": ["Scrap the meeting with {p} on {d}"],
     "call": ["Give {p} a call on {d}"],
 }
+# 200 held-out records: enough for the smoke gate's paired test to see a drop in the task score (on 40, a fall
+# from 0.70 to 0.525 was at the edge of significance)
+HELDOUT = 200
 URGENT = ["urgent: ", "ASAP, ", "This is urgent. ", "", "", "", ""]  # empty: normal priority
 
 
@@ -57,7 +61,7 @@ def main():
     here = Path(__file__).parent
     both = {k: PHRASES[k] + HELDOUT_PHRASES[k] for k in PHRASES}
     train = [record(rng, TRAIN_NAMES, PHRASES) for _ in range(240)]
-    heldout = [record(rng, HELDOUT_NAMES, both) for _ in range(40)]
+    heldout = [record(rng, HELDOUT_NAMES, both) for _ in range(HELDOUT)]
     for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout)):
         (here / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 

@@ -22,10 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from qlora_bridge.api import (REFERENCE_TEXT, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult,
-                              hookimpl, model_logits, token_sequences)
+from qlora_bridge.api import (REFERENCE_TEXT, Bounds, BridgeError, CheckFailed, Exporter, ExportRequest,
+                              ExportResult, hookimpl, model_logits, token_sequences)
 
-PLUGIN_API = 1  # the plugin API this module was written for
+PLUGIN_API = 2  # the plugin API this module was written for
+# The smoke gate's bounds: a 4-bit export is held to what llama.cpp's Q4_K_M achieves on the same model, with a
+# factor of two (the issue that set the 4-bit targets: "KL no more than twice the GGUF Q4_K_M's"), an 8-bit one
+# to Q8_0's. On the demo Q4_K_M measured a KL of 5.2e-3 along the held-out answers and 0.058 on the reference text,
+# Q8_0 4.9e-4 and 4.6e-3 (plugins/gguf).
+INT4 = Bounds(kl_answers=0.01, kl_text=0.12, ppl_ratio=1.05, task_ratio=0.95,
+              reason="2x the demo's GGUF Q4_K_M: KL 5.2e-3 along the answers, 0.058 on the text")
+INT8 = Bounds(kl_answers=1e-3, kl_text=0.01, ppl_ratio=1.02, task_ratio=0.98,
+              reason="about 2x the demo's GGUF Q8_0: KL 4.9e-4 along the answers, 4.6e-3 on the text")
 GROUPS = (128, 64, 32)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
@@ -278,8 +286,8 @@ def logits(folder: Path, sequences):
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="gptq", export=lambda req: export(req, "gptq"), format="gptq", logits=logits,
-                      quant_types=("int4", "int8"),
+                      quant_types=("int4", "int8"), bounds={"int4": INT4, "int8": INT8},
                       description="GPTQ (checkpoint format v1, symmetric) for vLLM and transformers, via GPTQModel"))
     register(Exporter(target="awq", export=lambda req: export(req, "awq"), format="awq", quant_types=("int4",),
-                      logits=logits,
+                      logits=logits, bounds={"int4": INT4},
                       description="AWQ GEMM (4-bit, zero point) for vLLM and transformers, via GPTQModel"))

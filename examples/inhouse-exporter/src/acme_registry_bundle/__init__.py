@@ -8,11 +8,14 @@ import hashlib
 import json
 import tarfile
 
-from qlora_bridge.api import BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, hookimpl
+from qlora_bridge.api import Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, hookimpl
 
-PLUGIN_API = 1  # the qlora-bridge plugin API this plugin was written for
+PLUGIN_API = 2  # the qlora-bridge plugin API this plugin was written for
 __version__ = "1.2.0"
 COMPRESSIONS = ("none", "gz")
+# what the smoke gate allows a served bundle: it holds the merged files byte for byte, so a float32 copy's bounds
+LOSSLESS = Bounds(kl_answers=1e-4, kl_text=1e-4, ppl_ratio=1.001, task_ratio=1.0,
+                  reason="lossless: the bundle holds the merged files byte for byte")
 
 
 def export(req: ExportRequest) -> ExportResult:
@@ -42,4 +45,5 @@ def export(req: ExportRequest) -> ExportResult:
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="acme-registry", export=export, format="tar-bundle", quant_types=COMPRESSIONS,
+                      bounds={c: LOSSLESS for c in COMPRESSIONS},
                       description="ACME model-registry bundle (tar + registry.json)"))
