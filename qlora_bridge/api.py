@@ -2,7 +2,7 @@
 
     from qlora_bridge.api import PLUGIN_API, Exporter, ExportRequest, ExportResult, hookimpl
 
-    PLUGIN_API = 1
+    PLUGIN_API = 2
 
     @hookimpl
     def register_exporters(register):

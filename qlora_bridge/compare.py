@@ -5,7 +5,9 @@ and one claims the NF4 merge hurts. This builds both merges, exports each to the
 every artifact against the model that was trained (the 4-bit base + adapter, float32 compute) on the held-out
 prompts, teacher-forced along the trained model's own answers (its greedy answers recorded by `train`):
 
-- KL divergence (nats per answer token) of the trained model's next-token distribution to the artifact's;
+- KL divergence (nats per answer token) of the trained model's next-token distribution to the artifact's (the
+  trained model's kept as its 128 most likely tokens per position: exact on those, grouped beyond; see
+  qlora_bridge.divergence);
 - answers kept: records where the artifact's top-1 token is the trained model's at every answer position (and
   at the end of turn), i.e. greedy decoding would give the trained model's answer;
 - exact match: the same along the expected answer, i.e. greedy decoding would give the expected answer.

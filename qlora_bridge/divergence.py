@@ -9,13 +9,16 @@ Everything is teacher-forced, so one forward pass per sequence measures what gre
 - over a long reference text in windows of WINDOW tokens: mean and 99th-percentile KL, same top-1 share and the
   perplexity ratio, the figures llama.cpp's KL-divergence mode reports.
 
-Served distributions come in two shapes (api.TokenScores). The full vocabulary (llama.cpp in process, an exporter's
-logits hook) gives the exact KL(P || Q), P the reference, Q the export. A top-k list (vLLM's prompt log-probabilities:
-the k most likely tokens plus the actual one) gives the KL of P and Q grouped into those tokens and one bucket for
-the rest of the vocabulary. By the log-sum inequality that never exceeds the true KL; what it misses is exactly
-p_rest * KL(P_rest || Q_rest), the reference's probability outside the listed tokens times the divergence within
-that tail, so the report carries p_rest (`rest_mass`) beside the estimate. q_rest is 1 minus the sum of k float32
-probabilities, so it is floored at 1e-6, their rounding: flooring q_rest only lowers the estimate further.
+Distributions come in two shapes (api.TokenScores): the full vocabulary (llama.cpp in process, an exporter's
+logits hook, a reference model just run) or listed tokens: vLLM's prompt log-probabilities (its 20 most likely
+tokens plus the actual one) and the cached reference (qlora_bridge.reference: its TOP_K most likely plus the
+actual one). With both full, the KL(P || Q) is exact (P the reference, Q the export). Otherwise the vocabulary is
+grouped into the tokens both sides list and one bucket for the rest. By the log-sum inequality that never exceeds
+the true KL; what it misses is exactly p_rest * KL(P_rest || Q_rest), the reference's probability outside the
+listed tokens times the divergence within that tail, so the figures carry p_rest (`rest_mass`) beside the
+estimate. q_rest is 1 minus a sum of float32 probabilities, so it is floored at 1e-6, their rounding: flooring it
+only lowers the estimate further. Top-1, the actual token's log-probability (perplexity) and every answer-level
+figure are exact whatever the shape.
 """
 
 from __future__ import annotations

@@ -11,12 +11,12 @@ hookspec = pluggy.HookspecMarker("qlora_bridge")
 
 @hookspec
 def register_exporters(register):
-    """Register export targets: register(Exporter(target=..., export=..., quant_types=...))."""
+    """Register export targets: register(Exporter(target=..., export=..., quant_types=..., bounds={quant: Bounds(...)}))."""
 
 
 @hookspec
 def register_servers(register):
-    """Register serving backends: register(ServingAdapter(backend=..., formats=..., command=...))."""
+    """Register serving backends: register(ServingAdapter(backend=..., formats=..., command=..., logprobs=...))."""
 
 
 @hookspec

@@ -64,6 +64,6 @@ def render(name: str, manifest: dict, license: str | None = None) -> str:
 
 
 def figures(check: dict) -> str:
-    """A smoke check's measured figures on one line, e.g. "retention=0.85, ppl_delta=0.022"."""
+    """A smoke check's measured figures on one line, e.g. "kl_text=0.058, ppl_ratio=1.003"."""
     return ", ".join(f"{k}={v}" for k, v in check.items()
                      if k not in ("passed", "gate", "plugin", "details") and not isinstance(v, (dict, list)))

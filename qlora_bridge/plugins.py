@@ -147,7 +147,7 @@ def load_plugins(local: list[str] = ()) -> Registry:
             info.version = version or str(getattr(module, "__version__", "?"))
             api = getattr(module, "PLUGIN_API", None)
             if api is None:
-                raise BridgeError("it does not declare PLUGIN_API", fix="add `PLUGIN_API = 1` to the plugin module")
+                raise BridgeError("it does not declare PLUGIN_API", fix="add `PLUGIN_API = 2` to the plugin module")
             if api not in SUPPORTED_PLUGIN_APIS:
                 raise BridgeError(f"it was written for plugin API {api}; this qlora-bridge {__version__} supports "
                                   f"{', '.join(map(str, SUPPORTED_PLUGIN_APIS))}",
