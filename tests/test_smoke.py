@@ -99,7 +99,8 @@ def test_a_gguf_of_the_base_model_fails(registry, gguf_f16, tiny_model, tmp_path
 
 @pytest.mark.parametrize("damage,instrument", [
     (lambda folder: permute_layer(folder, 1), "mean KL on the reference text"),
-    (lambda folder: scale_rope(folder, 0.05), "mean KL on the reference text"),
+    # on the tiny model's short windows a wrong rope base shows along the answers and in perplexity
+    (lambda folder: scale_rope(folder, 0.05), "mean KL along the held-out answers"),
 ], ids=["layer-permuted", "rope-base-wrong"])
 def test_damaged_ggufs_fail_the_divergence_check(gguf_f16, tmp_path, damage, instrument):
     folder = tmp_path / gguf_f16.name
