@@ -84,10 +84,6 @@ class ReferenceScores:
     cached: Path
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("QLORA_BRIDGE_CACHE", Path.home() / ".cache" / "qlora-bridge")) / "references"
-
-
 def reference_scores(reference: Reference, tok, *, progress: bool = True) -> ReferenceScores:
     """The reference's distributions along its held-out answers and the reference document, from the cache or
     computed (and cached)."""
@@ -95,6 +91,7 @@ def reference_scores(reference: Reference, tok, *, progress: bool = True) -> Ref
     from safetensors.torch import load_file, save_file
 
     from .corpus import reference_document
+    from .default_model import cache_dir
     from .divergence import TOP_K, WINDOW, AnswerScorer, teacher_sequences, text_reference, text_windows
     from .logits import model_logits
     from .api import TokenScores
@@ -107,7 +104,7 @@ def reference_scores(reference: Reference, tok, *, progress: bool = True) -> Ref
     key = hashlib.sha256(json.dumps({"version": VERSION, "reference": reference.identity, "k": TOP_K,
                                      "window": WINDOW, "answers": scorer.inputs, "starts": scorer.starts,
                                      "windows": windows}, sort_keys=True, default=str).encode()).hexdigest()
-    path = cache_dir() / f"{key[:32]}.safetensors"
+    path = cache_dir() / "references" / f"{key[:32]}.safetensors"
     groups = {"answers": len(scorer.inputs), "text": len(windows)}
     if path.is_file():
         stored = load_file(path)
