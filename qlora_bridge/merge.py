@@ -440,6 +440,7 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
             "peak_rss_mib": round(merge_rss, 1),
             "peak_rss_mib_with_check": round(peak_rss_mib(), 1),
             "bytes_read": bytes_read, "bytes_written": writer.bytes_written,
+            "weights": writer.digests,  # what an export's reference checks the merged folder against
             "threads": torch.get_num_threads(),
             "environment": environment(),
         }

@@ -1,7 +1,8 @@
 """The reference an export is held against, and its next-token distributions, computed once and cached.
 
 The reference is the model that was trained (the 4-bit base + adapter, float32 compute), or the merged model when
-its merge check proved it equal to that (an exact nf4 float32 merge). Its distributions along the held-out answers
+its merge check proved it equal to that (an exact nf4 float32 merge) and the export read exactly the shards that
+merge wrote (a folder with a copied merge report cannot vouch for itself). Its distributions along the held-out answers
 and the reference document cost as much as scoring an export (~23k tokens for the demo: ~2 minutes on 2 cores),
 and are the same for every export of one merge, so they are kept (the TOP_K most likely tokens and the actual one
 per position, ~15 MB for the demo) under QLORA_BRIDGE_CACHE/references, keyed by the reference's file digests,
@@ -44,7 +45,9 @@ def reference_for(manifest: dict, merged: Path | None) -> Reference:
     merged_answers = (report.get("heldout") or {}).get("answers") or []
     proven = bool(check.get("passed")) and check.get("limit") is not None and report.get("base_weights") == "nf4"
     files = (inputs.get("merged") or {}).get("files") or {}
-    if merged is not None and proven and files:
+    written = report.get("weights") or {}
+    shards = {name: digest for name, digest in files.items() if name.endswith(".safetensors")}
+    if merged is not None and proven and written and shards == written:
         from .logits import load_float32
 
         return Reference(f"the merged model {merged} (its merge check proved it equal to the trained model: "
@@ -55,7 +58,10 @@ def reference_for(manifest: dict, merged: Path | None) -> Reference:
     if (base / "config.json").is_file() and (adapter_dir / "adapter_config.json").is_file():
         from .merge import trained_model
 
-        why = "its merge was not proven equal to it" if report else "the export's lineage has no merge report"
+        why = ("the export's lineage has no merge report" if not report
+               else "its merge was not proven equal to it" if not proven
+               else "the merged weights the export read are not the ones its merge wrote" if written
+               else "its merge report predates recording the merged weights' digests")
         identity = {"base": (record.get("base") or {}).get("files"), "adapter": adapter.get("sha256"),
                     "quantization": record.get("quantization")}
         return Reference(f"the trained model (4-bit base {base} + adapter {adapter_dir}, float32 compute): {why}",

@@ -8,6 +8,7 @@ headers are planned in advance, so tensors can be written as they are produced a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -122,7 +123,8 @@ class ShardWriter:
     """Write tensors into planned safetensors shards, one tensor at a time, in plan order.
 
     Lifecycle: plan(name, dtype, shape) for every tensor -> write(name, tensor) in the same order -> close(),
-    which returns the weight map for model.safetensors.index.json.
+    which returns the weight map for model.safetensors.index.json. `digests` holds each finished shard's sha256,
+    hashed as it is written (re-reading a 70B merge to digest it would cost another pass over 140 GB).
     """
 
     def __init__(self, folder: Path, max_shard_bytes: int = 2 * 2**30):
@@ -133,6 +135,8 @@ class ShardWriter:
         self._shards: list[list[tuple[str, torch.dtype, tuple]]] | None = None
         self._next = 0  # index of the next tensor to write, over all shards
         self._file = None
+        self._hash = None
+        self.digests: dict[str, str] = {}
 
     def plan(self, name: str, dtype: torch.dtype, shape) -> None:
         if self._shards is not None:
@@ -162,7 +166,12 @@ class ShardWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the format aligns tensor data to 8 bytes
         self._file = open(self.folder / self.shard_name(i), "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._hash = hashlib.sha256()
+        self._emit(struct.pack("<Q", len(blob)) + blob)
+
+    def _emit(self, data) -> None:
+        self._file.write(data)
+        self._hash.update(data)
 
     def _locate(self, k: int) -> tuple[int, int]:
         for i, shard in enumerate(self._shards):
@@ -182,7 +191,7 @@ class ShardWriter:
         if pos == 0:
             self._open_shard(shard)
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        self._emit(memoryview(data))
         self.bytes_written += data.nbytes
         self._next += 1
         if pos == len(self._shards[shard]) - 1:
@@ -190,6 +199,7 @@ class ShardWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
+            self.digests[self.shard_name(shard)] = self._hash.hexdigest()
 
     def close(self) -> dict[str, str]:
         if self._shards is None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qlora_bridge.errors import BridgeError, CheckFailed
+from qlora_bridge.files import digest_folder
 from qlora_bridge.merge import REPORT, merge
 from qlora_bridge.tinymodel import build_tiny_model
 from qlora_bridge.train import RECORD, TrainSettings, train
@@ -72,6 +73,7 @@ def test_merged_folder_is_plain_transformers(tiny_model, adapter, tmp_path):
     assert len(report["layers"]) == 14 and report["bytes_written"] == sum(
         p.stat().st_size for p in out.glob("*.safetensors")) - sum(8 + int.from_bytes(
             p.read_bytes()[:8], "little") for p in out.glob("*.safetensors"))
+    assert report["weights"] == digest_folder(out, "*.safetensors")  # hashed while written
     # generate in a process where peft and bitsandbytes cannot be imported
     code = (f"import sys; sys.modules['peft'] = None; sys.modules['bitsandbytes'] = None\n"
             f"from transformers import AutoModelForCausalLM, AutoTokenizer\n"
