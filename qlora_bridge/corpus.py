@@ -54,6 +54,19 @@ REFERENCE_TEXT = (
 )
 
 
+# The pydoc topics that make up the reference document: text disjoint from it (calibration_text) leaves them out.
+REFERENCE_TOPICS = ("objects", "execmodel", "exceptions", "import", "context-managers", "truth", "lambda", "calls")
+
+
+def calibration_text() -> str:
+    """General prose with code for calibrating quantizers, disjoint from the smoke gate's reference document: the
+    other pydoc topics of the running CPython's language reference (~430k characters, ~100k tokens), in name
+    order. It varies with the Python version; whoever uses it records its digest."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics) if k not in REFERENCE_TOPICS)
+
+
 def reference_document() -> str:
     """~8k tokens of prose with some code (8,239 on SmolLM2's tokenizer), the same for every target: the smoke gate's long reference text, long
     enough that its divergence and perplexity figures are stable (on the ~400-token REFERENCE_TEXT a Q8_0 export

@@ -43,6 +43,3 @@ def exports() -> list:
         specs.append(ExportSpec("safetensors", "float32", "vllm"))
     return specs
 
-
-# `export --target awq|gptq` on the demo: calibration sized for 2 CPU cores (~4k tokens of the training data)
-EXPORT_OPTIONS = {"awq": {"samples": "16", "seq_len": "256"}, "gptq": {"samples": "16", "seq_len": "256"}}

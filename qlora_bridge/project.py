@@ -60,14 +60,13 @@ class Project:
     passphrase_env: str | None = None
     out: Path = Path("qlora-bridge-out")
     license: str | None = None
-    export_defaults: dict[str, dict] = field(default_factory=dict)  # target -> options when none are listed
 
     def export_for(self, target: str, quant: str | None = None) -> ExportSpec:
         """The project's settings for this target (and quant), or the defaults for it."""
         for spec in self.exports:
             if spec.target == target and (quant is None or spec.quant in (None, quant)):
                 return spec
-        return ExportSpec(target, quant, options=dict(self.export_defaults.get(target, {})))
+        return ExportSpec(target, quant)
 
 
 def line_of(text: str, section: str, key: str | None, index: int = 0) -> int | None:
@@ -153,8 +152,7 @@ def demo_project() -> Project:
     from . import demo
 
     return Project(path=None, train_data=demo.train_file(), heldout=demo.heldout_file(),
-                   train=dict(demo.TRAIN_OVERRIDES), exports=list(demo.exports()), out=Path("qlora-bridge-out"),
-                   export_defaults=dict(demo.EXPORT_OPTIONS))
+                   train=dict(demo.TRAIN_OVERRIDES), exports=list(demo.exports()), out=Path("qlora-bridge-out"))
 
 
 def find(path: Path | None = None) -> Project:
@@ -200,7 +198,7 @@ backend = "llamacpp"
 target = "awq"                    # for vLLM; needs a GPU or an AVX-512 CPU to serve
 quant = "int4"
 backend = "vllm"
-options = { samples = 128, seq_len = 512 }
+# options = { group_size = 32 }   # exporter settings: `qlora-bridge plugins` lists each target's
 
 [smoke]
 # suite = "suite.yaml"            # golden prompts; default: the held-out answers the merged model gets right

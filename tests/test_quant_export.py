@@ -60,6 +60,7 @@ def test_awq_pack_and_dequantize_round_trip(fmt):
 # --- the exporters, with the real GPTQModel, on the tiny model ---
 
 SMALL = {"samples": "16", "seq_len": "64"}  # CI-sized calibration; the tiny model learns nothing from more
+GENERAL = {"text_tokens": "256"}  # four 64-token blocks of general text after the training data
 
 
 @pytest.fixture(scope="module")
@@ -67,24 +68,32 @@ def gptqmodel():
     return pytest.importorskip("gptqmodel", reason="GPTQModel is the quant extra: pip install '.[quant]'")
 
 
+ENGINES = [("gptq", "gptqmodel"), ("gptq", "autoround"), ("awq", "gptqmodel"), ("awq", "autoround")]
+
+
 @pytest.fixture(scope="module")
 def exports(gptqmodel, registry, tiny_release, tmp_path_factory):
+    pytest.importorskip("auto_round", reason="AutoRound is the quant extra: pip install '.[quant]'")
     out = {}
-    for target in ("gptq", "awq"):
-        folder = tmp_path_factory.mktemp(target) / f"export-{target}"
-        export(registry, target, tiny_release, folder, options=SMALL, progress=False)
-        out[target] = folder
+    for target, engine in ENGINES:
+        folder = tmp_path_factory.mktemp(target) / f"export-{target}-{engine}"
+        export(registry, target, tiny_release, folder, options={**SMALL, **GENERAL, "engine": engine},
+               progress=False)
+        out[target, engine] = folder
     return out
 
 
-@pytest.mark.parametrize("target", ["gptq", "awq"])
-def test_export_is_read_back_layer_by_layer(exports, tiny_release, target):
-    manifest = json.loads((exports[target] / "manifest.json").read_text())
+@pytest.mark.parametrize("target,engine", ENGINES)
+def test_export_is_read_back_layer_by_layer(exports, tiny_release, target, engine):
+    manifest = json.loads((exports[target, engine] / "manifest.json").read_text())
     settings, checks = manifest["export"]["settings"], manifest["export"]["checks"]
-    assert settings["group_size"] == 128 and settings["group_size_note"] is None  # 256 and 768 wide layers
+    assert settings["engine"] == engine and settings["engine_version"]
+    assert settings["group_size"] == 32  # the default, which divides the 256 and 768 wide layers
     record = json.loads((tiny_release / "training_record.json").read_text())
     assert settings["calibration"]["source"] == "the fine-tune's training data"
     assert settings["calibration"]["sha256"] == record["dataset"]["sha256"]
+    general = settings["calibration"]["general_text"]
+    assert (general["samples"], general["tokens"]) == (4, 256) and len(general["sha256"]) == 64
     rb = checks["read_back"]
     assert rb["layers"] == 2 * 7 and len(rb["layer_errors"]) == 14  # q k v o gate up down in 2 layers
     # 4-bit groups of 128 on random-init weights: GPTQ 0.13 mean relative weight error (worst 0.14); AWQ 0.11
@@ -97,18 +106,18 @@ def test_export_is_read_back_layer_by_layer(exports, tiny_release, target):
     assert (qc["checkpoint_format"] == "gptq") if target == "gptq" else (qc["version"] == "gemm" and qc["zero_point"])
 
 
-@pytest.mark.parametrize("target", ["gptq", "awq"])
-def test_our_reader_computes_what_the_library_loads(registry, exports, tiny_release, target):
+@pytest.mark.parametrize("target,engine", ENGINES)
+def test_our_reader_computes_what_the_library_loads(registry, exports, tiny_release, target, engine):
     """Our dequantized export (the exporter's logits hook) and transformers + GPTQModel's kernels must compute
     the same function."""
     pytest.importorskip("optimum", reason="transformers loads GPTQ only with optimum: pip install '.[quant]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(tiny_release)("Monday meeting with Alice, urgent.", return_tensors="pt")
-    library = AutoModelForCausalLM.from_pretrained(exports[target], device_map="cpu", dtype=torch.bfloat16)
+    library = AutoModelForCausalLM.from_pretrained(exports[target, engine], device_map="cpu", dtype=torch.bfloat16)
     with torch.no_grad():
         a = library(**ids).logits[0].float()
-    b = next(registry.exporter(target)[0].logits(exports[target], [ids["input_ids"][0].tolist()]))
+    b = next(registry.exporter(target)[0].logits(exports[target, engine], [ids["input_ids"][0].tolist()]))
     # the library computes in bfloat16 (8 mantissa bits, ~0.4% per operation); a misread pack order or
     # zero point gives errors of order 1
     assert (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item() < 0.03
@@ -117,7 +126,7 @@ def test_our_reader_computes_what_the_library_loads(registry, exports, tiny_rele
 def test_a_corrupted_pack_order_fails_the_read_back(exports, tiny_release, fmt, tmp_path):
     rb = importlib.import_module("qlora_bridge_plugin_gptq_awq.readback")
     broken = tmp_path / "awq-sequential"
-    shutil.copytree(exports["awq"], broken)
+    shutil.copytree(exports["awq", "autoround"], broken)
     (path,) = broken.glob("*.safetensors")
     state = load_file(path)
     for name in [n for n in state if n.endswith(".qweight")]:  # written in GPTQ's sequential nibble order
@@ -138,7 +147,7 @@ def test_group_size_that_does_not_divide_a_layer(gptqmodel, registry, tmp_path):
     manifest = export(registry, "gptq", merged, tmp_path / "auto", options={**SMALL, "calibration": str(calib)},
                       progress=False)
     settings = manifest["export"]["settings"]
-    assert settings["group_size"] == 64 and "128 does not divide the input width 192" in settings["group_size_note"]
+    assert settings["group_size"] == 32
     assert settings["calibration"]["source"] == "option calibration"
 
 
@@ -147,3 +156,13 @@ def test_no_calibration_data_is_a_clear_error(registry, tiny_model, tmp_path):
         export(registry, "awq", tiny_model, tmp_path / "out", progress=False)  # a base model: no training record
     assert e.value.field == "--option calibration"
     assert not (tmp_path / "out").exists()
+
+
+def test_engine_settings_are_checked(registry, tiny_release, tmp_path):
+    with pytest.raises(BridgeError, match="iters=50 is AutoRound's SignRound") as e:
+        export(registry, "gptq", tiny_release, tmp_path / "out", options={"engine": "gptqmodel", "iters": "50"},
+               progress=False)
+    assert e.value.field == "--option iters" and not (tmp_path / "out").exists()
+    with pytest.raises(BridgeError, match="engine=optimum is not supported") as e:
+        export(registry, "awq", tiny_release, tmp_path / "out", options={"engine": "optimum"}, progress=False)
+    assert "gptqmodel" in e.value.fix and "autoround" in e.value.fix

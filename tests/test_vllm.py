@@ -113,7 +113,8 @@ def lacks_4bit_kernel() -> bool:
 @needs_vllm
 @pytest.mark.server
 @pytest.mark.slow
-# AWQ is left out: GPTQModel's AWQ of the demo takes 34 minutes on 2 CPU cores (the suite must stay under 40)
+# AWQ is left out: AutoRound's AWQ of the demo takes ~10 minutes on 2 CPU cores (GPTQModel's 34), and the suite
+# must stay under 40; the tiny model's AWQ exports are tested in test_quant_export.py
 @pytest.mark.parametrize("target,quant", [("safetensors", "float32"), ("gptq", "int4")])
 def test_demo_exports_pass_the_smoke_gate_on_vllm(registry, demo_merged, target, quant, capsys):
     if target != "safetensors":

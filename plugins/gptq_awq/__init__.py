@@ -1,29 +1,28 @@
-"""Built-in exporters `gptq` and `awq`: 4-bit (GPTQ also 8-bit) checkpoints for vLLM, written by GPTQModel.
+"""Built-in exporters `gptq` and `awq`: 4-bit (GPTQ also 8-bit) checkpoints for vLLM.
 
-GPTQModel 7.6 is the maintained library that writes both classic formats on a CPU (research notes,
-awq-gptq-quantizers.md): GPTQ checkpoint format v1 and AWQ GEMM. Calibration defaults to the fine-tune's own
-training data, tokenized as it was trained. Every export is read back with our own format reader
-(formats.py) and compared with the merged weights layer by layer, then as a whole model; an export off the
-scale fails and nothing is kept.
+Each target has one on-disk format, GPTQ checkpoint format v1 (symmetric) and AWQ GEMM (zero points), whichever
+engine writes it (engines.py): GPTQModel 7.6 or AutoRound 0.16, both of which run on a CPU; the manifest names
+the engine, its version and every setting. Calibration defaults to the fine-tune's own training data, tokenized
+as it was trained. Every export is read back with our own format reader (formats.py) and compared with the
+merged weights layer by layer, then as a whole model; an export off the scale fails and nothing is kept.
 
-Options (--option KEY=VALUE): group_size (32, 64, 128; default 128, see choose_group), samples (default 128),
-seq_len (default 512), calibration (a JSONL dataset or a .txt file; default: the training data),
-dtype (float16 or bfloat16: what the checkpoint stores; on a GPU also what the quantizer computes in),
-damp (GPTQ only).
+Options (--option KEY=VALUE; defaults per target in DEFAULTS): engine (gptqmodel, autoround), group_size
+(32, 64, 128; default 32), samples (calibration blocks), seq_len (default 512), calibration (a JSONL dataset or
+a .txt file; default: the training data), text_tokens (general text added to the calibration), iters (AutoRound's
+SignRound steps per block; 0 rounds to nearest), grid (AutoRound AWQ's scale exponents), dtype (float16 or
+bfloat16: what the checkpoint stores), damp (GPTQ by GPTQModel only).
 """
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 from qlora_bridge.api import (REFERENCE_TEXT, Bounds, BridgeError, CheckFailed, Exporter, ExportRequest,
-                              ExportResult, hookimpl, model_logits, token_sequences)
+                              ExportResult, calibration_text, hookimpl, model_logits, token_sequences)
+
+from .engines import ENGINES, Job
 
 PLUGIN_API = 2  # the plugin API this module was written for
 # The smoke gate's bounds: a 4-bit export is held to what llama.cpp's Q4_K_M achieves on the same model, with a
@@ -37,7 +36,14 @@ INT8 = Bounds(kl_answers=1e-3, kl_text=0.01, ppl_ratio=1.02, task_ratio=0.98,
 GROUPS = (128, 64, 32)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
-LAYER_KINDS = (".self_attn.", ".mlp.")  # GPTQModel quantizes the decoder layers' Linears, not embeddings or head
+LAYER_KINDS = (".self_attn.", ".mlp.")  # the quantizers pack the decoder layers' Linears, not embeddings or head
+# Chosen by bench/quant_quality.py on the demo (README, "GPTQ and AWQ for vLLM"): groups of 32 (GPTQ: KL along
+# the answers 0.0114 against 0.0175 at 64, task 0.515 against 0.43, reference 0.54); GPTQ by GPTQModel on up to
+# 128 blocks of 512 tokens; AWQ by AutoRound (AWQ scales, no clip search, then round to nearest) on 4 blocks with
+# 10 scale exponents, because GPTQModel's AWQ with its fixed clip search takes 34 minutes for the demo on 2 cores.
+DEFAULTS = {"gptq": {"engine": "gptqmodel", "samples": 128, "text_tokens": 0, "iters": 0, "grid": 20},
+            "awq": {"engine": "autoround", "samples": 4, "text_tokens": 0, "iters": 0, "grid": 10}}
+DEFAULT_GROUP = 32
 
 
 def option(req: ExportRequest, key: str, default, parse=int, allowed=None):
@@ -70,34 +76,25 @@ def linear_in_features(merged: Path) -> dict[str, int]:
     return widths
 
 
-def choose_group(req: ExportRequest, widths: dict[str, int]) -> tuple[int, str | None]:
-    """The group size: as asked when given; by default 128, or the largest of 64/32 that divides every layer.
-
-    A group that does not divide a layer's input width cannot be written as whole groups: AWQ refuses it and
-    GPTQ writes a short last group that vLLM's CPU kernel rejects (576-wide SmolLM2, research fact 12).
-    """
-    asked = req.options.get("group_size")
+def choose_group(req: ExportRequest, widths: dict[str, int]) -> int:
+    """The group size, as asked or DEFAULT_GROUP; it must divide every layer's input width. A group that does not
+    cannot be written as whole groups: AWQ refuses it and GPTQ writes a short last group that vLLM's CPU kernel
+    rejects (576-wide SmolLM2 and groups of 128, research fact 12)."""
+    group = option(req, "group_size", DEFAULT_GROUP, allowed=GROUPS)
     sizes = sorted(set(widths.values()))
-    misfit = lambda g: [w for w in sizes if w % g]
-    if asked is not None:
-        group = option(req, "group_size", 128, allowed=GROUPS)
-        if misfit(group):
-            raise BridgeError(f"group size {group} does not divide the input width {misfit(group)[0]} of some "
-                              f"layers (widths: {sizes})", field="--option group_size",
-                              fix=f"use {next((g for g in GROUPS if not misfit(g)), 'another model')}, or leave "
-                                  "group_size unset to pick one automatically")
-        return group, None
-    for group in GROUPS:
-        if not misfit(group):
-            reason = None if group == 128 else (f"128 does not divide the input width {misfit(128)[0]}; "
-                                                f"{group} is the largest group size that divides {sizes}")
-            return group, reason
-    raise BridgeError(f"no group size of {GROUPS} divides every layer's input width ({sizes})", file=req.merged,
-                      fix="this model cannot be packed in whole groups; export it as gguf or safetensors")
+    misfit = [w for w in sizes if w % group]
+    if misfit:
+        fits = next((g for g in GROUPS if not any(w % g for w in sizes)), None)
+        raise BridgeError(f"group size {group} does not divide the input width {misfit[0]} of some layers "
+                          f"(widths: {sizes})", field="--option group_size",
+                          fix=f"use --option group_size={fits}" if fits else
+                          "this model cannot be packed in whole groups; export it as gguf or safetensors")
+    return group
 
 
-def calibration(req: ExportRequest, tok, samples: int, seq_len: int) -> tuple[list[list[int]], dict]:
-    """Token id sequences to calibrate on, and where they came from (for the manifest)."""
+def calibration(req: ExportRequest, tok, samples: int, seq_len: int, text_tokens: int) -> tuple[list[list[int]], dict]:
+    """Token id sequences to calibrate on, and where they came from (for the manifest): the fine-tune's data (or
+    the calibration option's file) in seq_len blocks, then about text_tokens of general text after them."""
     path = req.options.get("calibration")
     source = "option calibration"
     if path is None:
@@ -127,97 +124,21 @@ def calibration(req: ExportRequest, tok, samples: int, seq_len: int) -> tuple[li
     if len(blocks) > samples:  # spread over the whole file, deterministically
         step = len(blocks) / samples
         blocks = [blocks[int(i * step)] for i in range(samples)]
-    return blocks, {"source": source, "path": str(path.resolve()),
-                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "records": len(sequences),
-                    "samples": len(blocks), "tokens": sum(map(len, blocks)), "seq_len": seq_len,
-                    "packed": "records concatenated and cut into seq_len blocks"}
-
-
-def quantize(req: ExportRequest, method: str, bits: int, group: int, sequences, dtype: str) -> dict:
-    """Run GPTQModel and save its checkpoint into req.out; returns the library settings used."""
-    # GPTQModel sizes its CPU worker pools from this at import time; its default of (cores+1)//2 is below
-    # the 2 workers its model loader insists on for machines with 2 cores (research notes).
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
-    # GPTQModel reports progress (and import-time notices) on stdout, which belongs to our --json output
-    quiet = contextlib.redirect_stdout(sys.stderr if req.progress else open(os.devnull, "w"))
-    try:
-        import torch
-        with quiet:
-            from gptqmodel import GPTQModel
-            from gptqmodel.quantization import FORMAT, AWQConfig, GPTQConfig
-            from gptqmodel.utils.backend import BACKEND
-    except ImportError as e:
-        raise BridgeError(f"the {method} exporter needs GPTQModel ({e})",
-                          fix="pip install 'qlora-bridge[quant]'") from None
-    on_gpu = torch.cuda.is_available()
-    # A CPU without AVX512-BF16 multiplies bfloat16/float16 ~60x slower than float32 (measured: 967 vs 17 ms for
-    # 512x576 @ 576x1536), so GPTQ on a CPU computes in float32 and the result is cast to `dtype` after. AWQ stays
-    # in its supported half precision: forced to float32 (its modules declare fp16/bf16 only) it writes wrong
-    # weights (demo: dequantized perplexity 180,000x the merged model's), and its time goes to elementwise clip
-    # searches, not matmuls (two demo layers: 82 s in float16, 81 s in float32).
-    compute = torch.float32 if method == "gptq" and not on_gpu else getattr(torch, dtype)
-    if not on_gpu:
-        keep_freed_memory()
-    with quiet:  # the configs print notices too
-        if method == "gptq":
-            damp = option(req, "damp", 0.05, parse=float)
-            config = GPTQConfig(bits=bits, group_size=group, desc_act=False, sym=True, damp_percent=damp)
-            library = {"desc_act": False, "sym": True, "damp_percent": damp, "checkpoint_format": "gptq (v1)"}
-            backend = {}
-        else:  # fallback=None: AWQ-scale every module, not just those that saw 0.5% of the calibration tokens
-            config = AWQConfig(bits=bits, group_size=group, format=FORMAT.GEMM, sym=False, fallback=None)
-            library = {"zero_point": True, "version": "gemm", "fallback": None}
-            backend = {} if on_gpu else {"backend": BACKEND.AWQ_TORCH}
-    # GPTQModel writes per-run logs into ./logs of whatever directory it runs in; keep them out of the user's
-    from gptqmodel.looper import loop_processor
-
-    scratch = tempfile.TemporaryDirectory(prefix="qlora-bridge-gptqmodel-")
-    loop_processor._PROJECT_LOG_DIR = Path(scratch.name)
-    with quiet, scratch:
-        model = GPTQModel.load(str(req.merged), config, device="cuda" if on_gpu else "cpu",
-                               dtype=compute, trust_remote_code=False)
-        model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in sequences], batch_size=1,
-                       **backend)
-        model.save(str(req.out))
-    if compute != getattr(torch, dtype):
-        cast_floats(req.out, getattr(torch, dtype))
-    return {**library, "device": "cuda" if on_gpu else "cpu", "compute_dtype": str(compute).removeprefix("torch.")}
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep freed memory for reuse instead of unmapping it (only on glibc; a no-op elsewhere).
-
-    AWQ's clipping search allocates and frees ~75 MB temporaries thousands of times from worker threads, each with
-    its own glibc arena that hands freed pages back to the kernel, which zeroes them again on the next allocation:
-    two AWQ layers of the embedded model spent 41.7 of 146 CPU seconds in the kernel (17.3M page faults; raising
-    the mmap and trim thresholds alone did not change that). With one arena as well: 2.6 s and 0.3M, and the run
-    took 61 s instead of 88 s (bench/quant_malloc.py). The price: the process keeps its peak heap until it exits.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
-    for option, value in ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 1 << 31),
-                          (M_TOP_PAD, 512 << 20)):
-        mallopt(option, value)
-
-
-def cast_floats(folder: Path, dtype) -> None:
-    """Store every floating tensor (scales, norms, embeddings) in `dtype`, file by file through a temporary."""
-    from safetensors.torch import load_file, save_file
-
-    for f in sorted(folder.glob("*.safetensors")):
-        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(f).items()}
-        save_file(state, f.with_suffix(".tmp"), metadata={"format": "pt"})
-        os.replace(f.with_suffix(".tmp"), f)
-    config = json.loads((folder / "config.json").read_text())
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    record = {"source": source, "path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+              "records": len(sequences), "samples": len(blocks), "tokens": sum(map(len, blocks)), "seq_len": seq_len,
+              "packed": "records concatenated and cut into seq_len blocks"}
+    if text_tokens <= 0:
+        return blocks, {**record, "general_text": None}
+    text = calibration_text()
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    general = [ids[i: i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+    want = min(len(general), -(-text_tokens // seq_len))
+    general = [general[int(i * len(general) / want)] for i in range(want)]
+    record["general_text"] = {
+        "source": "CPython's pydoc topics, without those of the smoke gate's reference document",
+        "sha256": hashlib.sha256(text.encode()).hexdigest(), "samples": len(general),
+        "tokens": sum(map(len, general))}
+    return blocks + general, record
 
 
 def export(req: ExportRequest, method: str) -> ExportResult:
@@ -230,15 +151,25 @@ def export(req: ExportRequest, method: str) -> ExportResult:
     if not widths:
         raise BridgeError("found no decoder-layer Linear weights to quantize", file=req.merged,
                           fix="pass a merged Hugging Face causal LM folder")
-    group, group_note = choose_group(req, widths)
-    samples = option(req, "samples", 128)
+    group = choose_group(req, widths)
+    defaults = DEFAULTS[method]
+    samples = option(req, "samples", defaults["samples"])
     seq_len = option(req, "seq_len", 512)
+    text_tokens = option(req, "text_tokens", defaults["text_tokens"])
     dtype = option(req, "dtype", "float16", parse=str, allowed=("float16", "bfloat16"))
+    engine = option(req, "engine", defaults["engine"], parse=str, allowed=tuple(ENGINES))
+    iters = option(req, "iters", defaults["iters"])
+    if iters and engine != "autoround":
+        raise BridgeError(f"iters={iters} is AutoRound's SignRound; the {engine} engine has no such setting",
+                          field="--option iters", fix="add --option engine=autoround, or drop iters")
     tok = AutoTokenizer.from_pretrained(req.merged, trust_remote_code=False)
-    sequences, calib = calibration(req, tok, samples, seq_len)
+    sequences, calib = calibration(req, tok, samples, seq_len, text_tokens)
 
     t0 = time.time()
-    library = quantize(req, method, bits, group, sequences, dtype)
+    job = Job(merged=req.merged, out=req.out, method=method, bits=bits, group=group, sequences=sequences,
+              dtype=dtype, progress=req.progress, damp=option(req, "damp", 0.05, parse=float), iters=iters,
+              grid=option(req, "grid", defaults["grid"]))
+    library = ENGINES[engine](job)
     t_quantize = time.time() - t0
     for name in TOKENIZER_FILES:  # the merged folder's tokenizer is the one parity was proven on
         if (req.merged / name).is_file():
@@ -270,10 +201,17 @@ def export(req: ExportRequest, method: str) -> ExportResult:
         "mean_rel_error": round(sum(errors.values()) / len(errors), 5), "worst_layer": worst,
         "worst_rel_error": errors[worst], "max_allowed": MAX_LAYER_ERROR[method], "layer_errors": errors,
         "awq_smoothing_fitted": method == "awq"}, "dequantized_model": {**logits, "max_ppl_ratio": MAX_PPL_RATIO}}
-    return ExportResult(settings={"bits": bits, "group_size": group, "group_size_note": group_note,
-                                  "dtype": dtype, "calibration": calib, "library": "gptqmodel", **library,
+    return ExportResult(settings={"bits": bits, "group_size": group,
+                                  "dtype": dtype, "calibration": calib, "engine": engine,
+                                  "engine_version": version(engine), **library,
                                   "seconds_quantize": round(t_quantize, 2), "seconds_check": round(t_check, 2)},
                         checks=checks)
+
+
+def version(engine: str) -> str:
+    from importlib.metadata import version
+
+    return version({"autoround": "auto-round"}.get(engine, engine))
 
 
 def logits(folder: Path, sequences):
