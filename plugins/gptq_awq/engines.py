@@ -34,9 +34,11 @@ class Job:
     grid: int = 20  # AutoRound AWQ: scale exponents tried per smoothing (each a forward of the layer's part)
 
 
+@contextlib.contextmanager
 def quiet(job: Job):
     """Both libraries report progress (and import-time notices) on stdout, which belongs to our --json output."""
-    return contextlib.redirect_stdout(sys.stderr if job.progress else open(os.devnull, "w"))
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sys.stderr if job.progress else sink):
+        yield
 
 
 def gptqmodel(job: Job) -> dict:
