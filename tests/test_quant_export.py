@@ -166,3 +166,7 @@ def test_engine_settings_are_checked(registry, tiny_release, tmp_path):
     with pytest.raises(BridgeError, match="engine=optimum is not supported") as e:
         export(registry, "awq", tiny_release, tmp_path / "out", options={"engine": "optimum"}, progress=False)
     assert "gptqmodel" in e.value.fix and "autoround" in e.value.fix
+    with pytest.raises(BridgeError, match="damp is GPTQModel's") as e:  # AutoRound would ignore it in silence
+        export(registry, "gptq", tiny_release, tmp_path / "out", options={"engine": "autoround", "damp": "0.01"},
+               progress=False)
+    assert e.value.field == "--option damp" and not (tmp_path / "out").exists()

@@ -169,6 +169,9 @@ def export(req: ExportRequest, method: str) -> ExportResult:
     if iters and engine != "autoround":
         raise BridgeError(f"iters={iters} is AutoRound's SignRound; the {engine} engine has no such setting",
                           field="--option iters", fix="add --option engine=autoround, or drop iters")
+    if "damp" in req.options and not (engine == "gptqmodel" and method == "gptq"):
+        raise BridgeError(f"damp is GPTQModel's GPTQ Hessian dampening; {engine}'s {method} has no such setting",
+                          field="--option damp", fix="drop damp, or export gptq with --option engine=gptqmodel")
     tok = AutoTokenizer.from_pretrained(req.merged, trust_remote_code=False)
     sequences, calib = calibration(req, tok, samples, seq_len, text_tokens)
 
