@@ -35,8 +35,12 @@ CASES = [
     ("GPTQModel GPTQ + general text", "gptq", {"engine": "gptqmodel", "text_tokens": "16384"}, False),
     ("GPTQModel GPTQ g32", "gptq", {"engine": "gptqmodel", "group_size": "32"}, False),
     ("AutoRound SignRound", "gptq", {"engine": "autoround", "iters": "50"}, False),
-    ("AutoRound AWQ + RTN", "awq", {"engine": "autoround"}, False),
-    ("GPTQModel AWQ (clip search)", "awq", {"engine": "gptqmodel"}, True),
+    ("AutoRound AWQ + RTN", "awq", {"engine": "autoround", "algorithm": "awq"}, False),
+    ("GPTQModel GPTQ asym, repacked as AWQ", "awq", {"engine": "gptqmodel", "algorithm": "gptq", "text_tokens": "0"},
+     False),
+    ("GPTQModel GPTQ asym, repacked as AWQ, + general text", "awq",
+     {"engine": "gptqmodel", "algorithm": "gptq", "text_tokens": "4096"}, False),
+    ("GPTQModel AWQ (clip search)", "awq", {"engine": "gptqmodel", "algorithm": "awq"}, True),
 ]
 
 

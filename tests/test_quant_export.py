@@ -57,6 +57,21 @@ def test_awq_pack_and_dequantize_round_trip(fmt):
     assert (got - w).abs().max() <= s.max() / 2 + 1e-6  # round to nearest on an asymmetric grid
 
 
+def test_asymmetric_gptq_repacks_as_awq_exactly(fmt):
+    # the awq target's algorithm=gptq: GPTQModel's asymmetric GPTQ in format v2 (zero points as they are; v1 stores
+    # z - 1 and loses z = 0), repacked to AWQ GEMM. The same codes must dequantize to the same weights.
+    w = torch.randn(96, 256)
+    w[:, :64] = w[:, :64].abs()  # a group of positive weights has its zero point at code 0
+    q, z, s = fmt.rtn(w, 4, 64, sym=False)
+    assert (z == 0).any()
+    qweight, qzeros = fmt.gptq_pack(q, z, 4, v1=False)
+    q2, z2 = fmt.gptq_codes(qweight, qzeros, 4, v1=False)
+    assert torch.equal(q2, q) and torch.equal(z2, z)
+    awq = fmt.awq_dequantize(*fmt.awq_pack(q2, z2), s, 64)
+    g = torch.arange(256) // 64
+    assert torch.equal(awq, ((q - z[g]).float() * s[g]).T)
+
+
 # --- the exporters, with the real GPTQModel, on the tiny model ---
 
 SMALL = {"samples": "16", "seq_len": "64"}  # CI-sized calibration; the tiny model learns nothing from more
@@ -68,26 +83,30 @@ def gptqmodel():
     return pytest.importorskip("gptqmodel", reason="GPTQModel is the quant extra: pip install '.[quant]'")
 
 
-ENGINES = [("gptq", "gptqmodel"), ("gptq", "autoround"), ("awq", "gptqmodel"), ("awq", "autoround")]
+# (target, engine, how the weights are rounded): the awq target by GPTQModel either way
+ENGINES = [("gptq", "gptqmodel", "gptq"), ("gptq", "autoround", "rtn"), ("awq", "gptqmodel", "awq"),
+           ("awq", "gptqmodel", "gptq"), ("awq", "autoround", "awq")]
 
 
 @pytest.fixture(scope="module")
 def exports(gptqmodel, registry, tiny_release, tmp_path_factory):
     pytest.importorskip("auto_round", reason="AutoRound is the quant extra: pip install '.[quant]'")
     out = {}
-    for target, engine in ENGINES:
-        folder = tmp_path_factory.mktemp(target) / f"export-{target}-{engine}"
-        export(registry, target, tiny_release, folder, options={**SMALL, **GENERAL, "engine": engine},
-               progress=False)
-        out[target, engine] = folder
+    for target, engine, algorithm in ENGINES:
+        folder = tmp_path_factory.mktemp(target) / f"export-{target}-{engine}-{algorithm}"
+        options = {**SMALL, **GENERAL, "engine": engine, **({"algorithm": algorithm} if target == "awq" else {})}
+        export(registry, target, tiny_release, folder, options=options, progress=False)
+        out[target, engine, algorithm] = folder
     return out
 
 
-@pytest.mark.parametrize("target,engine", ENGINES)
-def test_export_is_read_back_layer_by_layer(exports, tiny_release, target, engine):
-    manifest = json.loads((exports[target, engine] / "manifest.json").read_text())
+@pytest.mark.parametrize("target,engine,algorithm", ENGINES)
+def test_export_is_read_back_layer_by_layer(exports, tiny_release, target, engine, algorithm):
+    folder = exports[target, engine, algorithm]
+    manifest = json.loads((folder / "manifest.json").read_text())
     settings, checks = manifest["export"]["settings"], manifest["export"]["checks"]
     assert settings["engine"] == engine and settings["engine_version"]
+    assert settings["algorithm"] == algorithm
     assert settings["group_size"] == 32  # the default, which divides the 256 and 768 wide layers
     record = json.loads((tiny_release / "training_record.json").read_text())
     assert settings["calibration"]["source"] == "the fine-tune's training data"
@@ -104,20 +123,24 @@ def test_export_is_read_back_layer_by_layer(exports, tiny_release, target, engin
     qc = checks["quantization_config"]
     assert qc["quant_method"] == target and qc["bits"] == 4
     assert (qc["checkpoint_format"] == "gptq") if target == "gptq" else (qc["version"] == "gemm" and qc["zero_point"])
+    if target == "awq" and algorithm == "gptq":  # repacked: nothing of the GPTQ layout may remain to mislead a loader
+        assert "repacked" in settings and not (folder / "quantize_config.json").exists()
+        assert not any(k.endswith(".g_idx") for f in folder.glob("*.safetensors") for k in load_file(f))
 
 
-@pytest.mark.parametrize("target,engine", ENGINES)
-def test_our_reader_computes_what_the_library_loads(registry, exports, tiny_release, target, engine):
+@pytest.mark.parametrize("target,engine,algorithm", ENGINES)
+def test_our_reader_computes_what_the_library_loads(registry, exports, tiny_release, target, engine, algorithm):
     """Our dequantized export (the exporter's logits hook) and transformers + GPTQModel's kernels must compute
     the same function."""
     pytest.importorskip("optimum", reason="transformers loads GPTQ only with optimum: pip install '.[quant]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(tiny_release)("Monday meeting with Alice, urgent.", return_tensors="pt")
-    library = AutoModelForCausalLM.from_pretrained(exports[target, engine], device_map="cpu", dtype=torch.bfloat16)
+    folder = exports[target, engine, algorithm]
+    library = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.bfloat16)
     with torch.no_grad():
         a = library(**ids).logits[0].float()
-    b = next(registry.exporter(target)[0].logits(exports[target, engine], [ids["input_ids"][0].tolist()]))
+    b = next(registry.exporter(target)[0].logits(folder, [ids["input_ids"][0].tolist()]))
     # the library computes in bfloat16 (8 mantissa bits, ~0.4% per operation); a misread pack order or
     # zero point gives errors of order 1
     assert (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item() < 0.03
@@ -126,7 +149,7 @@ def test_our_reader_computes_what_the_library_loads(registry, exports, tiny_rele
 def test_a_corrupted_pack_order_fails_the_read_back(exports, tiny_release, fmt, tmp_path):
     rb = importlib.import_module("qlora_bridge_plugin_gptq_awq.readback")
     broken = tmp_path / "awq-sequential"
-    shutil.copytree(exports["awq", "autoround"], broken)
+    shutil.copytree(exports["awq", "autoround", "awq"], broken)
     (path,) = broken.glob("*.safetensors")
     state = load_file(path)
     for name in [n for n in state if n.endswith(".qweight")]:  # written in GPTQ's sequential nibble order
@@ -166,7 +189,18 @@ def test_engine_settings_are_checked(registry, tiny_release, tmp_path):
     with pytest.raises(BridgeError, match="engine=optimum is not supported") as e:
         export(registry, "awq", tiny_release, tmp_path / "out", options={"engine": "optimum"}, progress=False)
     assert "gptqmodel" in e.value.fix and "autoround" in e.value.fix
-    with pytest.raises(BridgeError, match="damp is GPTQModel's") as e:  # AutoRound would ignore it in silence
+    with pytest.raises(BridgeError, match="damp is a setting of GPTQModel's GPTQ") as e:  # AutoRound: ignored
         export(registry, "gptq", tiny_release, tmp_path / "out", options={"engine": "autoround", "damp": "0.01"},
                progress=False)
     assert e.value.field == "--option damp" and not (tmp_path / "out").exists()
+    with pytest.raises(BridgeError, match="true_sequential is a setting of GPTQModel's GPTQ") as e:
+        export(registry, "awq", tiny_release, tmp_path / "out", options={"algorithm": "awq", "true_sequential": "1"},
+               progress=False)
+    assert e.value.field == "--option true_sequential" and not (tmp_path / "out").exists()
+    with pytest.raises(BridgeError, match="algorithm=gptq for AWQ is GPTQModel's") as e:
+        export(registry, "awq", tiny_release, tmp_path / "out", options={"engine": "autoround", "algorithm": "gptq"},
+               progress=False)
+    assert e.value.field == "--option algorithm" and not (tmp_path / "out").exists()
+    with pytest.raises(BridgeError, match="the gptq target is GPTQ's own") as e:
+        export(registry, "gptq", tiny_release, tmp_path / "out", options={"algorithm": "awq"}, progress=False)
+    assert e.value.field == "--option algorithm"

@@ -6,11 +6,15 @@ the engine, its version and every setting. Calibration defaults to the fine-tune
 as it was trained. Every export is read back with our own format reader (formats.py) and compared with the
 merged weights layer by layer, then as a whole model; an export off the scale fails and nothing is kept.
 
-Options (--option KEY=VALUE; defaults per target in DEFAULTS): engine (gptqmodel, autoround), group_size
+Options (--option KEY=VALUE; defaults per target in DEFAULTS): engine (gptqmodel, autoround), algorithm (the awq
+target only: awq, AWQ's activation-aware scales, or gptq, GPTQModel's asymmetric GPTQ repacked exactly into the
+AWQ GEMM layout, which vLLM's AWQ kernels compute the same way), group_size
 (32, 64, 128; default 32), samples (calibration blocks), seq_len (default 512), calibration (a JSONL dataset or
 a .txt file; default: the training data), text_tokens (general text added to the calibration), iters (AutoRound's
 SignRound steps per block; 0 rounds to nearest), grid (AutoRound AWQ's scale exponents), dtype (float16 or
-bfloat16: what the checkpoint stores), damp (GPTQ by GPTQModel only).
+bfloat16: what the checkpoint stores); for GPTQ by GPTQModel only: damp (Hessian dampening) and true_sequential
+(0 or 1: quantize each layer's module subsets in turn, each seeing the ones before it already quantized, at one
+forward of the calibration per subset).
 """
 
 import hashlib
@@ -22,7 +26,7 @@ from pathlib import Path
 from qlora_bridge.api import (REFERENCE_TEXT, Bounds, BridgeError, CheckFailed, Exporter, ExportRequest,
                               ExportResult, calibration_text, hookimpl, model_logits, token_sequences)
 
-from .engines import ENGINES, Job
+from .engines import ENGINES, Job, version
 
 PLUGIN_API = 2  # the plugin API this module was written for
 # The smoke gate's bounds: a 4-bit export is held to what llama.cpp's Q4_K_M achieves on the same model, with a
@@ -37,15 +41,26 @@ GROUPS = (128, 64, 32)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
 LAYER_KINDS = (".self_attn.", ".mlp.")  # the quantizers pack the decoder layers' Linears, not embeddings or head
-# Chosen by bench/quant_quality.py on the demo (README, "GPTQ and AWQ for vLLM"): groups of 32 (GPTQ: KL along
-# the answers 0.0114 against 0.0175 at 64, task 0.515 against 0.43, reference 0.54); GPTQ by GPTQModel on 8 blocks
-# of 512 tokens, or enough for twice the widest layer input (GPTQ_TOKENS_PER_INPUT) if that is more: on the demo
-# 8 blocks kept what 32 did (KL along the answers 0.0137 against 0.0114, on the text 0.349 against 0.343, task
-# 0.53 against 0.515) in a quarter of the time (98 s for the whole export on 2 cores, each layer's forwards are
-# most of it); AWQ by AutoRound (AWQ scales, no clip search, then round to nearest) on 4 blocks with
-# 10 scale exponents, because GPTQModel's AWQ with its fixed clip search takes 34 minutes for the demo on 2 cores.
-DEFAULTS = {"gptq": {"engine": "gptqmodel", "samples": 8, "text_tokens": 0, "iters": 0, "grid": 20},
-            "awq": {"engine": "autoround", "samples": 4, "text_tokens": 0, "iters": 0, "grid": 10}}
+# Chosen by bench/quant_quality.py on the demo (README, "GPTQ and AWQ for vLLM"), reference task score 0.54:
+# - groups of 32 (GPTQ: KL along the answers 0.0114 against 0.0175 at 64, task 0.515 against 0.43);
+# - GPTQ by GPTQModel on 8 blocks of 512 tokens of the training data, or enough for twice the widest layer input
+#   (GPTQ_TOKENS_PER_INPUT) if that is more: 8 blocks kept what 32 did (KL along the answers 0.0137 against 0.0114,
+#   task 0.53 against 0.515) in a quarter of the time (98 s for the whole export on 2 cores);
+# - AWQ by GPTQModel's GPTQ, asymmetric, repacked into the AWQ GEMM layout, on 8 blocks of the training data and
+#   2048 tokens of general text, without true_sequential: KL along the answers 0.0082, on the text 0.084, task 0.51
+#   (no significant drop), perplexity ratio 1.075, 134 s for the whole export. AWQ's own scale search (AutoRound,
+#   groups of 32) lost a third of the skill (task 0.355, KL along the answers 0.0199) in 620 s; GPTQModel's AWQ,
+#   with its fixed clip search, takes 34 minutes. The asymmetric grid is what the AWQ format adds: symmetric GPTQ
+#   with the same general text loses more (KL on the text 0.152, task 0.47). The general text halves the KL on the
+#   text (0.150 -> 0.085 at 8 blocks) for nothing along the answers; true_sequential (one forward per module
+#   subset, five a layer) takes 1.5x the time and measured no better (8 blocks + 4096 tokens: 0.0093 against
+#   0.0104 along the answers, task 0.505 against 0.495, within the figures' noise).
+DEFAULTS = {"gptq": {"engine": "gptqmodel", "algorithm": "gptq"}, "awq": {"engine": "gptqmodel", "algorithm": "gptq"}}
+CALIBRATION = {  # by (target, algorithm)
+    ("gptq", "gptq"): {"samples": 8, "text_tokens": 0, "true_sequential": 1},
+    ("awq", "gptq"): {"samples": 8, "text_tokens": 2048, "true_sequential": 0},
+    ("awq", "awq"): {"samples": 4, "text_tokens": 0, "true_sequential": 1}}
+AWQ_GRID = 10
 DEFAULT_GROUP = 32
 # GPTQ's Hessian of a layer with n inputs has rank at most the number of calibration tokens: below n it is singular
 # and only the dampening stands in for what the data did not show, so the default takes at least 2n tokens
@@ -159,26 +174,41 @@ def export(req: ExportRequest, method: str) -> ExportResult:
                           fix="pass a merged Hugging Face causal LM folder")
     group = choose_group(req, widths)
     defaults = DEFAULTS[method]
-    seq_len = option(req, "seq_len", 512)
-    floor = -(-GPTQ_TOKENS_PER_INPUT * max(widths.values()) // seq_len) if method == "gptq" else 0
-    samples = option(req, "samples", max(defaults["samples"], floor))
-    text_tokens = option(req, "text_tokens", defaults["text_tokens"])
-    dtype = option(req, "dtype", "float16", parse=str, allowed=("float16", "bfloat16"))
     engine = option(req, "engine", defaults["engine"], parse=str, allowed=tuple(ENGINES))
-    iters = option(req, "iters", defaults["iters"])
+    algorithm = method
+    if method == "awq":
+        algorithm = option(req, "algorithm", defaults["algorithm"] if engine == "gptqmodel" else "awq", parse=str,
+                           allowed=("awq", "gptq"))
+        if algorithm == "gptq" and engine != "gptqmodel":
+            raise BridgeError(f"algorithm=gptq for AWQ is GPTQModel's GPTQ, repacked; {engine} has no such setting",
+                              field="--option algorithm", fix="add --option engine=gptqmodel, or drop algorithm")
+    elif "algorithm" in req.options:
+        raise BridgeError("algorithm chooses how an AWQ export's weights are rounded; the gptq target is GPTQ's own",
+                          field="--option algorithm", fix="drop algorithm, or export --target awq")
+    gptq = engine == "gptqmodel" and algorithm == "gptq"
+    calibrate = CALIBRATION[method, algorithm]
+    seq_len = option(req, "seq_len", 512)
+    floor = -(-GPTQ_TOKENS_PER_INPUT * max(widths.values()) // seq_len) if gptq else 0
+    samples = option(req, "samples", max(calibrate["samples"], floor))
+    text_tokens = option(req, "text_tokens", calibrate["text_tokens"])
+    dtype = option(req, "dtype", "float16", parse=str, allowed=("float16", "bfloat16"))
+    iters = option(req, "iters", 0)
     if iters and engine != "autoround":
         raise BridgeError(f"iters={iters} is AutoRound's SignRound; the {engine} engine has no such setting",
                           field="--option iters", fix="add --option engine=autoround, or drop iters")
-    if "damp" in req.options and not (engine == "gptqmodel" and method == "gptq"):
-        raise BridgeError(f"damp is GPTQModel's GPTQ Hessian dampening; {engine}'s {method} has no such setting",
-                          field="--option damp", fix="drop damp, or export gptq with --option engine=gptqmodel")
+    for key in ("damp", "true_sequential"):
+        if key in req.options and not gptq:
+            raise BridgeError(f"{key} is a setting of GPTQModel's GPTQ; {engine}'s {algorithm} has no such setting",
+                              field=f"--option {key}", fix=f"drop {key}, or use --option engine=gptqmodel (and, "
+                              "for awq, algorithm=gptq)")
     tok = AutoTokenizer.from_pretrained(req.merged, trust_remote_code=False)
     sequences, calib = calibration(req, tok, samples, seq_len, text_tokens)
 
     t0 = time.time()
     job = Job(merged=req.merged, out=req.out, method=method, bits=bits, group=group, sequences=sequences,
               dtype=dtype, progress=req.progress, damp=option(req, "damp", 0.05, parse=float), iters=iters,
-              grid=option(req, "grid", defaults["grid"]))
+              grid=option(req, "grid", AWQ_GRID), algorithm=algorithm,
+              sequential=bool(option(req, "true_sequential", calibrate["true_sequential"], allowed=(0, 1))))
     library = ENGINES[engine](job)
     t_quantize = time.time() - t0
     for name in TOKENIZER_FILES:  # the merged folder's tokenizer is the one parity was proven on
@@ -192,7 +222,7 @@ def export(req: ExportRequest, method: str) -> ExportResult:
         raise CheckFailed(f"the written quantization_config has {wrong}, expected {want}",
                           file=req.out / "config.json", fix="report this: the quantizer wrote another format")
     try:
-        errors = layer_errors(req.out, req.merged)
+        errors = layer_errors(req.out, req.merged, smoothed=algorithm == "awq")
         logits = logits_check(req.out, req.merged, REFERENCE_TEXT)
     except ValueError as e:
         raise CheckFailed(f"read-back failed: {e}", file=req.out, fix="nothing was kept; report this") from None
@@ -210,18 +240,12 @@ def export(req: ExportRequest, method: str) -> ExportResult:
         "reader": "qlora-bridge formats.py (independent of the quantizer)", "layers": len(errors),
         "mean_rel_error": round(sum(errors.values()) / len(errors), 5), "worst_layer": worst,
         "worst_rel_error": errors[worst], "max_allowed": MAX_LAYER_ERROR[method], "layer_errors": errors,
-        "awq_smoothing_fitted": method == "awq"}, "dequantized_model": {**logits, "max_ppl_ratio": MAX_PPL_RATIO}}
+        "awq_smoothing_fitted": algorithm == "awq"}, "dequantized_model": {**logits, "max_ppl_ratio": MAX_PPL_RATIO}}
     return ExportResult(settings={"bits": bits, "group_size": group,
                                   "dtype": dtype, "calibration": calib, "engine": engine,
                                   "engine_version": version(engine), **library,
                                   "seconds_quantize": round(t_quantize, 2), "seconds_check": round(t_check, 2)},
                         checks=checks)
-
-
-def version(engine: str) -> str:
-    from importlib.metadata import version
-
-    return version({"autoround": "auto-round"}.get(engine, engine))
 
 
 def logits(folder: Path, sequences):
@@ -235,7 +259,9 @@ def logits(folder: Path, sequences):
 def register_exporters(register):
     register(Exporter(target="gptq", export=lambda req: export(req, "gptq"), format="gptq", logits=logits,
                       quant_types=("int4", "int8"), bounds={"int4": INT4, "int8": INT8},
-                      description="GPTQ (checkpoint format v1, symmetric) for vLLM and transformers, via GPTQModel"))
+                      description="GPTQ (checkpoint format v1, symmetric) for vLLM and transformers, via GPTQModel "
+                                  "or AutoRound"))
     register(Exporter(target="awq", export=lambda req: export(req, "awq"), format="awq", quant_types=("int4",),
                       logits=logits, bounds={"int4": INT4},
-                      description="AWQ GEMM (4-bit, zero point) for vLLM and transformers, via GPTQModel"))
+                      description="AWQ GEMM (4-bit, zero point) for vLLM and transformers, via GPTQModel or "
+                                  "AutoRound"))

@@ -23,7 +23,7 @@ from qlora_bridge.api import BridgeError
 class Job:
     merged: Path
     out: Path
-    method: str  # "gptq" or "awq"
+    method: str  # the target's format: "gptq" or "awq"
     bits: int
     group: int
     sequences: list[list[int]]
@@ -32,6 +32,8 @@ class Job:
     damp: float = 0.05  # GPTQ's Hessian dampening, as a fraction of its mean diagonal
     iters: int = 0  # AutoRound: SignRound steps per block; 0 rounds to nearest
     grid: int = 20  # AutoRound AWQ: scale exponents tried per smoothing (each a forward of the layer's part)
+    algorithm: str = ""  # the awq target: "awq" (activation-aware scales) or "gptq" (GPTQ's rounding, repacked)
+    sequential: bool = True  # GPTQModel's GPTQ: true_sequential
 
 
 @contextlib.contextmanager
@@ -61,18 +63,24 @@ def gptqmodel(job: Job) -> dict:
     # in its supported half precision: forced to float32 (its modules declare fp16/bf16 only) it writes wrong
     # weights (demo: dequantized perplexity 180,000x the merged model's), and its time goes to elementwise clip
     # searches, not matmuls (two demo layers: 82 s in float16, 81 s in float32).
-    compute = torch.float32 if job.method == "gptq" and not on_gpu else getattr(torch, job.dtype)
+    gptq = job.method == "gptq" or job.algorithm == "gptq"
+    compute = torch.float32 if gptq and not on_gpu else getattr(torch, job.dtype)
     if not on_gpu:
         keep_freed_memory()
     with quiet(job):  # the configs print notices too
-        if job.method == "gptq":
-            config = GPTQConfig(bits=job.bits, group_size=job.group, desc_act=False, sym=True,
-                                damp_percent=job.damp)
-            library = {"desc_act": False, "sym": True, "damp_percent": job.damp}
+        if gptq:
+            # for the awq target: asymmetric, saved in format v2 (v1 cannot store a zero point of 0), then repacked
+            sym = job.method == "gptq"
+            config = GPTQConfig(bits=job.bits, group_size=job.group, desc_act=False, sym=sym,
+                                damp_percent=job.damp, format=FORMAT.GPTQ if sym else FORMAT.GPTQ_V2,
+                                true_sequential=job.sequential)
+            library = {"algorithm": "gptq", "desc_act": False, "sym": sym, "damp_percent": job.damp,
+                       "true_sequential": job.sequential}
             backend = {}
         else:  # fallback=None: AWQ-scale every module, not just those that saw 0.5% of the calibration tokens
             config = AWQConfig(bits=job.bits, group_size=job.group, format=FORMAT.GEMM, sym=False, fallback=None)
-            library = {"zero_point": True, "fallback": None, "apply_clip": "always (hard-coded in GPTQModel 7.6)"}
+            library = {"algorithm": "awq", "zero_point": True, "fallback": None,
+                       "apply_clip": "always (hard-coded in GPTQModel 7.6)"}
             backend = {} if on_gpu else {"backend": BACKEND.AWQ_TORCH}
     # GPTQModel writes per-run logs into ./logs of whatever directory it runs in; keep them out of the user's
     scratch = tempfile.TemporaryDirectory(prefix="qlora-bridge-gptqmodel-")
@@ -83,6 +91,9 @@ def gptqmodel(job: Job) -> dict:
         model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in job.sequences], batch_size=1,
                        **backend)
         model.save(str(job.out))
+    if gptq and job.method == "awq":
+        repack_as_awq(job.out, job.group, f"gptqmodel {version('gptqmodel')}")
+        library["repacked"] = "GPTQ checkpoint format v2 -> AWQ GEMM, by qlora-bridge (exact: same codes)"
     if compute != getattr(torch, job.dtype):
         cast_floats(job.out, getattr(torch, job.dtype))
     return {**library, "device": "cuda" if on_gpu else "cpu", "compute_dtype": str(compute).removeprefix("torch.")}
@@ -135,11 +146,41 @@ def autoround(job: Job) -> dict:
         config_file.write_text(json.dumps(config, indent=2) + "\n")
     if job.dtype != "float16":  # AutoRound stores float16
         cast_floats(job.out, getattr(torch, job.dtype))
-    return {"rounding": rounding, "iters": job.iters, "sym": sym, **({"awq": awq} if job.method == "awq" else {}),
+    return {"algorithm": "awq" if job.method == "awq" else rounding, "rounding": rounding, "iters": job.iters, "sym": sym, **({"awq": awq} if job.method == "awq" else {}),
             "device": "cuda" if on_gpu else "cpu", "compute_dtype": "float32"}
 
 
 ENGINES = {"gptqmodel": gptqmodel, "autoround": autoround}
+
+
+def repack_as_awq(folder: Path, group: int, quantizer: str) -> None:
+    """Rewrite an asymmetric 4-bit GPTQ checkpoint (format v2, no act-order) as AWQ GEMM, file by file through a
+    temporary: the codes, zero points and scales stay as they are (formats.py), only the packing changes."""
+    from safetensors.torch import load_file, save_file
+
+    from .formats import awq_pack, gptq_codes
+
+    for f in sorted(folder.glob("*.safetensors")):
+        state = load_file(f)
+        for name in [k for k in state if k.endswith(".qweight")]:
+            prefix = name[: -len(".qweight")]
+            q, z = gptq_codes(state[name], state[f"{prefix}.qzeros"], 4, v1=False)
+            state[name], state[f"{prefix}.qzeros"] = awq_pack(q, z)
+            state.pop(f"{prefix}.g_idx", None)
+        save_file(state, f.with_suffix(".tmp"), metadata={"format": "pt"})
+        os.replace(f.with_suffix(".tmp"), f)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group,
+                                     "zero_point": True, "modules_to_not_convert": ["lm_head"],
+                                     "quantizer": f"{quantizer}: GPTQ, asymmetric, repacked by qlora-bridge"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "quantize_config.json").unlink(missing_ok=True)  # GPTQModel's, which would call it GPTQ
+
+
+def version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version({"autoround": "auto-round"}.get(package, package))
 
 
 def fast_bf16() -> bool:

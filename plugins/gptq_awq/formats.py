@@ -36,20 +36,27 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def gptq_dequantize(qweight, qzeros, scales, g_idx, bits: int) -> torch.Tensor:
+def gptq_codes(qweight, qzeros, bits: int, v1: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [K, N], z [G, N]) codes of a GPTQ layer; v1=False for GPTQModel's checkpoint format v2, which stores
+    z itself (v1's z - 1 cannot hold the zero point 0 of an asymmetric group)."""
     per_word = 32 // bits
-    q = unpack(qweight, bits).permute(0, 2, 1).reshape(qweight.shape[0] * per_word, qweight.shape[1])  # [K, N]
-    z = unpack(qzeros, bits).reshape(qzeros.shape[0], -1) + 1  # [G, N]
+    q = unpack(qweight, bits).permute(0, 2, 1).reshape(qweight.shape[0] * per_word, qweight.shape[1])
+    z = unpack(qzeros, bits).reshape(qzeros.shape[0], -1) + int(v1)
+    return q, z
+
+
+def gptq_dequantize(qweight, qzeros, scales, g_idx, bits: int) -> torch.Tensor:
+    q, z = gptq_codes(qweight, qzeros, bits)
     g = g_idx.long()
     return ((q - z[g]).float() * scales.float()[g]).T.contiguous()
 
 
-def gptq_pack(q: torch.Tensor, z: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [K, N] and z [G, N] codes -> (qweight, qzeros) in checkpoint format v1."""
+def gptq_pack(q: torch.Tensor, z: torch.Tensor, bits: int, v1: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [K, N] and z [G, N] codes -> (qweight, qzeros) in checkpoint format v1 (or v2: v1=False)."""
     per_word = 32 // bits
     k, n = q.shape
     qweight = pack(q.reshape(k // per_word, per_word, n).permute(0, 2, 1), bits)
-    qzeros = pack((z - 1).clamp(min=0).reshape(z.shape[0], n // per_word, per_word), bits)
+    qzeros = pack((z - int(v1)).clamp(min=0).reshape(z.shape[0], n // per_word, per_word), bits)
     return qweight, qzeros
 
 

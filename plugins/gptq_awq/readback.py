@@ -75,8 +75,10 @@ def fit_smoothing(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return ref * r.unsqueeze(1)
 
 
-def layer_errors(export_dir: Path, merged_dir: Path) -> dict[str, float]:
-    """Relative error of every packed layer against the merged weight; raises ValueError naming a bad layer."""
+def layer_errors(export_dir: Path, merged_dir: Path, smoothed: bool | None = None) -> dict[str, float]:
+    """Relative error of every packed layer against the merged weight; raises ValueError naming a bad layer.
+    smoothed: whether the quantizer folded smoothing factors into the weights (default: AWQ does; an AWQ file
+    written by GPTQ's rounding has none, and is held to the merged weight as it is)."""
     qc = quantization_config(export_dir)
     export, merged = Reader(export_dir), Reader(merged_dir)
     prefixes = sorted(n[: -len(".qweight")] for n in export.index if n.endswith(".qweight"))
@@ -92,7 +94,7 @@ def layer_errors(export_dir: Path, merged_dir: Path) -> dict[str, float]:
             raise ValueError(f"{prefix}: the dequantized weight has NaN or infinite values")
         if not got.any():
             raise ValueError(f"{prefix}: every dequantized weight is zero")
-        if qc["quant_method"] == "awq":
+        if smoothed if smoothed is not None else qc["quant_method"] == "awq":
             ref = fit_smoothing(got, ref)
         err = (torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref).clamp(min=1e-30)).item()
         limit = MAX_LAYER_ERROR[qc["quant_method"]]
