@@ -38,8 +38,7 @@ CASES = [
     ("AutoRound AWQ + RTN", "awq", {"engine": "autoround", "algorithm": "awq"}, False),
     ("GPTQModel GPTQ asym, repacked as AWQ", "awq", {"engine": "gptqmodel", "algorithm": "gptq", "text_tokens": "0"},
      False),
-    ("GPTQModel GPTQ asym, repacked as AWQ, + general text", "awq",
-     {"engine": "gptqmodel", "algorithm": "gptq", "text_tokens": "4096"}, False),
+    ("GPTQModel GPTQ asym, repacked as AWQ, + 2048 tokens of general text (default)", "awq", {}, False),
     ("GPTQModel AWQ (clip search)", "awq", {"engine": "gptqmodel", "algorithm": "awq"}, True),
 ]
 

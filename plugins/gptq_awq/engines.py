@@ -146,8 +146,9 @@ def autoround(job: Job) -> dict:
         config_file.write_text(json.dumps(config, indent=2) + "\n")
     if job.dtype != "float16":  # AutoRound stores float16
         cast_floats(job.out, getattr(torch, job.dtype))
-    return {"algorithm": "awq" if job.method == "awq" else rounding, "rounding": rounding, "iters": job.iters, "sym": sym, **({"awq": awq} if job.method == "awq" else {}),
-            "device": "cuda" if on_gpu else "cpu", "compute_dtype": "float32"}
+    return {"algorithm": "awq" if job.method == "awq" else rounding, "rounding": rounding, "iters": job.iters,
+            "sym": sym, **({"awq": awq} if job.method == "awq" else {}), "device": "cuda" if on_gpu else "cpu",
+            "compute_dtype": "float32"}
 
 
 ENGINES = {"gptqmodel": gptqmodel, "autoround": autoround}
