@@ -1,7 +1,7 @@
 """The smoke gate's power on a real fine-tune: faithful exports must pass, damaged ones must fail, and each verdict
 names the instrument and the figure.
 
-    python bench/gate.py MERGED [--out DIR] [--only NAME,...] [--awq] [--estimator]
+    python bench/gate.py MERGED [--out DIR] [--only NAME,...] [--estimator]
 
 MERGED is a merged fine-tune with held-out answers in its report (`qlora-bridge merge --heldout ...`), its base
 and adapter where its lineage says. Each case is exported afresh under --out, damaged where the case says, and
@@ -145,7 +145,6 @@ def main() -> None:
     ap.add_argument("merged", type=Path)
     ap.add_argument("--out", type=Path, default=Path("gate-bench"))
     ap.add_argument("--only", help="comma-separated case-name prefixes")
-    ap.add_argument("--awq", action="store_true", help="include AWQ (30+ minutes to export on 2 CPU cores)")
     ap.add_argument("--estimator", action="store_true",
                     help="also compare the KL estimators with the exact figure through each case's logits hook")
     ap.add_argument("--vllm-python", default=".venv-vllm/bin/python")
@@ -158,8 +157,6 @@ def main() -> None:
     for case in CASES:
         name, target, quant, _, expected = case
         if a.only and not any(name.startswith(p) for p in a.only.split(",")):
-            continue
-        if target == "awq" and not a.awq:
             continue
         t0 = time.time()
         folder = build(registry, case, a.merged, a.out)
