@@ -131,9 +131,10 @@ def test_vllm_computes_what_our_reader_reads_from_an_awq_repacked_from_gptq(regi
     ours = full_scores(next(registry.exporter("awq")[0].logits(out, [ids])))
     targets = torch.tensor(ids[1:])[:, None]
     a, b = lookup(served, targets)[0][:, 0], lookup(ours, targets)[0][:, 0]
-    # vLLM computes in half precision, we in float32: ~1e-2 nats a token; a misread nibble order or zero point
-    # moves the tiny model's log-probabilities by whole nats
-    assert (a - b).abs().mean().item() < 0.05, (a - b).abs().tolist()
+    # vLLM computes in half precision, we in float32 (transformers' bfloat16 of such files is within 3% relative
+    # logits of ours, test_quant_export.py), not measured through vLLM yet, hence the margin; a misread nibble order
+    # or zero point moves the tiny model's log-probabilities by whole nats
+    assert (a - b).abs().mean().item() < 0.2, (a - b).abs().tolist()
     assert not vllm_processes(out)
 
 
