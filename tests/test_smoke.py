@@ -176,7 +176,12 @@ def test_serve_runs_until_interrupted_and_leaves_nothing(gguf_f16, tmp_path):
     with urllib.request.urlopen(ready["url"] + "/v1/models", timeout=10) as r:
         assert r.status == 200
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 0
+    try:  # communicate, not wait: a child blocked on a full stderr pipe would look like a hang
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"serve did not stop within 60 s of SIGINT; its stderr ends:\n{proc.communicate()[1][-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
     deadline = time.time() + 10
     while psutil.pid_exists(ready["pid"]) and psutil.Process(ready["pid"]).status() != psutil.STATUS_ZOMBIE:
         assert time.time() < deadline, "the server outlived the serve command"
