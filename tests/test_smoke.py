@@ -167,8 +167,11 @@ def test_a_server_that_dies_on_start_is_reported_with_its_log(registry, gguf_f16
 
 
 def test_serve_runs_until_interrupted_and_leaves_nothing(gguf_f16, tmp_path):
+    # SIGINT back to its default in the child: a suite started in the background by a non-interactive shell
+    # inherits it ignored (POSIX), and the child would then never see the Ctrl-C this test sends (it hung so)
     proc = subprocess.Popen([sys.executable, "-m", "qlora_bridge.cli", "serve", str(gguf_f16), "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ready = json.loads(proc.stdout.readline())
     assert ready["url"].startswith("http://127.0.0.1:") and psutil.pid_exists(ready["pid"])
     import urllib.request
