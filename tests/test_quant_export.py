@@ -181,26 +181,24 @@ def test_no_calibration_data_is_a_clear_error(registry, tiny_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_engine_settings_are_checked(registry, tiny_release, tmp_path):
-    with pytest.raises(BridgeError, match="iters=50 is AutoRound's SignRound") as e:
-        export(registry, "gptq", tiny_release, tmp_path / "out", options={"engine": "gptqmodel", "iters": "50"},
-               progress=False)
-    assert e.value.field == "--option iters" and not (tmp_path / "out").exists()
+# a setting the chosen engine or algorithm does not have is refused, naming it, before any work: an engine that
+# ignores it in silence (AutoRound and damp) would export something else than what was asked
+REFUSED = [("gptq", {"engine": "gptqmodel", "iters": "50"}, "iters=50 is AutoRound's SignRound", "iters"),
+           ("gptq", {"engine": "autoround", "damp": "0.01"}, "damp is a setting of GPTQModel's GPTQ", "damp"),
+           ("awq", {"algorithm": "awq", "true_sequential": "1"}, "true_sequential is a setting of GPTQModel's GPTQ",
+            "true_sequential"),
+           ("awq", {"engine": "autoround", "algorithm": "gptq"}, "algorithm=gptq for AWQ is GPTQModel's", "algorithm"),
+           ("gptq", {"algorithm": "awq"}, "the gptq target is GPTQ's own", "algorithm")]
+
+
+@pytest.mark.parametrize("target,options,match,key", REFUSED)
+def test_engine_settings_are_checked(registry, tiny_release, tmp_path, target, options, match, key):
+    with pytest.raises(BridgeError, match=match) as e:
+        export(registry, target, tiny_release, tmp_path / "out", options=options, progress=False)
+    assert e.value.field == f"--option {key}" and not (tmp_path / "out").exists()
+
+
+def test_an_unknown_engine_is_refused_with_the_known_ones(registry, tiny_release, tmp_path):
     with pytest.raises(BridgeError, match="engine=optimum is not supported") as e:
         export(registry, "awq", tiny_release, tmp_path / "out", options={"engine": "optimum"}, progress=False)
     assert "gptqmodel" in e.value.fix and "autoround" in e.value.fix
-    with pytest.raises(BridgeError, match="damp is a setting of GPTQModel's GPTQ") as e:  # AutoRound: ignored
-        export(registry, "gptq", tiny_release, tmp_path / "out", options={"engine": "autoround", "damp": "0.01"},
-               progress=False)
-    assert e.value.field == "--option damp" and not (tmp_path / "out").exists()
-    with pytest.raises(BridgeError, match="true_sequential is a setting of GPTQModel's GPTQ") as e:
-        export(registry, "awq", tiny_release, tmp_path / "out", options={"algorithm": "awq", "true_sequential": "1"},
-               progress=False)
-    assert e.value.field == "--option true_sequential" and not (tmp_path / "out").exists()
-    with pytest.raises(BridgeError, match="algorithm=gptq for AWQ is GPTQModel's") as e:
-        export(registry, "awq", tiny_release, tmp_path / "out", options={"engine": "autoround", "algorithm": "gptq"},
-               progress=False)
-    assert e.value.field == "--option algorithm" and not (tmp_path / "out").exists()
-    with pytest.raises(BridgeError, match="the gptq target is GPTQ's own") as e:
-        export(registry, "gptq", tiny_release, tmp_path / "out", options={"algorithm": "awq"}, progress=False)
-    assert e.value.field == "--option algorithm"

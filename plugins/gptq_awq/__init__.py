@@ -55,7 +55,7 @@ LAYER_KINDS = (".self_attn.", ".mlp.")  # the quantizers pack the decoder layers
 #   text (0.150 -> 0.085 at 8 blocks) for nothing along the answers; true_sequential (one forward per module
 #   subset, five a layer) takes 1.5x the time and measured no better (8 blocks + 4096 tokens: 0.0093 against
 #   0.0104 along the answers, task 0.505 against 0.495, within the figures' noise).
-DEFAULTS = {"gptq": {"engine": "gptqmodel", "algorithm": "gptq"}, "awq": {"engine": "gptqmodel", "algorithm": "gptq"}}
+DEFAULTS = {"gptq": {"engine": "gptqmodel"}, "awq": {"engine": "gptqmodel", "algorithm": "gptq"}}
 CALIBRATION = {  # by (target, algorithm)
     ("gptq", "gptq"): {"samples": 8, "text_tokens": 0, "true_sequential": 1},
     ("awq", "gptq"): {"samples": 8, "text_tokens": 2048, "true_sequential": 0},

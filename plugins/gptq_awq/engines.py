@@ -24,6 +24,7 @@ class Job:
     merged: Path
     out: Path
     method: str  # the target's format: "gptq" or "awq"
+    algorithm: str  # how the weights are rounded: "gptq" (for awq: GPTQ's rounding, repacked) or "awq" (AWQ's scales)
     bits: int
     group: int
     sequences: list[list[int]]
@@ -32,7 +33,6 @@ class Job:
     damp: float = 0.05  # GPTQ's Hessian dampening, as a fraction of its mean diagonal
     iters: int = 0  # AutoRound: SignRound steps per block; 0 rounds to nearest
     grid: int = 20  # AutoRound AWQ: scale exponents tried per smoothing (each a forward of the layer's part)
-    algorithm: str = ""  # the awq target: "awq" (activation-aware scales) or "gptq" (GPTQ's rounding, repacked)
     sequential: bool = True  # GPTQModel's GPTQ: true_sequential
 
 
@@ -63,7 +63,7 @@ def gptqmodel(job: Job) -> dict:
     # in its supported half precision: forced to float32 (its modules declare fp16/bf16 only) it writes wrong
     # weights (demo: dequantized perplexity 180,000x the merged model's), and its time goes to elementwise clip
     # searches, not matmuls (two demo layers: 82 s in float16, 81 s in float32).
-    gptq = job.method == "gptq" or job.algorithm == "gptq"
+    gptq = job.algorithm == "gptq"
     compute = torch.float32 if gptq and not on_gpu else getattr(torch, job.dtype)
     if not on_gpu:
         keep_freed_memory()
@@ -91,10 +91,10 @@ def gptqmodel(job: Job) -> dict:
         model.quantize([{"input_ids": s, "attention_mask": [1] * len(s)} for s in job.sequences], batch_size=1,
                        **backend)
         model.save(str(job.out))
-    if gptq and job.method == "awq":
-        repack_as_awq(job.out, job.group, f"gptqmodel {version('gptqmodel')}")
+    if gptq and job.method == "awq":  # one pass over the shards: repacked and cast together
+        repack_as_awq(job.out, job.group, f"gptqmodel {version('gptqmodel')}", getattr(torch, job.dtype))
         library["repacked"] = "GPTQ checkpoint format v2 -> AWQ GEMM, by qlora-bridge (exact: same codes)"
-    if compute != getattr(torch, job.dtype):
+    elif compute != getattr(torch, job.dtype):
         cast_floats(job.out, getattr(torch, job.dtype))
     return {**library, "device": "cuda" if on_gpu else "cpu", "compute_dtype": str(compute).removeprefix("torch.")}
 
@@ -154,23 +154,22 @@ def autoround(job: Job) -> dict:
 ENGINES = {"gptqmodel": gptqmodel, "autoround": autoround}
 
 
-def repack_as_awq(folder: Path, group: int, quantizer: str) -> None:
-    """Rewrite an asymmetric 4-bit GPTQ checkpoint (format v2, no act-order) as AWQ GEMM, file by file through a
-    temporary: the codes, zero points and scales stay as they are (formats.py), only the packing changes."""
-    from safetensors.torch import load_file, save_file
-
+def repack_as_awq(folder: Path, group: int, quantizer: str, dtype) -> None:
+    """Rewrite an asymmetric 4-bit GPTQ checkpoint (format v2, no act-order) as AWQ GEMM with its floating tensors
+    in `dtype`: the codes, zero points and scales stay as they are (formats.py), only the packing changes."""
     from .formats import awq_pack, gptq_codes
 
-    for f in sorted(folder.glob("*.safetensors")):
-        state = load_file(f)
+    def repack(state):
         for name in [k for k in state if k.endswith(".qweight")]:
             prefix = name[: -len(".qweight")]
             q, z = gptq_codes(state[name], state[f"{prefix}.qzeros"], 4, v1=False)
             state[name], state[f"{prefix}.qzeros"] = awq_pack(q, z)
             state.pop(f"{prefix}.g_idx", None)
-        save_file(state, f.with_suffix(".tmp"), metadata={"format": "pt"})
-        os.replace(f.with_suffix(".tmp"), f)
+        return floats_in(state, dtype)
+
+    rewrite_shards(folder, repack)
     config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
     config["quantization_config"] = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group,
                                      "zero_point": True, "modules_to_not_convert": ["lm_head"],
                                      "quantizer": f"{quantizer}: GPTQ, asymmetric, repacked by qlora-bridge"}
@@ -218,14 +217,22 @@ def keep_freed_memory() -> None:
         mallopt(option, value)
 
 
-def cast_floats(folder: Path, dtype) -> None:
-    """Store every floating tensor (scales, norms, embeddings) in `dtype`, file by file through a temporary."""
+def rewrite_shards(folder: Path, edit) -> None:
+    """Replace each safetensors file of `folder` by edit(its tensors), through a temporary file."""
     from safetensors.torch import load_file, save_file
 
     for f in sorted(folder.glob("*.safetensors")):
-        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(f).items()}
-        save_file(state, f.with_suffix(".tmp"), metadata={"format": "pt"})
+        save_file(edit(load_file(f)), f.with_suffix(".tmp"), metadata={"format": "pt"})
         os.replace(f.with_suffix(".tmp"), f)
+
+
+def floats_in(state: dict, dtype) -> dict:
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def cast_floats(folder: Path, dtype) -> None:
+    """Store every floating tensor (scales, norms, embeddings) in `dtype`."""
+    rewrite_shards(folder, lambda state: floats_in(state, dtype))
     config = json.loads((folder / "config.json").read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
