@@ -63,8 +63,7 @@ def build(registry, case, merged: Path, out: Path) -> Path:
         if not source.exists():
             merge(Path(report["base"]["path"]), Path(report["adapter"]["path"]), source, base_weights="original",
                   heldout_file=Path(report["heldout"]["path"]), gate=False, progress=False)
-    options = {"samples": "32", "seq_len": "512"} if target in ("gptq", "awq") else {}
-    export(registry, target, source, folder, quant=quant, options=options, progress=False)
+    export(registry, target, source, folder, quant=quant, progress=False)  # each target's defaults
     if damage == "base":
         report = json.loads((merged / "merge_report.json").read_text())
         base_export = out / "base-export"

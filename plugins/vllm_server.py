@@ -38,7 +38,11 @@ def interpreter(req: LaunchRequest) -> str:
 
 
 def served_dtype(artifact: Path, fmt: str) -> str:
-    """4-bit kernels compute in bfloat16 on a CPU; a plain export is served in the dtype it was saved in."""
+    """4-bit kernels compute in bfloat16 on a CPU; a plain export is served in the dtype it was saved in.
+
+    bfloat16 rounds the checkpoint's float16 scales, but measurably costs nothing: the demo's AWQ served in
+    float16 on an AVX-512 CPU without AVX512-FP16 read the same gate figures (KL along the answers 0.01055
+    against 0.0106, perplexity ratio 1.0687 against 1.0679) and took 608 s to verdict instead of 109 s."""
     if fmt in ("gptq", "awq"):
         return "auto" if _has_gpu() else "bfloat16"
     return json.loads((artifact / "config.json").read_text()).get("dtype") or "auto"
