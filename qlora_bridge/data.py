@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BridgeError
+from .files import read_text
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 SHAPES = {"chat": ("messages",), "instruction": ("prompt", "completion"), "text": ("text",)}
@@ -50,19 +51,19 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise BridgeError("dataset file not found", file=path, fix="give the path of a .jsonl file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BridgeError(f"line {n} is not valid JSON ({e.msg} at column {e.colno})", file=path,
-                                  fix="each line must hold one complete JSON object") from None
-            if not isinstance(rec, dict):
-                raise BridgeError(f"line {n} is a JSON {type(rec).__name__}, not an object", file=path,
-                                  fix=SHAPES_HELP)
-            records.append((n, rec))
+    # split on newlines only: str.splitlines would also cut at U+2028 and the like, which JSON strings may hold
+    for n, line in enumerate(read_text(path, "dataset").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BridgeError(f"line {n} is not valid JSON ({e.msg} at column {e.colno})", file=path,
+                              fix="each line must hold one complete JSON object") from None
+        if not isinstance(rec, dict):
+            raise BridgeError(f"line {n} is a JSON {type(rec).__name__}, not an object", file=path,
+                              fix=SHAPES_HELP)
+        records.append((n, rec))
     if not records:
         raise BridgeError("the dataset has no records", file=path, fix="add at least one JSON line")
     return records

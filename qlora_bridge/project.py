@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import BridgeError
+from .files import read_text
 from .train import TrainSettings
 
 FILENAME = "qlora-bridge.toml"
@@ -103,7 +104,7 @@ def _check(value, expected, allowed, where: str, path: Path, line: int | None):
 
 def load(path: Path) -> Project:
     path = Path(path)
-    text = path.read_text()
+    text = read_text(path, "project file")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -52,6 +52,11 @@ def sign(folder: Path, private_key: Path, passphrase: bytes | None = None) -> Pa
     folder, private_key = Path(folder), Path(private_key)
     if not private_key.is_file():
         raise BridgeError("private key not found", file=private_key, fix="create one with `qlora-bridge keygen`")
+    manifest = mf.read(folder)
+    problems = mf.schema_errors(manifest) + [f"a path outside the folder: {p}" for p in mf.unsafe_paths(manifest)]
+    if problems:  # a signature would vouch for it: the community verifier checks digests, not our schema
+        raise BridgeError(f"the manifest is not valid, so the folder is not signed: {problems[0]}",
+                          file=folder / mf.MANIFEST, fix="re-export the folder with `qlora-bridge export`")
     sig = folder / mf.SIGNATURE
     try:
         (model_signing.signing.Config()
@@ -98,6 +103,36 @@ def _explain(message: str) -> list[str]:
     return out
 
 
+def _check_public_key(public_key: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    fix = "pass the .pub file that `qlora-bridge keygen` wrote beside the private key"
+    if not public_key.is_file():
+        raise BridgeError("public key not found", file=public_key, field="--public-key", fix=fix)
+    pem = public_key.read_bytes()
+    if b"PRIVATE KEY" in pem:
+        raise BridgeError("this is a private key; verifying takes the public one (and the private key should not "
+                          "leave the signer)", file=public_key, field="--public-key", fix=fix)
+    try:
+        serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError) as e:
+        raise BridgeError(f"not a PEM public key ({e})", file=public_key, field="--public-key", fix=fix) from None
+
+
+def _bundle_damage(sig: Path) -> str | None:
+    """Why the signature file cannot be a Sigstore bundle at all (empty, cut short, not JSON), or None."""
+    import json
+
+    text = sig.read_bytes()
+    if not text.strip():
+        return "is empty"
+    try:
+        bundle = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"is not a complete JSON bundle (cut short or overwritten: {e})"
+    return None if isinstance(bundle, dict) else "is not a signature bundle"
+
+
 def verify(folder: Path, public_key: Path) -> Verdict:
     """Check the signature and the manifest; every problem found is named, none is an empty message."""
     import model_signing
@@ -106,12 +141,14 @@ def verify(folder: Path, public_key: Path) -> Verdict:
     verdict = Verdict(folder)
     if not folder.is_dir():
         raise BridgeError("not a folder", file=folder, fix="pass an export folder")
-    if not public_key.is_file():
-        raise BridgeError("public key not found", file=public_key, fix="pass the .pub file made by `qlora-bridge keygen`")
+    _check_public_key(public_key)
     sig = folder / mf.SIGNATURE
     if not sig.is_file():
         verdict.problems.append(f"missing signature: {mf.SIGNATURE} is not in the folder (sign it with "
                                 "`qlora-bridge sign`)")
+    elif damage := _bundle_damage(sig):
+        verdict.problems.append(f"damaged signature: {mf.SIGNATURE} {damage} (re-sign the folder with "
+                                "`qlora-bridge sign` if its files are the ones you trust)")
     else:
         try:
             (model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key)

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 from . import manifest as mf
 from .api import Bounds, TokenScores, http_json
 from .errors import BridgeError, CheckFailed
+from .files import read_text
 from .modelcard import CARD, figures, render
 from .plugins import Registry
 from .reference import Reference, reference_for
@@ -72,7 +73,7 @@ def load_suite(path: Path) -> tuple[list[Golden], float]:
     path = Path(path)
     if not path.is_file():
         raise BridgeError("suite file not found", file=path, fix="pass a .jsonl or .yaml suite")
-    text = path.read_text()
+    text = read_text(path, "suite file")
     if path.suffix in (".yaml", ".yml"):
         import yaml
 

@@ -1,6 +1,7 @@
 """The CLI: JSON output, exit codes, error messages."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -40,3 +41,19 @@ def test_console_script_help_and_exit_code(tmp_path):
     proc = subprocess.run([*exe, "train", "--base", str(tmp_path), "--data", str(tmp_path / "x.jsonl")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "no config.json" in proc.stderr and "fix:" in proc.stderr
+
+
+def test_a_killed_runs_partial_folder_is_removed_by_the_next_run_and_a_live_ones_kept(tiny_merged, tmp_path, capsys):
+    out = tmp_path / "export"
+    dead = subprocess.Popen(["sleep", "60"])
+    dead.kill()
+    dead.wait()
+    left = {}
+    for who, pid in (("dead", dead.pid), ("live", os.getppid())):  # the live one: the process that ran pytest
+        left[who] = tmp_path / f".export.partial-{pid}"
+        (left[who] / "export").mkdir(parents=True)
+        (left[who] / "export" / "model.safetensors").write_bytes(b"\0" * 4096)
+    code, _ = run_json(capsys, "export", "--target", "safetensors", "--quant", "float32", "--merged",
+                       str(tiny_merged), "--out", str(out))
+    assert code == 0 and (out / "manifest.json").is_file()
+    assert not left["dead"].exists() and left["live"].exists()

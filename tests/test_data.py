@@ -64,6 +64,24 @@ def test_bad_datasets_name_the_file_and_line(tok, tmp_path, rows, message):
     assert str(f) in str(e.value) and e.value.fix
 
 
+def test_a_dataset_that_is_not_utf8_names_the_line(tok, tmp_path, tiny_model, capsys):
+    import json
+
+    from qlora_bridge.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "a\xffb"}\n')
+    with pytest.raises(BridgeError, match="not UTF-8 text: byte 0xff on line 2") as e:
+        load_dataset(bad, tok, 512)
+    assert e.value.file == str(bad) and e.value.field == "line 2" and "iconv" in e.value.fix
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "fine"}])
+    for data, heldout in ((bad, good), (good, bad)):
+        assert main(["train", "--base", str(tiny_model), "--data", str(data), "--heldout", str(heldout),
+                     "--out", str(tmp_path / "out"), "--json"]) == 2
+        assert json.loads(capsys.readouterr().out)["file"] == str(bad)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_dataset_file(tok, tmp_path):
     with pytest.raises(BridgeError, match="dataset file not found"):
         load_dataset(tmp_path / "nope.jsonl", tok, 512)

@@ -74,6 +74,14 @@ def test_errors_name_the_key_and_the_line(tmp_path, tiny_model, edit, line, fiel
     assert e.value.field == field and f"line {line}" in e.value.problem and e.value.file == str(path)
 
 
+def test_a_project_file_that_is_not_utf8_is_bad_input(tmp_path, tiny_model, capsys):
+    path = project_file(tmp_path, tiny_model)
+    path.write_bytes(path.read_bytes().replace(b"[train]", b"# caf\xe9\n[train]"))
+    assert main(["train", "--project", str(path), "--json"]) == 2
+    err = json.loads(capsys.readouterr().out)
+    assert err["file"] == str(path) and "not UTF-8" in err["problem"] and err["field"].startswith("line ")
+
+
 def test_bad_value_through_the_cli_exits_2(tmp_path, tiny_model, capsys):
     path = project_file(tmp_path, tiny_model)
     path.write_text(path.read_text().replace("[train]", "[merge]\nbase_weights = \"nf5\"\n\n[train]"))

@@ -144,11 +144,47 @@ def test_manifest_paths_must_stay_inside_the_folder(signed, keys, tmp_path, caps
     m["outputs"].append({"path": "../outside.bin", "size": 1, "sha256": "0" * 64})
     m["outputs"].append({"path": "/etc/passwd", "size": 1, "sha256": "0" * 64})
     (folder / "manifest.json").write_text(json.dumps(m))
-    sign(folder, keys[0])  # validly signed, still refused
+    old_signature = (folder / "model.sig").read_bytes()
+    assert main(["sign", str(folder), "--key", str(keys[0]), "--json"]) == 2  # we refuse to sign it
+    err = json.loads(capsys.readouterr().out)
+    assert "manifest is not valid" in err["problem"] and err["file"] == str(folder / "manifest.json")
+    assert (folder / "model.sig").read_bytes() == old_signature
+    sign_with_model_signing(folder, keys[0])  # validly signed by the community tool, still refused
+    assert community_verify(folder, keys[1]).returncode == 0
     code, out = cli_verify(folder, keys[1], capsys)
     assert code == 3
     assert "manifest names a path outside the folder: ../outside.bin" in out["problems"]
     assert "manifest names a path outside the folder: /etc/passwd" in out["problems"]
+
+
+def sign_with_model_signing(folder, private_key):
+    import model_signing
+
+    from qlora_bridge.signing import _hashing_config
+
+    (model_signing.signing.Config().use_elliptic_key_signer(private_key=private_key)
+     .set_hashing_config(_hashing_config()).sign(folder, folder / "model.sig"))
+
+
+@pytest.mark.parametrize("cut", [0, 200], ids=["empty", "truncated"])
+def test_a_damaged_signature_file_is_named_as_such(signed, keys, tmp_path, capsys, cut):
+    folder = tmp_path / signed.name
+    shutil.copytree(signed, folder)
+    sig = folder / "model.sig"
+    sig.write_bytes(sig.read_bytes()[:cut])
+    code, out = cli_verify(folder, keys[1], capsys)
+    assert code == 3 and len(out["problems"]) == 1
+    assert out["problems"][0].startswith("damaged signature: model.sig is " + ("empty" if not cut else
+                                                                                "not a complete JSON bundle"))
+
+
+def test_a_private_key_given_as_the_public_key_is_bad_input(signed, keys, tmp_path, capsys):
+    code, out = cli_verify(signed, keys[0], capsys)
+    assert code == 2 and "this is a private key" in out["problem"] and out["field"] == "--public-key"
+    junk = tmp_path / "junk.pub"
+    junk.write_text("not a key")
+    code, out = cli_verify(signed, junk, capsys)
+    assert code == 2 and "not a PEM public key" in out["problem"] and out["file"] == str(junk)
 
 
 def test_sign_after_the_fact_keeps_the_folder_verifiable(signed, keys, tmp_path, capsys):
