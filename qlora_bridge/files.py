@@ -60,8 +60,8 @@ def output_folder(out: Path, *, force: bool, what: str = "output folder"):
 
     An interrupted or failed run leaves no folder named `out` (a killed process may leave the hidden
     `.NAME.partial-PID`, which nothing mistakes for a result, and the next run to `out` removes it once that
-    process is gone). The staging folder has the final name, so anything
-    that records a folder's name while it is being written (a signature's subject) records the right one.
+    process is gone). The staging folder has the final name, so anything that records a folder's name while it
+    is being written (a signature's subject) records the right one.
     """
     out = Path(out)
     if out.exists() and not force:

@@ -8,6 +8,7 @@ adds our own checks on top: the manifest's digests and sizes, and that its paths
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -121,8 +122,6 @@ def _check_public_key(public_key: Path) -> None:
 
 def _bundle_damage(sig: Path) -> str | None:
     """Why the signature file cannot be a Sigstore bundle at all (empty, cut short, not JSON), or None."""
-    import json
-
     text = sig.read_bytes()
     if not text.strip():
         return "is empty"

@@ -1,7 +1,10 @@
 """Dataset shapes, answer-only label masking, and every malformed-input error."""
 
+import json
+
 import pytest
 
+from qlora_bridge.cli import main
 from qlora_bridge.data import IGNORE_INDEX, load_dataset, load_heldout
 from qlora_bridge.errors import BridgeError
 from qlora_bridge.train import load_tokenizer
@@ -65,10 +68,6 @@ def test_bad_datasets_name_the_file_and_line(tok, tmp_path, rows, message):
 
 
 def test_a_dataset_that_is_not_utf8_names_the_line(tok, tmp_path, tiny_model, capsys):
-    import json
-
-    from qlora_bridge.cli import main
-
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "fine"}\n{"text": "a\xffb"}\n')
     with pytest.raises(BridgeError, match="not UTF-8 text: byte 0xff on line 2") as e:

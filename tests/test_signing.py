@@ -13,7 +13,7 @@ import pytest
 from qlora_bridge import manifest as mf
 from qlora_bridge.cli import main
 from qlora_bridge.errors import BridgeError
-from qlora_bridge.signing import keygen, sign
+from qlora_bridge.signing import _hashing_config, keygen
 
 MODEL_SIGNING = str(Path(sys.executable).parent / "model_signing")
 
@@ -159,8 +159,6 @@ def test_manifest_paths_must_stay_inside_the_folder(signed, keys, tmp_path, caps
 
 def sign_with_model_signing(folder, private_key):
     import model_signing
-
-    from qlora_bridge.signing import _hashing_config
 
     (model_signing.signing.Config().use_elliptic_key_signer(private_key=private_key)
      .set_hashing_config(_hashing_config()).sign(folder, folder / "model.sig"))
