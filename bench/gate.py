@@ -77,24 +77,29 @@ def build(registry, case, merged: Path, out: Path) -> Path:
     return folder
 
 
-def through_logits(registry, folder: Path) -> dict:
-    """The gate's instruments through the exporter's logits hook, with the bounds the served gate would use."""
+def judged(registry, folder: Path, logits) -> dict:
+    """The gate's divergence and task-score checks on `logits` (token sequences -> full-vocabulary logits, e.g. an
+    exporter's logits hook on `folder`), against the reference and with the bounds the served gate would use for
+    the export in `folder`."""
     from transformers import AutoTokenizer
 
     from qlora_bridge.divergence import full_scores
 
     manifest = mf.read(folder)
-    exporter, _ = registry.exporter(manifest["export"]["target"])
     merged = merged_folder(manifest, None)
     reference = reference_for(manifest, merged)
-    tok = AutoTokenizer.from_pretrained(merged)
-    measured = measure(reference, tok, lambda seqs: map(full_scores, exporter.logits(folder, seqs)))
+    measured = measure(reference, AutoTokenizer.from_pretrained(merged), lambda seqs: map(full_scores, logits(seqs)))
     bounds, source = gate_bounds(registry, manifest)
     checks = importlib.import_module("qlora_bridge_plugin_smoke_checks")
     ctx = type("Ctx", (), {"measurements": lambda self: measured, "bounds": bounds})()
     results = {"divergence": checks.divergence(ctx), "task-score": checks.task_score(ctx)}
-    return {"passed": all(r["passed"] for r in results.values()), "checks": results, "bounds_source": source,
-            "seconds_to_ready": 0}
+    return {"passed": all(r["passed"] for r in results.values()), "checks": results, "bounds_source": source}
+
+
+def through_logits(registry, folder: Path) -> dict:
+    """The gate's instruments through the exporter's logits hook (our dequantization, float32)."""
+    exporter, _ = registry.exporter(mf.read(folder)["export"]["target"])
+    return {**judged(registry, folder, lambda seqs: exporter.logits(folder, seqs)), "seconds_to_ready": 0}
 
 
 def estimators(registry, folder: Path) -> dict:

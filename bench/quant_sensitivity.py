@@ -17,13 +17,14 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
+
+from gate import judged  # bench/gate.py: the gate's checks on any logits
 
 from qlora_bridge import manifest as mf
-from qlora_bridge.divergence import full_scores
 from qlora_bridge.logits import model_logits
 from qlora_bridge.plugins import load_plugins
-from qlora_bridge.smoke import gate_bounds, measure, merged_folder, reference_for
+from qlora_bridge.smoke import merged_folder
 
 
 def main() -> None:
@@ -31,12 +32,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     registry = load_plugins()
     readback = importlib.import_module("qlora_bridge_plugin_gptq_awq.readback")
-    checks = importlib.import_module("qlora_bridge_plugin_smoke_checks")
-    manifest = mf.read(folder)
-    merged = merged_folder(manifest, None)
-    reference = reference_for(manifest, merged)
-    tok = AutoTokenizer.from_pretrained(merged)
-    bounds, _ = gate_bounds(registry, manifest)
+    merged = merged_folder(mf.read(folder), None)
     merged_state = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).state_dict()
     model = readback.dense_model(folder)
     dequantized = {k: v.clone() for k, v in model.state_dict().items()}
@@ -44,13 +40,11 @@ def main() -> None:
         restored = [k for k in kinds.split("+") if k]
         model.load_state_dict({k: merged_state[k] if any(f".{r}." in k for r in restored) else v
                                for k, v in dequantized.items()})
-        measured = measure(reference, tok, lambda seqs: map(full_scores, model_logits(model, seqs)))
-        ctx = type("Ctx", (), {"measurements": lambda self: measured, "bounds": bounds})()
-        d, t = checks.divergence(ctx), checks.task_score(ctx)
+        result = judged(registry, folder, lambda seqs: model_logits(model, seqs))
+        d, t = result["checks"]["divergence"], result["checks"]["task-score"]
         print(json.dumps({"restored": restored, "kl_answers": d.get("kl_answers"), "kl_text": d.get("kl_text"),
                           "ppl_ratio": d.get("ppl_ratio"), "task": t.get("task_score"),
-                          "interval": t.get("interval_95"), "within_bounds": d["passed"] and t["passed"]}),
-              flush=True)
+                          "interval": t.get("interval_95"), "within_bounds": result["passed"]}), flush=True)
 
 
 if __name__ == "__main__":
