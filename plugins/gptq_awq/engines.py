@@ -34,6 +34,7 @@ class Job:
     iters: int = 0  # AutoRound: SignRound steps per block; 0 rounds to nearest
     grid: int = 20  # AutoRound AWQ: scale exponents tried per smoothing (each a forward of the layer's part)
     sequential: bool = True  # GPTQModel's GPTQ: true_sequential
+    keep: tuple[str, ...] = ()  # GPTQModel's GPTQ: decoder Linears left unquantized, in `dtype`
 
 
 @contextlib.contextmanager
@@ -71,11 +72,14 @@ def gptqmodel(job: Job) -> dict:
         if gptq:
             # for the awq target: asymmetric, saved in format v2 (v1 cannot store a zero point of 0), then repacked
             sym = job.method == "gptq"
+            # a negative `dynamic` match leaves a module out of quantization; vLLM's GPTQ reads the same rule
+            kinds = sorted({name.rpartition(".")[2] for name in job.keep})
+            dynamic = {rf"-:.*\.(?:{'|'.join(kinds)})$": {}} if kinds else None
             config = GPTQConfig(bits=job.bits, group_size=job.group, desc_act=False, sym=sym,
                                 damp_percent=job.damp, format=FORMAT.GPTQ if sym else FORMAT.GPTQ_V2,
-                                true_sequential=job.sequential)
+                                true_sequential=job.sequential, dynamic=dynamic)
             library = {"algorithm": "gptq", "desc_act": False, "sym": sym, "damp_percent": job.damp,
-                       "true_sequential": job.sequential}
+                       "true_sequential": job.sequential, "kept_unquantized": kinds}
             backend = {}
         else:  # fallback=None: AWQ-scale every module, not just those that saw 0.5% of the calibration tokens
             config = AWQConfig(bits=job.bits, group_size=job.group, format=FORMAT.GEMM, sym=False, fallback=None)
@@ -92,7 +96,7 @@ def gptqmodel(job: Job) -> dict:
                        **backend)
         model.save(str(job.out))
     if gptq and job.method == "awq":  # one pass over the shards: repacked and cast together
-        repack_as_awq(job.out, job.group, f"gptqmodel {version('gptqmodel')}", getattr(torch, job.dtype))
+        repack_as_awq(job.out, job.group, f"gptqmodel {version('gptqmodel')}", getattr(torch, job.dtype), job.keep)
         library["repacked"] = "GPTQ checkpoint format v2 -> AWQ GEMM, by qlora-bridge (exact: same codes)"
     elif compute != getattr(torch, job.dtype):
         cast_floats(job.out, getattr(torch, job.dtype))
@@ -154,9 +158,11 @@ def autoround(job: Job) -> dict:
 ENGINES = {"gptqmodel": gptqmodel, "autoround": autoround}
 
 
-def repack_as_awq(folder: Path, group: int, quantizer: str, dtype) -> None:
+def repack_as_awq(folder: Path, group: int, quantizer: str, dtype, keep=()) -> None:
     """Rewrite an asymmetric 4-bit GPTQ checkpoint (format v2, no act-order) as AWQ GEMM with its floating tensors
-    in `dtype`: the codes, zero points and scales stay as they are (formats.py), only the packing changes."""
+    in `dtype`: the codes, zero points and scales stay as they are (formats.py), only the packing changes. The
+    modules in `keep` were left unquantized; AWQ's config names them, in full (vLLM and transformers match the
+    names as substrings of each module's)."""
     from .formats import awq_pack, gptq_codes
 
     def repack(state):
@@ -171,7 +177,7 @@ def repack_as_awq(folder: Path, group: int, quantizer: str, dtype) -> None:
     config = json.loads((folder / "config.json").read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")
     config["quantization_config"] = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group,
-                                     "zero_point": True, "modules_to_not_convert": ["lm_head"],
+                                     "zero_point": True, "modules_to_not_convert": ["lm_head", *keep],
                                      "quantizer": f"{quantizer}: GPTQ, asymmetric, repacked by qlora-bridge"}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "quantize_config.json").unlink(missing_ok=True)  # GPTQModel's, which would call it GPTQ

@@ -28,6 +28,7 @@ MAX_LAYER_ERROR = {"gptq": 0.5, "awq": 0.5}
 # The dequantized model's perplexity on the reference text, as a multiple of the merged model's: 4-bit GPTQ of the
 # demo gives 1.55x, GPTQModel's AWQ forced to compute in float32 (which it does not support) gave 180,000x.
 MAX_PPL_RATIO = 3.0
+ELEMENT_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def tensors(folder: Path) -> dict[str, tuple[Path, str]]:
@@ -103,6 +104,47 @@ def layer_errors(export_dir: Path, merged_dir: Path, smoothed: bool | None = Non
                              f"{limit}): wrong packing, zero points or scales")
         errors[prefix] = round(err, 5)
     return errors
+
+
+def kept_errors(export_dir: Path, merged_dir: Path, kept: list[str]) -> dict[str, float]:
+    """Relative error of every layer the export left unquantized against the merged weight; raises ValueError
+    naming a layer that was packed after all, or that holds other weights than the merged ones. Storing a float32
+    weight in half precision moves each value by at most half a unit in its last place, so the relative error
+    stays below that precision's machine epsilon (float16 9.8e-4, bfloat16 7.8e-3); an unmerged or another
+    model's weight differs by far more (the demo's LoRA deltas are ~1% of a weight)."""
+    export, merged = Reader(export_dir), Reader(merged_dir)
+    errors = {}
+    for prefix in kept:
+        if f"{prefix}.qweight" in export or f"{prefix}.weight" not in export:
+            raise ValueError(f"{prefix}: was to stay unquantized, but the export holds no float weight for it")
+        got, ref = export.get(f"{prefix}.weight"), merged.get(f"{prefix}.weight").float()
+        err = (torch.linalg.vector_norm(got.float() - ref) / torch.linalg.vector_norm(ref).clamp(min=1e-30)).item()
+        if not err <= torch.finfo(got.dtype).eps:
+            raise ValueError(f"{prefix}: the unquantized weight differs from the merged one (relative error "
+                             f"{err:.3g}, more than {got.dtype}'s rounding)")
+        errors[prefix] = round(err, 7)
+    return errors
+
+
+def bits_per_weight(export_dir: Path, merged_dir: Path, prefixes: list[str]) -> float:
+    """Bits the export stores per weight of these layers, codes, scales, zero points and unquantized weights all
+    counted (4-bit codes in groups of 32 with float16 scales and 4-bit zeros: 4.625)."""
+    from safetensors import safe_open
+
+    def sizes(folder: Path) -> dict[str, tuple[int, int]]:  # tensor -> (elements, bytes)
+        out = {}
+        for f in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(f, "pt") as h:
+                for name in h.keys():
+                    t = h.get_slice(name)
+                    n = math.prod(t.get_shape())
+                    out[name] = (n, n * ELEMENT_BYTES[t.get_dtype()])
+        return out
+
+    stored, merged = sizes(export_dir), sizes(merged_dir)
+    nbytes = sum(b for name, (_, b) in stored.items() if name.rpartition(".")[0] in prefixes)
+    weights = sum(merged[f"{p}.weight"][0] for p in prefixes)
+    return round(8 * nbytes / weights, 3)
 
 
 def dense_state(export_dir: Path) -> dict[str, torch.Tensor]:
