@@ -1,12 +1,14 @@
 """Running a serving adapter's server: free port on 127.0.0.1, log to a file, wait until ready, stop it all.
 
-The server runs in its own process group, so stopping it stops everything it started. A server that dies or
-never becomes ready is reported with the tail of its log, and nothing outlives the `with` block.
+The server runs in its own process group, so stopping it stops everything it started, and asks the kernel for
+SIGTERM when the process that started it dies (even by kill -9), so it cannot outlive the CLI. A server that dies
+or never becomes ready is reported with the tail of its log, and nothing outlives the `with` block.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -78,6 +80,19 @@ def _stop(proc: subprocess.Popen) -> None:
             return
 
 
+def _die_with(parent: int):
+    """A preexec_fn for the server: SIGTERM to it when `parent` dies (Linux's PR_SET_PDEATHSIG; elsewhere a no-op).
+    Its own session keeps Ctrl-C in the terminal from reaching it directly, so the CLI's teardown stays in charge."""
+    def arm():
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
+
+
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
@@ -107,7 +122,7 @@ def serving(registry: Registry, backend: str, artifact: Path, *, log: Path, opti
     started = time.time()
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with(os.getpid()))
     base_url = f"http://127.0.0.1:{port}"
     try:
         while not _ready(base_url + adapter.ready_path):

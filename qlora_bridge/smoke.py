@@ -219,15 +219,21 @@ def report_markdown(artifact: Path, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_unchanged(artifact: Path, manifest: dict) -> None:
+    """Refuse an export folder whose files differ from its manifest's digests (the smoke report and model card,
+    written into it after the export, aside): what is served or judged must be what was exported."""
+    problems = [p for p in mf.compare_outputs(artifact, manifest)[0] if REPORT not in p and CARD not in p]
+    if problems:
+        raise CheckFailed(f"the folder no longer matches its manifest: {'; '.join(problems[:3])}", file=artifact,
+                          fix="re-export it, or run `qlora-bridge verify` to see every difference")
+
+
 def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path | None = None,
           merged: Path | None = None, sign_key: Path | None = None, passphrase: bytes | None = None,
           options: dict | None = None, timeout: float = 300.0, license: str | None = None) -> dict:
     artifact = Path(artifact)
     manifest = mf.read(artifact)
-    problems = [p for p in mf.compare_outputs(artifact, manifest)[0] if REPORT not in p and CARD not in p]
-    if problems:  # results must describe the files the manifest describes, not files changed since
-        raise CheckFailed(f"the folder no longer matches its manifest: {'; '.join(problems[:3])}", file=artifact,
-                          fix="re-export it, or run `qlora-bridge verify` to see every difference")
+    check_unchanged(artifact, manifest)  # results must describe the files the manifest describes
     quant = manifest["export"].get("quant") or manifest["export"]["format"]
     bounds, bounds_source = gate_bounds(registry, manifest)
     merged = merged_folder(manifest, merged)

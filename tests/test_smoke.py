@@ -191,6 +191,36 @@ def test_serve_runs_until_interrupted_and_leaves_nothing(gguf_f16, tmp_path):
         time.sleep(0.2)
 
 
+def test_serve_refuses_a_folder_changed_since_export(gguf_f16, tmp_path):
+    folder = tmp_path / gguf_f16.name
+    shutil.copytree(gguf_f16, folder)
+    path = folder / "model-F16.gguf"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # same size, one bit: only the digest can tell
+    path.write_bytes(data)
+    # in a child with a deadline: a serve that does not check would serve until interrupted
+    done = subprocess.run([sys.executable, "-m", "qlora_bridge.cli", "serve", str(folder), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    err = json.loads(done.stdout)
+    assert err["exit_code"] == 3 and "manifest digest mismatch: model-F16.gguf" in err["problem"]
+    assert not servers_for(folder)
+
+
+def test_a_killed_serve_leaves_no_server(gguf_f16):
+    """kill -9 of the CLI gives it no chance to stop its server; the kernel's parent-death signal does."""
+    proc = subprocess.Popen([sys.executable, "-m", "qlora_bridge.cli", "serve", str(gguf_f16), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = json.loads(proc.stdout.readline())["pid"]
+    assert psutil.pid_exists(server)
+    proc.kill()
+    proc.wait(10)
+    deadline = time.time() + 10
+    while psutil.pid_exists(server) and psutil.Process(server).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline, "the llama.cpp server outlived the killed serve command"
+        time.sleep(0.2)
+
+
 def test_a_backend_that_cannot_serve_the_format_is_refused(registry, tiny_merged, tmp_path):
     export(registry, "safetensors", tiny_merged, tmp_path / "st", progress=False)
     with pytest.raises(BridgeError, match="backend 'llamacpp' does not serve safetensors artifacts: it serves gguf"):
