@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -54,6 +55,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether `exc`, or an error it was raised from, is the disk filling up. Some writers lose the errno (numpy's
+    tofile, which the GGUF writer uses, raises "884736 requested and 482208 written"), so an OSError without one
+    on a filesystem with less than 1 MiB left counts too."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                return True
+            with contextlib.suppress(OSError):
+                if exc.errno is None and shutil.disk_usage(folder).free < 1 << 20:
+                    return True
+        exc = exc.__cause__ if exc.__cause__ is not None else None if exc.__suppress_context__ else exc.__context__
+    return False
+
+
 @contextlib.contextmanager
 def output_folder(out: Path, *, force: bool, what: str = "output folder"):
     """Yield a staging folder named like `out` inside a hidden sibling; move it to `out` only if the block succeeds.
@@ -81,5 +99,11 @@ def output_folder(out: Path, *, force: bool, what: str = "output folder"):
         if out.exists():
             os.replace(out, hidden / "replaced")
         os.replace(staging, out)
+    except Exception as e:  # the one place a full disk becomes an error that says so, whoever was writing
+        if _disk_full(e, hidden):
+            raise BridgeError(f"the disk filled up while writing the {what}; nothing was kept", file=out,
+                              fix=f"free space on that disk ({shutil.disk_usage(out.parent).total >> 20} MiB in "
+                              "all) or choose another --out") from None
+        raise
     finally:
         shutil.rmtree(hidden, ignore_errors=True)

@@ -11,7 +11,6 @@ largest tensor, whatever the size of the model.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -364,35 +363,28 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
             info = reader.tensors[name]
             writer.plan(name, out_dtype if info.dtype.is_floating_point else info.dtype, info.shape)
         total = sum(r.tensors[n].nbytes for n, r in order)
-        try:
-            with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress,
-                      mininterval=1.0, leave=False) as bar:
-                for i, (name, reader) in enumerate(order):
-                    t = time.perf_counter()
-                    w = reader.read(name)
-                    bytes_read += w.nbytes
-                    t = lap(seconds, "read", t)
-                    layer = adapter.layers.get(name)
-                    if layer is None:
-                        stored = w.to(out_dtype) if w.is_floating_point() else w
-                    else:
-                        base_w = (nf4_base_weight(w, name, quant, device, inexact_nf4) if base_weights == "nf4"
-                                  else w.to(torch.float32, copy=True))
-                        t = lap(seconds, "nf4_rebuild", t)
-                        stored, layers[name] = merge_layer(base_w, adapter, layer, out_dtype, seed=i)
-                        del base_w
-                    t = lap(seconds, "arithmetic", t)
-                    writer.write(name, stored)
-                    lap(seconds, "write", t)
-                    bar.update(w.nbytes)
-                    del w, stored
-            weight_map = writer.close()
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise BridgeError("the disk filled up while writing the merged model; nothing was kept", file=out,
-                                  fix="free space (the merge needs about the model's size at --dtype) or "
-                                  "choose another --out") from None
-            raise
+        with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress,
+                  mininterval=1.0, leave=False) as bar:
+            for i, (name, reader) in enumerate(order):
+                t = time.perf_counter()
+                w = reader.read(name)
+                bytes_read += w.nbytes
+                t = lap(seconds, "read", t)
+                layer = adapter.layers.get(name)
+                if layer is None:
+                    stored = w.to(out_dtype) if w.is_floating_point() else w
+                else:
+                    base_w = (nf4_base_weight(w, name, quant, device, inexact_nf4) if base_weights == "nf4"
+                              else w.to(torch.float32, copy=True))
+                    t = lap(seconds, "nf4_rebuild", t)
+                    stored, layers[name] = merge_layer(base_w, adapter, layer, out_dtype, seed=i)
+                    del base_w
+                t = lap(seconds, "arithmetic", t)
+                writer.write(name, stored)
+                lap(seconds, "write", t)
+                bar.update(w.nbytes)
+                del w, stored
+        weight_map = writer.close()
         merge_rss = peak_rss_mib()
         write_json(tmp / "model.safetensors.index.json",
                    {"metadata": {"total_size": writer.bytes_written}, "weight_map": weight_map})

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from qlora_bridge.cli import main
 
 from conftest import chat, write_jsonl
@@ -57,3 +59,28 @@ def test_a_killed_runs_partial_folder_is_removed_by_the_next_run_and_a_live_ones
                        str(tiny_merged), "--out", str(out))
     assert code == 0 and (out / "manifest.json").is_file()
     assert not left["dead"].exists() and left["live"].exists()
+
+
+def unshare_mount_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.parametrize("target", ["safetensors", "gguf"])
+def test_a_full_disk_is_named_as_such(tiny_merged, tmp_path, target):
+    """A real ENOSPC: the export goes to a 1 MiB tmpfs (mounted in a private user and mount namespace, so no
+    privilege is needed) that the tiny model's ~4 MB do not fit."""
+    if not unshare_mount_works():
+        pytest.skip("this machine does not allow user namespaces (unshare -rm), so no small tmpfs can be mounted")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    command = (f"mount -t tmpfs -o size=1m tmpfs {disk} && exec {sys.executable} -m qlora_bridge.cli export "
+               f"--target {target} --merged {tiny_merged} --out {disk}/out --json")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    error = json.loads(done.stdout.strip().splitlines()[-1])
+    assert error["problem"] == "the disk filled up while writing the export folder; nothing was kept"
+    assert error["file"].endswith("/out") and "choose another --out" in error["fix"]
+    assert "report this" not in done.stderr
