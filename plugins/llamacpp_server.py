@@ -17,6 +17,10 @@ def gguf_file(folder: Path) -> Path:
     return files[0]
 
 
+OPTIONS = {"threads": "CPU threads for generation and prompt processing (default: every core)",
+           "n_ctx": "context length in tokens (default 2048)"}
+
+
 def command(req: LaunchRequest) -> list[str]:
     try:
         import llama_cpp.server  # noqa: F401
@@ -87,5 +91,5 @@ def logprobs(server, sequences: list[list[int]]):
 @hookimpl
 def register_servers(register):
     register(ServingAdapter(backend="llamacpp", formats=("gguf",), command=command, ready_path="/v1/models",
-                            tokenize=tokenize, logprobs=logprobs,
+                            tokenize=tokenize, logprobs=logprobs, options=OPTIONS,
                             description="llama-cpp-python's OpenAI server (python -m llama_cpp.server)"))

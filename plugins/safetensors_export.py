@@ -83,4 +83,5 @@ def export(req: ExportRequest) -> ExportResult:
 def register_exporters(register):
     register(Exporter(target="safetensors", export=export, format="safetensors", quant_types=DTYPES,
                       logits=folder_logits, bounds={"float32": FLOAT, "float16": FLOAT, "bfloat16": BFLOAT16},
+                      options={"max_shard_size": "largest shard in GiB (default 2)"},
                       description="the merged model re-saved in float16, bfloat16 or float32, sharded"))

@@ -19,6 +19,10 @@ from qlora_bridge.api import BridgeError, LaunchRequest, ServingAdapter, TokenSc
 
 PLUGIN_API = 2  # the plugin API this module was written for
 ENV_VAR = "QLORA_BRIDGE_VLLM_PYTHON"
+OPTIONS = {"python": f"the interpreter of vLLM's environment (default: ${ENV_VAR}, then ./.venv-vllm/bin/python)",
+           "dtype": "vLLM's compute dtype (default: see served_dtype)",
+           "max_model_len": "context length in tokens (default: the model's)",
+           "kv_cache_gib": "KV cache size on a CPU, GiB (default 0.25)"}
 TOP_K = 20  # log-probabilities listed per position: vLLM's default --max-logprobs
 
 
@@ -123,6 +127,6 @@ def logprobs(server, sequences: list[list[int]]):
 def register_servers(register):
     register(ServingAdapter(
         backend="vllm", formats=("safetensors", "gptq", "awq"), command=command, ready_path="/health",
-        tokenize=tokenize, logprobs=logprobs,
+        tokenize=tokenize, logprobs=logprobs, options=OPTIONS,
         unsupported={"gguf": "vLLM no longer loads GGUF (its GGUF loader was removed; vllm 0.32/0.33 have none)"},
         description="vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server), in its own environment"))

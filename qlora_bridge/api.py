@@ -102,6 +102,19 @@ class Exporter:
     logits: Callable[[Path, list[list[int]]], Iterator["torch.Tensor"]] | None = None
     # quant type -> the smoke gate's bounds for it; a quant type without bounds is gated by strict defaults
     bounds: dict[str, Bounds] = field(default_factory=dict)
+    # the --option keys it reads -> one line on each; any other key is refused before work. None: undeclared
+    # (a plugin older than this field), every key is passed through
+    options: dict[str, str] | None = None
+
+
+def check_options(given: dict, declared: dict[str, str] | None, what: str) -> None:
+    """Refuse a --option key that `what` (an exporter or a serving backend) does not declare: ignored, it would
+    leave the user believing it took effect (a port that is not the one served, a setting recorded but not used)."""
+    unknown = sorted(set(given) - set(declared)) if declared is not None else []
+    if unknown:
+        raise BridgeError(f"{what} takes no option {unknown[0]!r}", field=f"--option {unknown[0]}",
+                          fix=f"it takes: {', '.join(sorted(declared)) or 'none'} (`qlora-bridge plugins --json` "
+                          "describes each)")
 
 
 @dataclass
@@ -124,6 +137,7 @@ class ServingAdapter:
     logprobs: Callable[["Server", list[list[int]]], Iterator["TokenScores"]] | None = None
     unsupported: dict[str, str] = field(default_factory=dict)  # format -> why this backend refuses it
     description: str = ""
+    options: dict[str, str] | None = None  # as Exporter.options: the --option keys it reads
 
 
 @dataclass

@@ -326,8 +326,12 @@ def run_plugins(a) -> Outcome:
     for r in rows:
         lines.append(f"{r['name']:<22}{r['version']:<10}{r['source']:<13}{', '.join(r['provides']) or '-'}")
         lines.append(f"{'':<22}from {r['origin']}")
+    options = {f"{kind} {key}": item.options for kind, hook in (("exporter", "register_exporters"),
+                                                                 ("server", "register_servers"))
+               for key, (item, _) in reg.items[hook].items() if item.options is not None}
+    lines += [f"{name} takes --option {', '.join(opts) or '(none)'}" for name, opts in options.items()]
     lines += [f"problem: {p}" for p in reg.problems]
-    return Outcome({"plugins": rows, "problems": reg.problems}, "\n".join(lines),
+    return Outcome({"plugins": rows, "options": options, "problems": reg.problems}, "\n".join(lines),
                    EXIT_CHECK_FAILED if reg.problems else EXIT_OK)
 
 

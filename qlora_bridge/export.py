@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from . import manifest as mf
-from .api import ExportRequest, ExportResult
+from .api import ExportRequest, ExportResult, check_options
 from .errors import BridgeError
 from .files import output_folder
 from .modelcard import CARD, render
@@ -29,6 +29,7 @@ def export(registry: Registry, target: str, merged: Path, out: Path, *, quant: s
     if exporter.quant_types and quant not in exporter.quant_types:
         raise BridgeError(f"export target '{target}' does not offer --quant {quant}", field="--quant",
                           fix=f"use one of {', '.join(exporter.quant_types)}")
+    check_options(options or {}, exporter.options, f"export target '{target}'")
     merged = Path(merged)
     if not (merged / "config.json").is_file():
         raise BridgeError("not a merged model folder (no config.json)", file=merged,

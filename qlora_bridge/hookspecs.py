@@ -11,12 +11,14 @@ hookspec = pluggy.HookspecMarker("qlora_bridge")
 
 @hookspec
 def register_exporters(register):
-    """Register export targets: register(Exporter(target=..., export=..., quant_types=..., bounds={quant: Bounds(...)}))."""
+    """Register export targets: register(Exporter(target=..., export=..., quant_types=..., bounds={quant: Bounds(...)},
+    options={"threads": "CPU threads (default: every core)"}))."""
 
 
 @hookspec
 def register_servers(register):
-    """Register serving backends: register(ServingAdapter(backend=..., formats=..., command=..., logprobs=...))."""
+    """Register serving backends: register(ServingAdapter(backend=..., formats=..., command=..., logprobs=...,
+    options={...}))."""
 
 
 @hookspec

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import manifest as mf
-from .api import LaunchRequest, ServingAdapter
+from .api import LaunchRequest, ServingAdapter, check_options
 from .errors import BridgeError, CheckFailed
 from .plugins import Registry
 
@@ -115,6 +115,7 @@ def serving(registry: Registry, backend: str, artifact: Path, *, log: Path, opti
             fix = "no installed backend serves this format (see `qlora-bridge plugins`)"
         raise BridgeError(f"backend '{backend}' does not serve {fmt} artifacts: {reason}", file=artifact,
                           field="--backend", fix=fix)
+    check_options(options or {}, adapter.options, f"backend '{backend}'")
     port = free_port()
     argv = adapter.command(LaunchRequest(artifact=artifact, port=port, options=dict(options or {}), format=fmt))
     log = Path(log)

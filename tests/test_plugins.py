@@ -148,3 +148,24 @@ def test_inhouse_example_installs_and_exports_through_its_entry_point(inhouse_in
     proc = subprocess.run([*cli, "export", "--target", "acme-registry", "--merged", str(tiny_merged),
                            "--out", str(tmp_path / "b2")], capture_output=True, text=True)
     assert proc.returncode == 2 and "--option team: ACME's registry needs an owning team" in proc.stderr
+
+
+def test_options_a_plugin_does_not_declare_are_refused_before_work(tmp_path, tiny_merged, capsys):
+    reg = load_plugins()
+    with pytest.raises(BridgeError, match="export target 'safetensors' takes no option 'bogus'") as e:
+        export(reg, "safetensors", tiny_merged, tmp_path / "out", options={"bogus": "1"}, progress=False)
+    assert e.value.field == "--option bogus" and "max_shard_size" in e.value.fix
+    assert not (tmp_path / "out").exists()
+    # serve: a port the user picked would be ignored (the adapter chooses a free one), so it is refused
+    folder = tmp_path / "st"
+    export(reg, "safetensors", tiny_merged, folder, progress=False)
+    assert main(["serve", str(folder), "--backend", "vllm", "--option", "port=18777", "--json"]) == 2
+    assert json.loads(capsys.readouterr().out)["field"] == "--option port"
+    # a plugin that declares no options (older than the field) gets whatever is given, as before
+    path = plugin_file(tmp_path, "copyconf", COPY_PLUGIN.format(api=2, target="copyconf"))
+    manifest = export(load_plugins([str(path)]), "copyconf", tiny_merged, tmp_path / "c", options={"any": "1"},
+                      progress=False)
+    assert manifest["export"]["settings"]["options"] == {"any": "1"}
+    listed = json.loads(subprocess.run([sys.executable, "-m", "qlora_bridge.cli", "plugins", "--json"],
+                                       capture_output=True, text=True).stdout)["options"]
+    assert set(listed["exporter awq"]) >= {"keep", "group_size", "calibration"} and "server vllm" in listed

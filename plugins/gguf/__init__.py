@@ -143,8 +143,13 @@ def logits(folder, sequences):
         model.close()
 
 
+OPTIONS = {"threads": "CPU threads for quantizing (default: every core)",
+           "pre_tokenizer": "a llama.cpp pre-tokenizer name to use instead of searching for the one whose "
+                            "tokenization matches (it must still match)"}
+
+
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="gguf", export=export, format="gguf", quant_types=quant_types(), logits=logits,
-                      bounds=BOUNDS,
+                      bounds=BOUNDS, options=OPTIONS,
                       description="GGUF for llama.cpp: F32/F16/BF16, Q8_0 and k-quants, tokenizer parity-checked"))

@@ -6,17 +6,7 @@ the engine, its version and every setting. Calibration defaults to the fine-tune
 as it was trained. Every export is read back with our own format reader (formats.py) and compared with the
 merged weights layer by layer, then as a whole model; an export off the scale fails and nothing is kept.
 
-Options (--option KEY=VALUE; defaults per target in DEFAULTS): engine (gptqmodel, autoround), algorithm (the awq
-target only: awq, AWQ's activation-aware scales, or gptq, GPTQModel's asymmetric GPTQ repacked exactly into the
-AWQ GEMM layout, which vLLM's AWQ kernels compute the same way), group_size
-(32, 64, 128; default 32), samples (calibration blocks), seq_len (default 512), calibration (a JSONL dataset or
-a .txt file; default: the training data), text_tokens (general text added to the calibration), iters (AutoRound's
-SignRound steps per block; 0 rounds to nearest), grid (AutoRound AWQ's scale exponents), dtype (float16 or
-bfloat16: what the checkpoint stores); for GPTQ by GPTQModel only: damp (Hessian dampening), true_sequential
-(0 or 1: quantize each layer's module subsets in turn, each seeing the ones before it already quantized, at one
-forward of the calibration per subset) and keep (decoder Linears left unquantized in `dtype`, by module name,
-comma-separated, or none; the awq target keeps q_proj,k_proj,v_proj by default, which the manifest's read-back
-reports as bits_per_weight).
+Options (--option KEY=VALUE): OPTIONS below; defaults per target in DEFAULTS and SETTINGS.
 """
 
 import hashlib
@@ -77,6 +67,23 @@ DEFAULT_GROUP = 32
 # GPTQ's Hessian of a layer with n inputs has rank at most the number of calibration tokens: below n it is singular
 # and only the dampening stands in for what the data did not show, so the default takes at least 2n tokens
 GPTQ_TOKENS_PER_INPUT = 2
+
+
+OPTIONS = {
+    "engine": "gptqmodel or autoround",
+    "algorithm": "awq target only: gptq (GPTQModel's asymmetric GPTQ, repacked exactly into AWQ GEMM; default) or "
+                 "awq (AWQ's activation-aware scale search)",
+    "group_size": "32, 64 or 128 input channels per scale (default 32)",
+    "samples": "calibration blocks", "seq_len": "tokens per calibration block (default 512)",
+    "calibration": "a JSONL dataset or a .txt file (default: the fine-tune's training data)",
+    "text_tokens": "general text added to the calibration, in tokens",
+    "iters": "AutoRound's SignRound steps per block; 0 rounds to nearest",
+    "grid": "AutoRound AWQ's scale exponents", "dtype": "float16 or bfloat16: what the checkpoint stores",
+    "damp": "GPTQModel's GPTQ: Hessian dampening, a fraction of its mean diagonal (default 0.05)",
+    "true_sequential": "GPTQModel's GPTQ, 0 or 1: quantize each layer's module subsets in turn, each seeing the "
+                       "ones before it already quantized (one forward of the calibration per subset)",
+    "keep": "GPTQModel's GPTQ: decoder Linears left unquantized in dtype, by module name, comma-separated, or none "
+            "(awq: q_proj,k_proj,v_proj)"}
 
 
 def option(req: ExportRequest, key: str, default, parse=int, allowed=None):
@@ -297,10 +304,10 @@ def logits(folder: Path, sequences):
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="gptq", export=lambda req: export(req, "gptq"), format="gptq", logits=logits,
-                      quant_types=("int4", "int8"), bounds={"int4": INT4, "int8": INT8},
+                      quant_types=("int4", "int8"), bounds={"int4": INT4, "int8": INT8}, options=OPTIONS,
                       description="GPTQ (checkpoint format v1, symmetric) for vLLM and transformers, via GPTQModel "
                                   "or AutoRound"))
     register(Exporter(target="awq", export=lambda req: export(req, "awq"), format="awq", quant_types=("int4",),
-                      logits=logits, bounds={"int4": INT4},
+                      logits=logits, bounds={"int4": INT4}, options=OPTIONS,
                       description="AWQ GEMM (4-bit, zero point) for vLLM and transformers, via GPTQModel or "
                                   "AutoRound"))

@@ -45,5 +45,5 @@ def export(req: ExportRequest) -> ExportResult:
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="acme-registry", export=export, format="tar-bundle", quant_types=COMPRESSIONS,
-                      bounds={c: LOSSLESS for c in COMPRESSIONS},
+                      bounds={c: LOSSLESS for c in COMPRESSIONS}, options={"team": "the owning team (required)"},
                       description="ACME model-registry bundle (tar + registry.json)"))
