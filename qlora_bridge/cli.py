@@ -144,6 +144,7 @@ def add_train(sub) -> None:
 
 
 def run_train(a) -> Outcome:
+    from .data import check_data
     from .default_model import resolve_base
     from .pipeline import Pipeline
     from .train import TrainSettings, train
@@ -168,6 +169,7 @@ def run_train(a) -> Outcome:
             pipe.forget("train")
         adapter = pipe.adapter()
     else:
+        check_data(data, heldout_path)  # before resolve_base, which may convert the default model
         adapter = train(resolve_base(base), data, Path(a.out), settings, heldout_file=heldout_path,
                         force=a.force).adapter
     rec = json.loads((adapter / "training_record.json").read_text())

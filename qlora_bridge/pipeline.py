@@ -93,17 +93,19 @@ class Pipeline:
         return f"export {Path(out).relative_to(self.project.out)}"
 
     def adapter(self) -> Path:
+        from .data import check_data
         from .default_model import resolve_base
         from .train import TrainSettings, check_base, train
 
         p, settings = self.project, TrainSettings(**self.project.train)
         settings.validate()
-        base = resolve_base(p.base)
-        check_base(base)  # bad input is named before anything is hashed
         for path, what in ((p.train_data, "training data"), (p.heldout, "held-out data")):
             if path is not None and not Path(path).is_file():
                 raise BridgeError(f"{what} file not found", file=path, field="data",
                                   fix="fix the path (in qlora-bridge.toml, relative to it, or the command's flag)")
+        check_data(p.train_data, p.heldout)  # bad input is named before the base is converted or hashed
+        base = resolve_base(p.base)
+        check_base(base)
         key = digest({"stage": "train", "tool": __version__, "base": self.files(base),
                       "data": sha256_file(p.train_data), "heldout": sha256_file(p.heldout) if p.heldout else None,
                       "settings": asdict(settings)})

@@ -90,6 +90,28 @@ def test_bad_value_through_the_cli_exits_2(tmp_path, tiny_model, capsys):
     assert err["field"] == "merge.base_weights" and "line 10" in err["problem"] and "'nf4'" in err["fix"]
 
 
+def test_a_fresh_projects_bad_data_is_found_before_the_default_model_is_prepared(tmp_path, monkeypatch, capsys):
+    from qlora_bridge import default_model
+
+    def expensive():
+        raise AssertionError("the default model was prepared before the data was checked")
+
+    monkeypatch.setattr(default_model, "default_model_dir", expensive)
+    project = tmp_path / "qlora-bridge.toml"
+    assert main(["init", "--out", str(project)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--project", str(project), "--json"]) == 2  # `init` names data files that are not there
+    assert json.loads(capsys.readouterr().out)["problem"] == "training data file not found"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "fine"}\n{"question": "no such shape"}\n')
+    (data / "heldout.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    assert main(["train", "--project", str(project), "--json"]) == 2
+    err = json.loads(capsys.readouterr().out)
+    assert "line 2 has keys ['question']" in err["problem"] and err["file"].endswith("train.jsonl")
+    assert main(["train", "--data", str(data / "train.jsonl"), "--out", str(tmp_path / "a"), "--json"]) == 2
+
+
 def test_stages_are_reused_and_redone_when_an_input_changes(tmp_path, tiny_model):
     project = load(project_file(tmp_path, tiny_model, steps=3))
     first = Pipeline(project, progress=False)
