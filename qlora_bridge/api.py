@@ -20,6 +20,7 @@ import pluggy
 from .corpus import PARITY_CORPUS, REFERENCE_TEXT, calibration_text
 from .data import token_sequences
 from .errors import BridgeError, CheckFailed
+from .files import engine_log
 from .logits import folder_logits, model_logits
 from .modelcard import merged_license
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult", "Bounds", "ServingAdapter",
            "LaunchRequest", "TokenScores", "SmokeCheck", "SmokeContext", "Golden", "Server", "BridgeError", "CheckFailed", "PARITY_CORPUS",
-           "REFERENCE_TEXT", "calibration_text", "http_json", "token_sequences", "folder_logits", "model_logits", "merged_license"]
+           "REFERENCE_TEXT", "calibration_text", "engine_log", "http_json", "token_sequences", "folder_logits", "model_logits", "merged_license"]
 
 # bump when a hook or a registration type changes incompatibly. 2: ServingAdapter.prompt_logprobs (log-probabilities
 # of a text's tokens) became ServingAdapter.logprobs (next-token distributions along token sequences) and Exporter
@@ -65,6 +66,8 @@ class ExportRequest:
     options: dict[str, str] = field(default_factory=dict)  # --option KEY=VALUE pairs, for the exporter to parse
     lineage: dict = field(default_factory=dict)  # base, adapter and merge facts, e.g. to embed as metadata
     progress: bool = True
+    # beside the export folder (OUT.export.log): where an engine's own console output goes, through engine_log
+    log: Path | None = None
 
 
 @dataclass

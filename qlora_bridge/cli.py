@@ -373,7 +373,8 @@ def add_export(sub) -> None:
 
 
 def run_export(a) -> Outcome:
-    from .export import export
+    from .api import check_options
+    from .export import export, export_log
     from .pipeline import Pipeline
     from .plugins import load_plugins
     from .project import ExportSpec
@@ -383,6 +384,7 @@ def run_export(a) -> Outcome:
     exporter, _ = reg.exporter(a.target)
     spec = project.export_for(a.target, a.quant)
     options = {**spec.options, **options_from(a.option)}
+    check_options(options, exporter.options, f"export target '{a.target}'")  # before a merge that may take minutes
     quant = a.quant or spec.quant or (exporter.quant_types[0] if exporter.quant_types else None)
     out = Path(a.out) if a.out else project.out / ExportSpec(a.target, quant, name=spec.name).folder
     merged = Path(a.merged) if a.merged else Pipeline(project, reg).merged()
@@ -395,6 +397,9 @@ def run_export(a) -> Outcome:
     text = (f"exported: {out}  ({a.target} {quant or ''}, {len(manifest['outputs'])} files, {size / 1e6:.1f} MB, "
             f"plugin {manifest['plugin']['name']} {manifest['plugin']['version']})"
             + ("\nsigned: " + str(out / "model.sig") if sign_key else "\nnot signed (no --sign-key)"))
+    log = export_log(out)
+    if log.is_file() and log.stat().st_size:
+        text += f"\nthe engine's own log: {log}"
     return Outcome({"out": str(out), "signed": bool(sign_key), "manifest": manifest}, text)
 
 

@@ -20,6 +20,11 @@ class PluginFailed(BridgeError):
     exit_code = 1
 
 
+def export_log(out: Path) -> Path:
+    """Where an export's engines write their own console output: beside the folder, as the servers' logs are."""
+    return Path(out).with_name(f"{Path(out).name}.export.log")
+
+
 def export(registry: Registry, target: str, merged: Path, out: Path, *, quant: str | None = None,
            options: dict[str, str] | None = None, sign_key: Path | None = None, passphrase: bytes | None = None,
            force: bool = False, progress: bool = True, license: str | None = None) -> dict:
@@ -38,9 +43,11 @@ def export(registry: Registry, target: str, merged: Path, out: Path, *, quant: s
         raise BridgeError("private key not found", file=sign_key, fix="create one with `qlora-bridge keygen`")
     inputs = mf.lineage(merged)
     started = time.time()
+    log = export_log(out)
     with output_folder(out, force=force, what="export folder") as tmp:
+        log.unlink(missing_ok=True)
         request = ExportRequest(merged=merged, out=tmp, quant=quant, options=dict(options or {}),
-                                lineage=inputs, progress=progress)
+                                lineage=inputs, progress=progress, log=log)
         try:
             result = exporter.export(request)
         except BridgeError:

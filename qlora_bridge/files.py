@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from .errors import BridgeError
@@ -107,3 +108,29 @@ def output_folder(out: Path, *, force: bool, what: str = "output folder"):
         raise
     finally:
         shutil.rmtree(hidden, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def engine_log(path: Path | None):
+    """Send whatever an engine writes to the console (llama.cpp's per-tensor notes, a C library's warnings) to
+    `path`, appended, for the block's duration: file descriptors 1 and 2, which native code writes to, and
+    sys.stdout/sys.stderr, which Python-level log callbacks (llama-cpp-python's) write to. None leaves the console
+    alone."""
+    if path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(path, "a", buffering=1, errors="replace") as log, contextlib.redirect_stdout(log), \
+                contextlib.redirect_stderr(log):
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)

@@ -67,11 +67,15 @@ def test_a_wrong_pre_tokenizer_is_refused(registry, tiny_merged, tmp_path):
     assert not (tmp_path / "g").exists()
 
 
-def test_k_quant_fallbacks_are_reported(registry, tmp_path):
+def test_k_quant_fallbacks_are_reported(registry, tmp_path, capfd):
     # 320 is a multiple of 32 but not of 256: k-quant rows fall back to q5_0/q8_0, still ~5-6 bits
     base = build_tiny_model(tmp_path / "w320", hidden=320, intermediate=832)
     q = export(registry, "gguf", base, tmp_path / "g", quant="Q4_K_M", progress=False)["export"]["checks"]["quantization"]
     assert q["fallback_count"] > 0 and all(t in ("Q5_0", "Q8_0", "Q6_K") for t in q["fallbacks"].values())
+    # llama.cpp's line per fallback goes to the log beside the folder, not between the tool's own lines
+    log = (tmp_path / "g.export.log").read_text()
+    assert log.count("falling back") > 0 and "tensor(s) required fallback quantization" in log
+    assert "falling back" not in capfd.readouterr().err
 
 
 def test_a_result_that_is_not_the_requested_quantization_fails(registry, tmp_path):

@@ -10,8 +10,8 @@ import os
 import time
 from pathlib import Path
 
-from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, hookimpl,
-                              merged_license)
+from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, engine_log,
+                              hookimpl, merged_license)
 
 PLUGIN_API = 2  # the plugin API this module was written for
 FLOATS = ("F16", "F32", "BF16")
@@ -82,7 +82,8 @@ def export(req: ExportRequest) -> ExportResult:
     tok = AutoTokenizer.from_pretrained(req.merged, trust_remote_code=False)
     forced = req.options.get("pre_tokenizer")  # test a named pre-tokenizer instead of searching
     t0 = time.time()
-    pre = choose_pre_tokenizer(req.merged, config, arch_name, tok, candidates=(forced,) if forced else None)
+    with engine_log(req.log):  # llama.cpp's notes on each vocab-only load, beside the output, not on the console
+        pre = choose_pre_tokenizer(req.merged, config, arch_name, tok, candidates=(forced,) if forced else None)
     t_parity = time.time() - t0
     outtype = req.quant if req.quant in FLOATS else "F16"
     final = req.out / f"model-{req.quant}.gguf"
@@ -97,12 +98,14 @@ def export(req: ExportRequest) -> ExportResult:
                                    "bpw_matrices": round(found["bpw_matrices"], 3)}}
         t_quant = 0.0
     else:
-        quantize(first, final, req.quant, threads)
+        with engine_log(req.log):  # a line per tensor that falls back; the count is in the checks
+            quantize(first, final, req.quant, threads)
         t_quant = time.time() - t0 - t_parity - t_convert
         first.unlink()
         checks = {"quantization": check_quantized(final, req.quant)}
 
-    ok, wrong = parity(final, tok)
+    with engine_log(req.log):
+        ok, wrong = parity(final, tok)
     if wrong:
         raise CheckFailed(f"the exported GGUF tokenizes {len(wrong)} corpus entries differently from the merged "
                           f"model (first: {wrong[0]!r})", file=final, field="tokenizer",

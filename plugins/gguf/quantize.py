@@ -37,7 +37,7 @@ def quantize(src: Path, dst: Path, quant: str, threads: int) -> None:
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
         raise CheckFailed(f"llama.cpp could not quantize to {quant} (return code {rc})", file=src,
-                          fix="see llama.cpp's log above")
+                          fix="see llama.cpp's log (OUT.export.log, beside the output folder)")
 
 
 def inspect(path: Path) -> dict:
