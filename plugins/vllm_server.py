@@ -41,6 +41,11 @@ def interpreter(req: LaunchRequest) -> str:
                           f"{ENV_VAR} to the python of an environment with vLLM")
 
 
+# model types vLLM will not run in float16 (vllm 0.32, config/model.py _FLOAT16_NOT_SUPPORTED_MODELS): a float16
+# export of one would die at server start; "auto" would pick float16 from such a checkpoint too
+FLOAT16_REFUSED = ("gemma2", "gemma3", "gemma3_text", "glm4")
+
+
 def served_dtype(artifact: Path, fmt: str) -> str:
     """4-bit kernels compute in bfloat16 on a CPU; a plain export is served in the dtype it was saved in.
 
@@ -49,7 +54,14 @@ def served_dtype(artifact: Path, fmt: str) -> str:
     against 0.0106, perplexity ratio 1.0687 against 1.0679) and took 608 s to verdict instead of 109 s."""
     if fmt in ("gptq", "awq"):
         return "auto" if _has_gpu() else "bfloat16"
-    return json.loads((artifact / "config.json").read_text()).get("dtype") or "auto"
+    config = json.loads((artifact / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype") or "auto"
+    if dtype == "float16" and config.get("model_type") in FLOAT16_REFUSED:
+        # float32 holds every float16 value exactly; bfloat16 would round the weights the smoke test judges
+        print(f"vllm: vLLM refuses float16 for {config['model_type']} (numerical instability); serving in "
+              "float32", file=sys.stderr)
+        return "float32"
+    return dtype
 
 
 def _has_gpu() -> bool:

@@ -32,6 +32,17 @@ def vllm_processes(folder) -> list:
             if "vllm.entrypoints" in " ".join(p.info["cmdline"] or []) and str(folder) in " ".join(p.info["cmdline"])]
 
 
+def test_a_float16_export_vllm_refuses_in_float16_is_served_in_float32(registry, tmp_path):
+    """vLLM dies at start on a float16 Gemma 3 ("does not support float16. Reason: Numerical instability"):
+    the adapter serves such a checkpoint in float32, which holds its float16 weights exactly."""
+    vllm = importlib.import_module("qlora_bridge_plugin_vllm_server")
+    for model_type, served in (("gemma3_text", "float32"), ("gemma2", "float32"), ("llama", "float16")):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "dtype": "float16"}))
+        assert vllm.served_dtype(tmp_path, "safetensors") == served
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "dtype": "bfloat16"}))
+    assert vllm.served_dtype(tmp_path, "safetensors") == "bfloat16"
+
+
 def test_gguf_is_refused_with_the_reason(tmp_path, capsys):
     folder = tmp_path / "export-gguf"
     folder.mkdir()
