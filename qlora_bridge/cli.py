@@ -181,6 +181,8 @@ def run_train(a) -> Outcome:
     if cut:
         lines.append(f"truncated to {settings.max_seq_len} tokens: lines {cut}; dropped (no answer token left): "
                      f"{dropped or 'none'}")
+    for w in rec["dataset"].get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
     if rec["heldout"]:
         before, after = rec["heldout"]["before"], rec["heldout"]["after"]
         lines.append(f"held-out exact match: before {before['exact_match']:.0%} -> after {after['exact_match']:.0%} "

@@ -39,6 +39,7 @@ class Dataset:
     examples: list[Example]
     truncated: list[int] = field(default_factory=list)  # line numbers cut to the maximum length
     dropped: list[int] = field(default_factory=list)  # line numbers with no answer token left after cutting
+    warnings: list[str] = field(default_factory=list)  # what the user should know about how records were tokenized
 
     @property
     def answer_tokens(self) -> int:
@@ -98,7 +99,10 @@ def _chat_spans(tok, messages, path, line) -> tuple[str, list[tuple[int, int]]]:
                           field="messages", fix="add the answer as a message with role 'assistant'")
     if not tok.chat_template:
         raise BridgeError("the base model's tokenizer has no chat template, so chat data cannot be rendered",
-                          file=path, fix="use the instruction shape (prompt/completion) for this base model")
+                          file=path, field="messages",
+                          fix="give the base model a template (a chat_template.jinja file in its folder, or "
+                          "\"chat_template\" in its tokenizer_config.json), or use the instruction shape "
+                          "(prompt/completion)")
     render = lambda msgs, gen: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     full = render(messages, False)
     spans = []
@@ -159,7 +163,19 @@ def load_dataset(path: Path, tok, max_len: int, truncate: bool = False) -> Datas
     if not ds.examples:
         raise BridgeError("no record has an answer token left to train on", file=path,
                           fix="raise --max-seq-len so the answers fit")
+    if shape == "chat" and (bos := missing_bos(tok, ds.examples[0].input_ids)):
+        ds.warnings.append(f"the chat template does not begin a conversation with {bos}, which this tokenizer "
+                           "adds to plain text: chat records are trained without it, as the template renders them "
+                           "(an engine that adds it to the template's output serves a prompt the model never saw)")
     return ds
+
+
+def missing_bos(tok, ids: list[int]) -> str | None:
+    """The BOS token if the tokenizer adds one to plain text and these ids do not start with it."""
+    bos = tok.bos_token_id
+    if bos is None or tok("x")["input_ids"][:1] != [bos] or ids[:1] == [bos]:
+        return None
+    return tok.bos_token
 
 
 def token_sequences(path: Path, tok, max_len: int) -> list[list[int]]:

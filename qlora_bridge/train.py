@@ -240,7 +240,7 @@ def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_fil
         "base": {"path": str(base.resolve()), "files": digest_folder(base)},
         "dataset": {"path": str(Path(dataset).resolve()), "sha256": sha256_file(dataset), "shape": ds.shape,
                     "records": len(ds.examples), "answer_tokens": ds.answer_tokens,
-                    "truncated_lines": ds.truncated, "dropped_lines": ds.dropped},
+                    "truncated_lines": ds.truncated, "dropped_lines": ds.dropped, "warnings": ds.warnings},
         "optimizer": opt_name,
         "steps": total_steps,
         "loss_curve": losses,

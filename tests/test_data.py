@@ -106,3 +106,34 @@ def test_heldout_takes_the_last_answer_as_expected(tmp_path):
     assert (items[1].prompt, items[1].expected) == ("p", "c")
     with pytest.raises(BridgeError, match="plain text has none"):
         load_heldout(write_jsonl(tmp_path / "t.jsonl", [{"text": "x"}]))
+
+
+class AddsBos:
+    """The test tokenizer as one that adds a BOS token to plain text (Llama's, Mistral's), which SmolLM2's does not."""
+
+    def __init__(self, tok):
+        self.tok, self.bos_token, self.bos_token_id = tok, "<|endoftext|>", tok.convert_tokens_to_ids("<|endoftext|>")
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __call__(self, text, add_special_tokens=True, **kw):
+        enc = self.tok(text, add_special_tokens=False, **kw)
+        if add_special_tokens:
+            enc["input_ids"] = [self.bos_token_id, *enc["input_ids"]]
+        return enc
+
+
+def test_a_chat_template_that_drops_the_bos_token_is_reported(tok, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [chat("Say hi", "Hi there")])
+    assert load_dataset(f, tok, 512).warnings == []  # no BOS for plain text, none expected in chat
+    warnings = load_dataset(f, AddsBos(tok), 512).warnings
+    assert len(warnings) == 1 and "does not begin a conversation with <|endoftext|>" in warnings[0]
+
+
+def test_chat_data_for_a_base_without_a_template_says_how_to_give_it_one(tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(tok, "chat_template", None)
+    f = write_jsonl(tmp_path / "d.jsonl", [chat("Say hi", "Hi there")])
+    with pytest.raises(BridgeError, match="has no chat template") as e:
+        load_dataset(f, tok, 512)
+    assert "chat_template.jinja" in e.value.fix and "prompt/completion" in e.value.fix
