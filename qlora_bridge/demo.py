@@ -30,9 +30,9 @@ def exports() -> list:
     """The demo release's targets: those this machine can export and serve in a few minutes.
 
     GGUF Q4_K_M on llama.cpp always; the merged model as float32 safetensors on vLLM when a vLLM environment
-    exists. On 2 cores GPTQ takes ~4 minutes to quantize the demo and AWQ ~31, and vLLM serves them only on an
+    exists. GPTQ and AWQ take ~1.5 minutes each to quantize the demo on 2 cores, but vLLM serves them only on an
     AVX-512 CPU or a GPU, so the demo leaves them to `qlora-bridge export --target awq|gptq` and to projects that
-    ask for them.
+    ask for them. The demo carries no export options: `export --target X --merged MY_MERGE` runs X's defaults.
     """
     import os
 
