@@ -147,7 +147,7 @@ def run_train(a) -> Outcome:
     from .data import check_data
     from .default_model import resolve_base
     from .pipeline import Pipeline
-    from .train import TrainSettings, train
+    from .train import TrainSettings, check_base, train
 
     project = project_of(a)
     values = dict(project.train) if a.data is None else {}
@@ -169,6 +169,8 @@ def run_train(a) -> Outcome:
             pipe.forget("train")
         adapter = pipe.adapter()
     else:
+        if base:
+            check_base(Path(base))
         check_data(data, heldout_path)  # before resolve_base, which may convert the default model
         adapter = train(resolve_base(base), data, Path(a.out), settings, heldout_file=heldout_path,
                         force=a.force).adapter

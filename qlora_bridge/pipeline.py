@@ -99,6 +99,8 @@ class Pipeline:
 
         p, settings = self.project, TrainSettings(**self.project.train)
         settings.validate()
+        if p.base:  # a folder the user named costs nothing to check; the embedded default may need converting
+            check_base(Path(p.base))
         for path, what in ((p.train_data, "training data"), (p.heldout, "held-out data")):
             if path is not None and not Path(path).is_file():
                 raise BridgeError(f"{what} file not found", file=path, field="data",

@@ -236,3 +236,15 @@ def test_an_unknown_engine_is_refused_with_the_known_ones(registry, tiny_release
     with pytest.raises(BridgeError, match="engine=optimum is not supported") as e:
         export(registry, "awq", tiny_release, tmp_path / "out", options={"engine": "optimum"}, progress=False)
     assert "gptqmodel" in e.value.fix and "autoround" in e.value.fix
+
+
+def test_without_a_project_file_an_export_runs_the_targets_defaults(gptqmodel, tiny_release, tmp_path, monkeypatch,
+                                                                   capsys):
+    """With no qlora-bridge.toml the demo project supplies the defaults; its settings must not reach the user's
+    own model (the demo once carried 16 x 256-token calibration for gptq, visible only in the manifest)."""
+    from qlora_bridge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--target", "gptq", "--merged", str(tiny_release), "--out", "g", "--json"]) == 0
+    settings = json.loads(capsys.readouterr().out)["manifest"]["export"]["settings"]
+    assert settings["options"] == {} and settings["calibration"]["seq_len"] == 512
