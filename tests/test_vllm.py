@@ -27,6 +27,12 @@ def registry():
     return load_plugins()
 
 
+def adapter_namespace(registry) -> dict:
+    """The globals of the registry's vllm adapter module: each load_plugins imports the built-ins afresh, so the
+    module found by name may be a later load's, whose patches this registry would not see."""
+    return registry.server("vllm")[0].command.__globals__
+
+
 def vllm_processes(folder) -> list:
     return [p for p in psutil.process_iter(["cmdline"])
             if "vllm.entrypoints" in " ".join(p.info["cmdline"] or []) and str(folder) in " ".join(p.info["cmdline"])]
@@ -35,12 +41,12 @@ def vllm_processes(folder) -> list:
 def test_a_float16_export_vllm_refuses_in_float16_is_served_in_float32(registry, tmp_path):
     """vLLM dies at start on a float16 Gemma 3 ("does not support float16. Reason: Numerical instability"):
     the adapter serves such a checkpoint in float32, which holds its float16 weights exactly."""
-    vllm = importlib.import_module("qlora_bridge_plugin_vllm_server")
+    served_dtype = adapter_namespace(registry)["served_dtype"]
     for model_type, served in (("gemma3_text", "float32"), ("gemma2", "float32"), ("llama", "float16")):
         (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "dtype": "float16"}))
-        assert vllm.served_dtype(tmp_path, "safetensors") == served
+        assert served_dtype(tmp_path, "safetensors") == served
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "dtype": "bfloat16"}))
-    assert vllm.served_dtype(tmp_path, "safetensors") == "bfloat16"
+    assert served_dtype(tmp_path, "safetensors") == "bfloat16"
 
 
 def test_gguf_is_refused_with_the_reason(tmp_path, capsys):
@@ -56,9 +62,9 @@ def test_gguf_is_refused_with_the_reason(tmp_path, capsys):
 
 def test_4bit_on_a_cpu_without_avx512_is_refused_with_the_reason(registry, tiny_release, tmp_path, monkeypatch):
     pytest.importorskip("gptqmodel", reason="GPTQModel is the quant extra: pip install '.[quant]'")
-    adapter = importlib.import_module("qlora_bridge_plugin_vllm_server")
-    monkeypatch.setattr(adapter, "cpu_lacks_4bit_kernel", lambda: True)
-    monkeypatch.setattr(adapter, "_has_gpu", lambda: False)
+    adapter = adapter_namespace(registry)
+    monkeypatch.setitem(adapter, "cpu_lacks_4bit_kernel", lambda: True)
+    monkeypatch.setitem(adapter, "_has_gpu", lambda: False)
     out = tmp_path / "export-gptq"
     export(registry, "gptq", tiny_release, out, options={"samples": "8", "seq_len": "64"}, progress=False)
     with pytest.raises(BridgeError, match="vLLM cannot serve gptq on this CPU.*no 4-bit kernel"):
