@@ -29,6 +29,19 @@ PARITY_CORPUS = [
     "a",
     "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
     "text<|im_end|>more text<|endoftext|>",
+    # wider: where pre-tokenizers that agree on the lines above part ways (digit classes, scripts, symbols)
+    "Arabic-Indic ٠١٢٣٤٥٦٧٨٩ and ۱۲۳ Persian, Devanagari १२३४, Thai ๑๒๓, Bengali ১২৩",
+    "Fullwidth １２３４５ ＡＢＣ and halfwidth ｶﾀｶﾅ; Roman Ⅻ ⅷ; superscripts x² y³ H₂O",
+    "Fractions ½ ¼ ¾ ⅓ ⅞, circled ① ② ⑳ ❶, dingbat numbers ➊ ➋",
+    "Prices: €1.234,56 £99 ¥1000 ₹2,50,000 ₩5000 ₿0.001 ¢50",
+    "Math: ∀x∈ℝ, ∑ᵢ xᵢ² ≤ ∫₀^∞ e^{-t} dt ≠ ∞ ± √2 ≈ 1.414 → ∂f/∂x",
+    "ไทย ภาษาไทยไม่มีช่องว่าง, ქართული, Հայերեն, தமிழ், తెలుగు, ᓀᐦᐃᔭᐍᐏᐣ, አማርኛ",
+    "Tiếng Việt có dấu: Hà Nội, Đà Nẵng; Türkçe ığüşöç İI; Polski źćżłń; Čeština ěščřž",
+    "no-break\u00a0space, ideographic\u3000space, thin\u2009space, zero\u200bwidth, soft\u00adhyphen",
+    "\n\n\n\n  \t \n \r\r\n\t\t\t end  ",
+    "Mixed123numbers456in789words and x86_64 and v2.0.1-rc3 and 0x7fff and 1_000_000",
+    "<s>[INST] question [/INST] answer</s><|begin_of_text|><|eot_id|><start_of_turn>user\n<end_of_turn>",
+    "ＡＩは「すごい」！？…〜 カタカナ ひらがな 漢字、中文標點：「」『』《》",
 ]
 
 # Reference prose for the equivalence check of a merge and the perplexity of served exports: plain English with a

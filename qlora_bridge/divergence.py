@@ -50,15 +50,27 @@ def teacher_sequences(tok, answers: list[dict]) -> list[Teacher]:
     from .data import HeldOut
     from .evaluate import render_prompt
 
-    stop = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    answer = lambda text: tok(text.strip(), add_special_tokens=False)["input_ids"] + stop
     out = []
     for a in answers:
         chat = isinstance(a["prompt"], list)
+        stop = answer_end(tok, a["prompt"])
+        answer = lambda text: tok(text.strip(), add_special_tokens=False)["input_ids"] + stop
         prompt = tok(render_prompt(tok, HeldOut(a["prompt"], a["expected"], a["line"])),
                      add_special_tokens=not chat)["input_ids"]
         out.append(Teacher(a["line"], prompt + answer(a["got"]), prompt + answer(a["expected"]), len(prompt)))
     return out
+
+
+def answer_end(tok, prompt) -> list[int]:
+    """The token that ends an answer: in a chat, the first one the template puts after the assistant's text (Gemma
+    ends its turn with <end_of_turn>, not with its EOS; scored against EOS, no answer would ever count as right);
+    otherwise EOS, as training appends it."""
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if not isinstance(prompt, list):
+        return eos
+    mark = "\x01answer\x01"
+    text = tok.apply_chat_template([*prompt, {"role": "assistant", "content": mark}], tokenize=False)
+    return tok(text.split(mark, 1)[1], add_special_tokens=False)["input_ids"][:1] or eos
 
 
 def text_windows(tok, text: str, size: int = WINDOW) -> list[list[int]]:

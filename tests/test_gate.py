@@ -84,6 +84,19 @@ def test_text_windows_cover_the_text_once_and_start_with_bos_where_the_tokenizer
     assert body == ids[:len(body)] and len(body) >= len(ids) - 1
 
 
+def test_an_answer_is_scored_up_to_the_token_that_ends_its_turn():
+    from qlora_bridge.divergence import teacher_sequences
+    from qlora_bridge.tinymodel import SPM_CHAT_TEMPLATE, build_sentencepiece_tokenizer
+
+    tok = build_sentencepiece_tokenizer()
+    tok.eos_token = "</s>"  # as Gemma: the turn ends with <end_of_turn>, the text with another EOS
+    answer = {"line": 1, "prompt": [{"role": "user", "content": "day one"}], "expected": "Monday", "got": "Monday"}
+    (chat,) = teacher_sequences(tok, [answer])
+    assert tok.chat_template == SPM_CHAT_TEMPLATE and chat.gold[-1] == tok.convert_tokens_to_ids("<end_of_turn>")
+    (plain,) = teacher_sequences(tok, [{**answer, "prompt": "day one"}])
+    assert plain.gold[-1] == tok.convert_tokens_to_ids("</s>")
+
+
 def test_mcnemar_exact_values_and_the_interval():
     assert mcnemar_drop([True] * 9 + [False] * 2, [False] * 9 + [True] * 2)["p_value"] == 0.0327  # 67 / 2048
     assert mcnemar_drop([True, False], [True, False]) == {"reference_only": 0, "served_only": 0, "p_value": 1.0}

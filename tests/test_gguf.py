@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FULL_PARITY, modelfile_fields
 from qlora_bridge.errors import BridgeError, CheckFailed
 from qlora_bridge.export import export
 from qlora_bridge.plugins import load_plugins
@@ -42,16 +43,46 @@ def test_f32_conversion_matches_transformers(registry, tmp_path, arch, limit):
     assert hf_and_gguf_logits(base, tmp_path / "gguf" / "model-F32.gguf") < limit
 
 
+# SentencePiece-style vocabularies (byte fallback, "▁" for spaces): Llama 2's prefix space and Gemma's none. Before
+# the token scores were written from the merge ranks, llama.cpp merged in arbitrary order (Gemma 3: 0 of 24 lines).
+@pytest.mark.parametrize("tokenizer", ["sentencepiece", "sentencepiece-no-prefix"])
+def test_sentencepiece_vocabularies_export_with_full_parity(registry, tmp_path, tokenizer):
+    from gguf import GGUFReader
+
+    base = build_tiny_model(tmp_path / tokenizer, tokenizer=tokenizer)
+    manifest = export(registry, "gguf", base, tmp_path / "g", quant="F32", progress=False)
+    checks = manifest["export"]["checks"]
+    assert checks["tokenizer_parity"] == FULL_PARITY and checks["pre_tokenizer"]["tokenizer_model"] == "llama"
+    assert checks["chat_template_carried"] is True
+    reader = GGUFReader(str(tmp_path / "g" / "model-F32.gguf"))
+    assert reader.get_field("tokenizer.ggml.add_space_prefix").contents() is (tokenizer == "sentencepiece")
+    assert reader.get_field("tokenizer.ggml.add_bos_token").contents() is True
+    assert hf_and_gguf_logits(base, tmp_path / "g" / "model-F32.gguf") < 1e-5
+
+
+@pytest.mark.slow
+def test_a_real_sentencepiece_model_exports_with_full_parity(registry, gemma3_base, tmp_path):
+    """Gemma 3 270M: a byte-fallback BPE with "▁" for spaces and no prefix space, 262k tokens."""
+    manifest = export(registry, "gguf", gemma3_base, tmp_path / "g", quant="F16", progress=False)
+    checks = manifest["export"]["checks"]
+    assert checks["tokenizer_parity"] == FULL_PARITY and checks["pre_tokenizer"]["tokenizer_model"] == "llama"
+    # float16 weights against the float32 model: 2.2e-3 measured; a broken conversion reads ~1
+    assert hf_and_gguf_logits(gemma3_base, tmp_path / "g" / "model-F16.gguf") < 1e-2
+
+
 def test_export_records_parity_quantization_and_lineage(registry, tiny_merged, tmp_path):
     from gguf import GGUFReader
 
     manifest = export(registry, "gguf", tiny_merged, tmp_path / "q", quant="Q4_K_M", progress=False)
     checks = manifest["export"]["checks"]
-    assert checks["tokenizer_parity"] == "24/24" and checks["pre_tokenizer"]["pre"] == "gpt-2"
+    assert checks["tokenizer_parity"] == FULL_PARITY and checks["pre_tokenizer"]["pre"] == "gpt-2"
     q = checks["quantization"]
     assert q["fallback_count"] == 0 and set(q["tensor_types"]) == {"F32", "Q4_K", "Q6_K"}
     assert 4.5 < q["bpw_matrices"] < 5.5
     assert checks["chat_template_carried"] is True
+    modelfile = modelfile_fields((tmp_path / "q" / "Modelfile").read_text())
+    assert modelfile["from"] == "./model-Q4_K_M.gguf" and modelfile["stops"] == ["<|im_end|>"]
+    assert checks["modelfile"]["template"] == "wrapped" and modelfile["template"]
     reader = GGUFReader(str(tmp_path / "q" / "model-Q4_K_M.gguf"))
     assert reader.get_field("qlora_bridge.merge_base_weights").contents() == "nf4"
     adapter = manifest["inputs"]["adapter"]["sha256"]

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import chat, write_jsonl
+from conftest import FULL_PARITY, chat, write_jsonl
 from qlora_bridge.cli import main
 from qlora_bridge.errors import BridgeError
 from qlora_bridge.pipeline import Pipeline
@@ -142,7 +142,7 @@ def test_release_report_signs_passes_and_marks_a_failed_gate(tmp_path, tiny_mode
     assert main(["release", "--project", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     (row,) = report["rows"]
-    assert row["status"] == "passed" and row["signature"] == "signed" and row["parity"] == "24/24"
+    assert row["status"] == "passed" and row["signature"] == "signed" and row["parity"] == FULL_PARITY
     assert row["format"] == "gguf F16" and row["agreement"] >= 0.9 and row["bits_per_weight"] == 16
     folder = tmp_path / "out" / "export-gguf-F16"
     assert main(["verify", str(folder), "--public-key", str(public)]) == 0

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from conftest import FULL_PARITY, modelfile_fields
 from qlora_bridge.cli import main
 
 pytestmark = pytest.mark.slow
@@ -32,12 +33,26 @@ def test_embedded_model_merge_is_exact_and_answers_like_the_adapter(demo_merged)
 # stay under 40): F16 and Q8_0 are closer to the merged model on every instrument (README, gate figures), and a
 # float copy passing the gate is tested on the tiny model (test_smoke.py) and on vLLM (test_vllm.py)
 @pytest.mark.parametrize("quant", ["Q4_K_M"])
-def test_gguf_exports_pass_the_smoke_gate(demo_merged, quant, capsys):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF extra: pip install '.[gguf]'")
+def test_gguf_exports_pass_the_smoke_gate(demo_merged, quant, capsys, ollama_render):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF extra: pip install '.[gguf]'")
+    from transformers import AutoTokenizer
+
     out = demo_merged.parent / f"gguf-{quant}"
     assert main(["export", "--target", "gguf", "--quant", quant, "--merged", str(demo_merged), "--out", str(out)]) == 0
+    # the Modelfile: Ollama's prompt for every golden prompt (with its system prompt, and without it, when the
+    # Modelfile's SYSTEM stands in) is the Hugging Face template's, token for token through the GGUF's tokenizer
+    fields = modelfile_fields((out / "Modelfile").read_text())
+    prompts = [a["prompt"] for a in json.loads((demo_merged / "merge_report.json").read_text())["heldout"]["answers"]]
+    assert fields["system"] == prompts[0][0]["content"] and fields["stops"] == ["<|im_end|>"]
+    tok = AutoTokenizer.from_pretrained(demo_merged)
+    vocab = llama_cpp.Llama(str(out / f"model-{quant}.gguf"), vocab_only=True, verbose=False)
+    for asked in (prompts, [p[1:] for p in prompts]):
+        for prompt, served in zip(prompts, ollama_render(fields["template"], fields["system"], asked)):
+            assert vocab.tokenize(served.encode(), add_bos=True, special=True) == tok.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    vocab.close()
     capsys.readouterr()
     code = main(["smoke", str(out), "--json"])
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["passed"], json.dumps(result["checks"], indent=1)[:3000]
-    assert result["checks"]["tokenization"]["parity"] == "24/24"
+    assert result["checks"]["tokenization"]["parity"] == FULL_PARITY

@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import FULL_PARITY
 from damage import permute_layer, scale_rope, with_base_weights
 from qlora_bridge.cli import main
 from qlora_bridge.errors import BridgeError
@@ -54,7 +55,7 @@ def test_smoke_passes_records_and_resigns(gguf_f16, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["passed"], out["checks"]
     checks = out["checks"]
-    assert checks["tokenization"]["parity"] == "24/24"
+    assert checks["tokenization"]["parity"] == FULL_PARITY
     assert checks["chat-template"]["prompt_tokens_served"] == checks["chat-template"]["prompt_tokens_hf"]
     assert checks["task-score"]["agreement"] >= 0.9 and checks["golden"]["pass_rate"] >= 0.9
     # F16 against the float32 merge, the full vocabulary through llama.cpp

@@ -9,6 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import FULL_PARITY
 from qlora_bridge.cli import main
 from qlora_bridge.errors import BridgeError
 from qlora_bridge.export import export
@@ -102,7 +103,7 @@ def test_smoke_gate_passes_on_vllm_and_fails_an_export_of_the_base_model(registr
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["passed"], json.dumps(result["checks"], indent=1)[:3000]
     checks = result["checks"]
-    assert checks["tokenization"]["parity"] == "24/24"
+    assert checks["tokenization"]["parity"] == FULL_PARITY
     assert checks["task-score"]["agreement"] >= 0.9
     # float32 served against the float32 merge, through vLLM's top-k log-probabilities
     assert checks["divergence"]["kl_text"] < 1e-4 and abs(checks["divergence"]["ppl_ratio"] - 1) < 0.001

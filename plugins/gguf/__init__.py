@@ -2,7 +2,8 @@
 
 Uses only qlora_bridge.api. Every export proves three things before it is allowed to finish: llama.cpp tokenizes
 the built-in corpus exactly as the Hugging Face tokenizer does, every tensor has the type that was asked for (or
-the fallbacks are listed), and the lineage (base, adapter, merge mode, tool) is in the GGUF's metadata.
+the fallbacks are listed), and the lineage (base, adapter, merge mode, tool) is in the GGUF's metadata. Beside
+the GGUF it writes an Ollama Modelfile (modelfile.py).
 """
 
 import json
@@ -62,8 +63,24 @@ def lineage_metadata(req: ExportRequest) -> dict:
             "general.license": merged_license(req.merged)}
 
 
+def trained_system_prompt(lineage: dict) -> str | None:
+    """The system prompt of the held-out prompts, when they all share one: the fine-tune expects it."""
+    answers = (((lineage.get("merge") or {}).get("heldout") or {}).get("answers")) or []
+    prompts = {a["prompt"][0]["content"] if isinstance(a.get("prompt"), list) and a["prompt"]
+               and a["prompt"][0].get("role") == "system" else None for a in answers}
+    return prompts.pop() if len(prompts) == 1 else None
+
+
+def generation_eos(merged: Path, tok) -> list[str]:
+    """The stop tokens generation_config.json names (Gemma's <end_of_turn> is only there)."""
+    path = Path(merged) / "generation_config.json"
+    ids = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    return [tok.convert_ids_to_tokens(i) for i in ([ids] if isinstance(ids, int) else ids or [])]
+
+
 def export(req: ExportRequest) -> ExportResult:
     from .convert import architecture, convert
+    from .modelfile import modelfile
     from .quantize import check_quantized, inspect, quantize, require_llama_cpp
     from .vocab import choose_pre_tokenizer, parity
 
@@ -112,10 +129,13 @@ def export(req: ExportRequest) -> ExportResult:
                           fix="report this: the pre-tokenizer chosen by parity did not survive conversion")
     reader = gguf.GGUFReader(str(final))
     template = reader.get_field("tokenizer.chat_template")
+    text, ollama = modelfile(final.name, tok, trained_system_prompt(req.lineage), generation_eos(req.merged, tok))
+    (req.out / "Modelfile").write_text(text)
     checks.update({
         "tokenizer_parity": f"{ok}/{ok}", "pre_tokenizer": pre,
         "chat_template_carried": template is not None and template.contents() == (tok.chat_template or None),
         "lineage_metadata": sorted(k for k in metadata if k.startswith("qlora_bridge.")),
+        "modelfile": ollama,
     })
     return ExportResult(settings={"quant": req.quant, "intermediate": None if req.quant in FLOATS else "F16",
                                   "threads": threads, "arch": conv["arch"], "gguf_arch": conv["gguf_arch"],
