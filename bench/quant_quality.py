@@ -8,8 +8,8 @@ on the same calibration, then judged by the smoke gate's instruments: KL to the 
 answers and on the reference text, same top-1 share, perplexity ratio, the paired task score. Where this machine
 can serve 4-bit with vLLM (an AVX-512 CPU or a GPU) the export is served; elsewhere it is judged through the
 exporter's logits hook (our dequantization, float32), which the table says. --slow adds GPTQModel's AWQ
-(30+ minutes for the demo on 2 CPU cores). llm-compressor is not here: 0.13 pins transformers<=5.17 and
-auto-round<=0.15.1, both below this project's pins.
+(30+ minutes for the demo on 2 CPU cores). llm-compressor is not here: 0.13 and 0.14.0.1 pin
+transformers<=5.17 and auto-round<=0.15.1, both below this project's pins.
 """
 
 from __future__ import annotations

@@ -43,6 +43,12 @@ def tokenize(server, text: str) -> list[int]:
     return ids[len(added):] if ids[:len(added)] == added else ids
 
 
+# nats, the most a token's log-probability from the server may differ from this process's: a fresh server agrees to
+# 5e-5, but after other requests it reuses BOS from the cache, computed in a longer batch by another kernel path,
+# and for k-quants that moved Gemma 3's Q4_K_M by up to 0.075; a misaligned echo or another model is off by nats
+AGREEMENT = 0.2
+
+
 def logprobs(server, sequences: list[list[int]]):
     """Next-token log-probabilities over the full vocabulary along each token sequence, from the served GGUF in
     this process's llama.cpp (the same build as the server's).
@@ -86,7 +92,7 @@ def logprobs(server, sequences: list[list[int]]):
         local = scores(ids)
         at = torch.arange(1 + skipped, len(ids))
         same, previous = (local[at - shift, ids[1 + skipped:]].double().numpy() for shift in (0, 1))
-        if len(ids) != n or min(np.abs(same - served).max(), np.abs(previous - served).max()) > 1e-2:
+        if len(ids) != n or min(np.abs(same - served).max(), np.abs(previous - served).max()) > AGREEMENT:
             raise RuntimeError("the server's log-probabilities differ from llama.cpp's on the same file: it is not "
                                "serving this model as built")
         for ids in sequences:

@@ -68,6 +68,10 @@ def test_a_real_sentencepiece_model_exports_with_full_parity(registry, gemma3_ba
     assert checks["tokenizer_parity"] == FULL_PARITY and checks["pre_tokenizer"]["tokenizer_model"] == "llama"
     # float16 weights against the float32 model: 2.2e-3 measured; a broken conversion reads ~1
     assert hf_and_gguf_logits(gemma3_base, tmp_path / "g" / "model-F16.gguf") < 1e-2
+    # Q4_K_M: the 262k x 640 embedding (64% of the weights) takes the output's type and falls back to Q8_0, as in
+    # upstream's own Q4_K_M of this model; the decoder layers are what must be 4-bit in substance
+    q = export(registry, "gguf", gemma3_base, tmp_path / "q", quant="Q4_K_M", progress=False)["export"]["checks"]
+    assert q["quantization"]["bpw_matrices"] > 4.85 * 1.35 > q["quantization"]["bpw_layers"]
 
 
 def test_export_records_parity_quantization_and_lineage(registry, tiny_merged, tmp_path):

@@ -71,8 +71,15 @@ def test_stops_come_from_the_turn_end_and_generation_config(modelfile):
     assert info["stops"] == ["<end_of_turn>", "</s>"]
 
 
-def test_a_template_it_cannot_express_gets_no_template_and_says_why(modelfile):
-    text, info = modelfile("m.gguf", tokenizer_with(OPEN_LAST), "Be brief.", [])
+# a template that drops the system prompt: Ollama would send the Modelfile's SYSTEM nowhere the model was trained on
+NO_SYSTEM = ("{% for message in messages if message['role'] != 'system' %}{{ '<|im_start|>' + message['role'] + '\n' "
+             "+ message['content'] + '<|im_end|>\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template", [OPEN_LAST, NO_SYSTEM], ids=["open-last-turn", "no-system"])
+def test_a_template_it_cannot_express_gets_no_template_and_says_why(modelfile, template):
+    text, info = modelfile("m.gguf", tokenizer_with(template), "Be brief.", [])
     fields = modelfile_fields(text)
     assert fields["template"] is None and info["template"] is None
     assert info["no_template_because"] and f"# no TEMPLATE: {info['no_template_because']}" in text

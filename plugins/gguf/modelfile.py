@@ -30,14 +30,19 @@ def derive(render, bos: str) -> dict:
             raise ValueError("the template does not begin with the BOS the tokenizer adds")
         return out[len(bos):]
 
+    def cut(rendered: str, mark: str) -> tuple[str, str]:
+        if rendered.count(mark) != 1:
+            raise ValueError(f"the template does not render a {mark.strip(chr(1))} message's text once, as given")
+        return tuple(rendered.split(mark))
+
     base = text(("system", S), ("user", U))  # head S mid U user_post
-    head, rest = base.split(S)
-    mid, user_post = rest.split(U)
+    head, rest = cut(base, S)
+    mid, user_post = cut(rest, U)
     answered = text(("system", S), ("user", U), ("assistant", A))
     chat = text(("system", S), ("user", U), ("assistant", A), ("user", V))
     if not (answered.startswith(base) and chat.startswith(answered) and chat.endswith(V + user_post)):
         raise ValueError("earlier turns render differently once later ones follow")
-    assistant_pre, assistant_post = answered[len(base):].split(A)
+    assistant_pre, assistant_post = cut(answered[len(base):], A)
     user_pre = chat[len(answered):-len(V + user_post)]
     pieces = {"user": (user_pre, user_post), "assistant": (assistant_pre, assistant_post),
               "generation": text(("system", S), ("user", U), generation=True)[len(base):]}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_bridge.api import PARITY_CORPUS, CheckFailed, reference_document
@@ -33,8 +34,19 @@ def tokenizer_kind(folder: Path) -> str:
     return "llama"
 
 
-def add_vocab(writer, folder: Path, config: dict, tokenizer_pre: str, tok) -> None:
-    """Tokens, types, merges and special tokens of the Hugging Face tokenizer `tok` saved in `folder`."""
+@dataclass
+class Vocab:
+    """The tokenizer as the GGUF holds it, but for the pre-tokenizer name: read once, written for each candidate."""
+    model: str  # llama.cpp's tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece family)
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None
+    space_prefix: bool | None
+    special: object  # gguf.SpecialVocab: special ids, merges, chat template, whether BOS/EOS are added
+
+
+def read_vocab(folder: Path, config: dict, tok) -> Vocab:
+    """The Hugging Face tokenizer `tok` saved in `folder`, in GGUF terms."""
     import gguf
 
     folder = Path(folder)
@@ -45,16 +57,11 @@ def add_vocab(writer, folder: Path, config: dict, tokenizer_pre: str, tok) -> No
                                                             config.get("vocab_size"))
         else:
             tokens, scores, types = zip(*gguf.SentencePieceVocab(folder).all_tokens())
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre(tokenizer_pre)
-        writer.add_token_list([t.decode() if isinstance(t, bytes) else t for t in tokens])
-        writer.add_token_scores(list(scores))
-        writer.add_token_types([int(t) for t in types])
+        tokens = [t.decode() if isinstance(t, bytes) else t for t in tokens]
         # llama.cpp's SentencePiece tokenizer puts a space before the text unless told not to; Llama 2 and Mistral
         # declare that prefix in tokenizer.json, Gemma does not (research README, fact 17)
-        writer.add_add_space_prefix(adds_space_prefix(folder))
-        add_special_tokens(writer, folder, len(tokens), tok, merges=False)
-        return
+        return Vocab("llama", tokens, [int(t) for t in types], list(scores), adds_space_prefix(folder),
+                     special_tokens(folder, len(tokens), tok, merges=False))
     n_vocab = config.get("vocab_size", len(tok.vocab))
     reverse = {i: t for t, i in tok.vocab.items()}
     added = tok.get_added_vocab()
@@ -71,14 +78,23 @@ def add_vocab(writer, folder: Path, config: dict, tokenizer_pre: str, tok) -> No
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
-    writer.add_tokenizer_model("gpt2")
+    return Vocab("gpt2", tokens, [int(t) for t in types], None, None,
+                 special_tokens(folder, n_vocab, tok, merges=True))
+
+
+def add_vocab(writer, vocab: Vocab, tokenizer_pre: str) -> None:
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(tokenizer_pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    add_special_tokens(writer, folder, n_vocab, tok, merges=True)
+    writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    if vocab.space_prefix is not None:
+        writer.add_add_space_prefix(vocab.space_prefix)
+    vocab.special.add_to_gguf(writer)
 
 
-def add_special_tokens(writer, folder: Path, n_vocab: int, tok, merges: bool) -> None:
+def special_tokens(folder: Path, n_vocab: int, tok, merges: bool):
     """Special token ids, merges and the chat template; BOS/EOS are added exactly when the Hugging Face tokenizer
     adds them, whatever tokenizer_config.json spells out (Gemma's says nothing; its post-processor adds BOS)."""
     import gguf
@@ -87,7 +103,7 @@ def add_special_tokens(writer, folder: Path, n_vocab: int, tok, merges: bool) ->
     plain, full = hf_ids(tok, "a"), tok("a")["input_ids"]
     special.add_special_token = {"bos": len(full) > len(plain) and full[0] == tok.bos_token_id,
                                  "eos": len(full) > len(plain) and full[-1] == tok.eos_token_id}
-    special.add_to_gguf(writer)
+    return special
 
 
 def adds_space_prefix(folder: Path) -> bool:
@@ -169,12 +185,12 @@ def parity(vocab_file: Path, tok, corpus=PARITY_CORPUS) -> tuple[int, list[str]]
     return len(corpus) - len(wrong), wrong
 
 
-def write_vocab_only(folder: Path, out_file: Path, config: dict, arch_name: str, pre: str, tok) -> None:
+def write_vocab_only(vocab: Vocab, out_file: Path, arch_name: str, pre: str) -> None:
     import gguf
 
     writer = gguf.GGUFWriter(out_file, arch_name)
     writer.add_type(gguf.GGUFType.MODEL)
-    add_vocab(writer, folder, config, pre, tok)
+    add_vocab(writer, vocab, pre)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
@@ -188,10 +204,11 @@ def choose_pre_tokenizer(folder: Path, config: dict, arch_name: str, tok, candid
     kind = tokenizer_kind(folder)
     candidates = candidates or (BPE_PRE_CANDIDATES if kind == "gpt2" else ("default",))
     scores, level = {}, {}
+    vocab = read_vocab(folder, config, tok)
     with tempfile.TemporaryDirectory() as d:
         for pre in candidates:
             path = Path(d) / f"{pre}.gguf"
-            write_vocab_only(folder, path, config, arch_name, pre, tok)
+            write_vocab_only(vocab, path, arch_name, pre)
             scores[pre], wrong = parity(path, tok)
             if not wrong:
                 level[pre] = path
