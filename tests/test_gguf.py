@@ -116,7 +116,7 @@ def test_k_quant_fallbacks_are_reported(registry, tmp_path, capfd):
 def test_a_result_that_is_not_the_requested_quantization_fails(registry, tmp_path):
     # 200 is not a multiple of 32: llama.cpp keeps every matrix in F16 and still returns success
     base = build_tiny_model(tmp_path / "w200", hidden=200, intermediate=520, heads=2)
-    with pytest.raises(CheckFailed, match=r"not Q8_0 in substance: its matrices average 1\d\.\d\d bits"):
+    with pytest.raises(CheckFailed, match=r"not Q8_0 in substance: its decoder layers average 1\d\.\d\d bits"):
         export(registry, "gguf", base, tmp_path / "g", quant="Q8_0", progress=False)
     assert not (tmp_path / "g").exists()
 
