@@ -66,9 +66,7 @@ def logprobs(server, sequences: list[list[int]]):
     text = REFERENCE_TEXT.split(". ")[0] + "."
     out = http_json(server.base_url + "/v1/completions", {"prompt": text, "max_tokens": 1, "temperature": 0.0,
                                                            "echo": True, "logprobs": 0})
-    n, echoed = out["usage"]["prompt_tokens"], out["choices"][0]["logprobs"]
-    skipped = n - (len(echoed["tokens"]) - 1)  # the BOS the echo leaves out (one token was generated)
-    served = np.array(echoed["token_logprobs"][1:n - skipped], dtype=np.float64)
+    n, echoed = out["usage"]["prompt_tokens"], out["choices"][0]["logprobs"]["token_logprobs"]
     longest = max([n, *map(len, sequences)])
     model = Llama(str(gguf_file(server.artifact)), logits_all=True, n_ctx=max(512, longest + 8),
                   n_threads=os.cpu_count() or 1, n_threads_batch=os.cpu_count() or 1, verbose=False)
@@ -86,8 +84,10 @@ def logprobs(server, sequences: list[list[int]]):
         return torch.log_softmax(torch.from_numpy(np.array(model.scores[: len(ids)], dtype=np.float32)), -1)
 
     try:
-        ids = model.tokenize(text.encode(), add_bos=model.metadata.get("tokenizer.ggml.add_bos_token") == "true",
-                             special=True)
+        adds_bos = model.metadata.get("tokenizer.ggml.add_bos_token") == "true"
+        ids = model.tokenize(text.encode(), add_bos=adds_bos, special=True)
+        skipped = int(adds_bos)  # the echo leaves out the BOS llama.cpp put first
+        served = np.array(echoed[1:n - skipped], dtype=np.float64)
         model.reset()
         local = scores(ids)
         at = torch.arange(1 + skipped, len(ids))
