@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import pluggy
 
 from .corpus import PARITY_CORPUS, REFERENCE_TEXT, calibration_text, reference_document
-from .data import token_sequences
+from .data import adds_bos, token_sequences
 from .errors import BridgeError, CheckFailed
 from .files import engine_log
 from .logits import folder_logits, model_logits
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult", "Bounds", "ServingAdapter",
            "LaunchRequest", "TokenScores", "SmokeCheck", "SmokeContext", "Golden", "Server", "BridgeError", "CheckFailed", "PARITY_CORPUS",
-           "REFERENCE_TEXT", "calibration_text", "reference_document", "engine_log", "http_json", "token_sequences", "folder_logits", "model_logits", "merged_license"]
+           "REFERENCE_TEXT", "calibration_text", "reference_document", "engine_log", "http_json", "adds_bos", "token_sequences", "folder_logits", "model_logits", "merged_license"]
 
 # bump when a hook or a registration type changes incompatibly. 2: ServingAdapter.prompt_logprobs (log-probabilities
 # of a text's tokens) became ServingAdapter.logprobs (next-token distributions along token sequences) and Exporter

@@ -170,12 +170,15 @@ def load_dataset(path: Path, tok, max_len: int, truncate: bool = False) -> Datas
     return ds
 
 
+def adds_bos(tok) -> bool:
+    """Whether the tokenizer puts BOS before plain text, as measured (tokenizer_config.json may not say: Gemma's
+    post-processor adds it)."""
+    return tok.bos_token_id is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id]
+
+
 def missing_bos(tok, ids: list[int]) -> str | None:
     """The BOS token if the tokenizer adds one to plain text and these ids do not start with it."""
-    bos = tok.bos_token_id
-    if bos is None or tok("x")["input_ids"][:1] != [bos] or ids[:1] == [bos]:
-        return None
-    return tok.bos_token
+    return tok.bos_token if adds_bos(tok) and ids[:1] != [tok.bos_token_id] else None
 
 
 def token_sequences(path: Path, tok, max_len: int) -> list[list[int]]:

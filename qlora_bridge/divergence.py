@@ -75,9 +75,10 @@ def answer_end(tok, prompt) -> list[int]:
 
 def text_windows(tok, text: str, size: int = WINDOW) -> list[list[int]]:
     """The text's tokens in windows of `size`, each starting with BOS where the tokenizer adds one."""
+    from .data import adds_bos
+
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    with_special = tok("a")["input_ids"]
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None and with_special[0] == tok.bos_token_id else []
+    bos = [tok.bos_token_id] if adds_bos(tok) else []
     step = size - len(bos)
     return [bos + ids[i:i + step] for i in range(0, len(ids) - 1, step) if len(ids[i:i + step]) > 1]
 

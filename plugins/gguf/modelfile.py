@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 
+from qlora_bridge.api import adds_bos
+
 S, U, A, V = "\x01system\x01", "\x01user\x01", "\x01assistant\x01", "\x01second user\x01"
 CHECKS = (  # conversations the derived template must render exactly as Hugging Face does
     [("user", "hi")],
@@ -105,8 +107,7 @@ def stop_tokens(tok, pieces: dict | None, eos_texts: list[str]) -> list[str]:
 
 def modelfile(gguf_name: str, tok, system: str | None, eos_texts: list[str]) -> tuple[str, dict]:
     """The Modelfile text and what it says (template shape or why there is none, stops, system prompt)."""
-    plain, full = tok("a", add_special_tokens=False)["input_ids"], tok("a")["input_ids"]
-    bos = tok.bos_token if len(full) > len(plain) and full[0] == tok.bos_token_id else ""
+    bos = tok.bos_token if adds_bos(tok) else ""
     render = lambda msgs, gen: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     pieces, why = None, None
     if not tok.chat_template:

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlora_bridge.api import PARITY_CORPUS, CheckFailed, reference_document
+from qlora_bridge.api import PARITY_CORPUS, CheckFailed, adds_bos, reference_document
 
 # llama.cpp pre-tokenizer names for BPE vocabularies, most common first. The order only decides ties.
 BPE_PRE_CANDIDATES = ("gpt-2", "llama-bpe", "smollm", "qwen2", "qwen35", "deepseek-llm", "deepseek-v3",
@@ -101,7 +101,7 @@ def special_tokens(folder: Path, n_vocab: int, tok, merges: bool):
 
     special = gguf.SpecialVocab(folder, load_merges=merges, n_vocab=n_vocab)
     plain, full = hf_ids(tok, "a"), tok("a")["input_ids"]
-    special.add_special_token = {"bos": len(full) > len(plain) and full[0] == tok.bos_token_id,
+    special.add_special_token = {"bos": adds_bos(tok),
                                  "eos": len(full) > len(plain) and full[-1] == tok.eos_token_id}
     return special
 
