@@ -82,7 +82,7 @@ def export(req: ExportRequest) -> ExportResult:
     from .convert import architecture, convert
     from .modelfile import modelfile
     from .quantize import check_quantized, inspect, quantize, require_llama_cpp
-    from .vocab import choose_pre_tokenizer, parity
+    from .vocab import choose_pre_tokenizer, parity, read_vocab
 
     require_llama_cpp()
     import gguf
@@ -97,16 +97,17 @@ def export(req: ExportRequest) -> ExportResult:
         raise BridgeError("threads must be an integer", field="--option threads", fix="e.g. --option threads=4") from None
 
     tok = AutoTokenizer.from_pretrained(req.merged, trust_remote_code=False)
+    vocab = read_vocab(req.merged, config, tok)  # once: the parity search and the conversion write the same one
     forced = req.options.get("pre_tokenizer")  # test a named pre-tokenizer instead of searching
     t0 = time.time()
     with engine_log(req.log):  # llama.cpp's notes on each vocab-only load, beside the output, not on the console
-        pre = choose_pre_tokenizer(req.merged, config, arch_name, tok, candidates=(forced,) if forced else None)
+        pre = choose_pre_tokenizer(vocab, arch_name, tok, candidates=(forced,) if forced else None)
     t_parity = time.time() - t0
     outtype = req.quant if req.quant in FLOATS else "F16"
     final = req.out / f"model-{req.quant}.gguf"
     first = final if req.quant in FLOATS else req.out / "intermediate-F16.gguf"
     metadata = {k: v for k, v in lineage_metadata(req).items() if v is not None}
-    conv = convert(req.merged, first, outtype, tok=tok, tokenizer_pre=pre["pre"], metadata=metadata)
+    conv = convert(req.merged, first, outtype, vocab=vocab, tokenizer_pre=pre["pre"], metadata=metadata)
     t_convert = time.time() - t0 - t_parity
     if req.quant in FLOATS:
         found = inspect(final)

@@ -134,14 +134,14 @@ def plan_tensors(folder: Path, config: dict, arch: Arch):
     return plan
 
 
-def convert(folder: Path, out_file: Path, outtype: str, *, tok, tokenizer_pre: str, metadata: dict,
+def convert(folder: Path, out_file: Path, outtype: str, *, vocab, tokenizer_pre: str, metadata: dict,
             progress=None) -> dict:
     """Write `out_file` and return {'tensors': n, 'arch': ...}. Peak memory: one tensor at a time."""
     import gguf
 
     from qlora_bridge.safetensors_io import SafetensorsReader, model_shards
 
-    from .vocab import add_vocab, read_vocab
+    from .vocab import add_vocab
 
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -157,7 +157,7 @@ def convert(folder: Path, out_file: Path, outtype: str, *, tok, tokenizer_pre: s
         if key != "name" and value is not None:
             writer.add_string(key, str(value))
     add_hparams(writer, config, arch, hf_arch, file_type)
-    add_vocab(writer, read_vocab(folder, config, tok), tokenizer_pre)
+    add_vocab(writer, vocab, tokenizer_pre)
 
     shards = model_shards(folder)
     readers = {f: SafetensorsReader(f) for f in dict.fromkeys(shards.values())}

@@ -24,19 +24,16 @@ BPE_PRE_CANDIDATES = ("gpt-2", "llama-bpe", "smollm", "qwen2", "qwen35", "deepse
                       "chatglm-bpe", "minerva-7b", "trillion", "bailingmoe", "grok-2", "hunyuan", "glm4")
 
 
-def tokenizer_kind(folder: Path) -> str:
-    """'gpt2' for byte-level BPE (tokenizer.json), 'llama' for SentencePiece vocabularies."""
-    tj = Path(folder) / "tokenizer.json"
-    if tj.is_file():
-        model = json.loads(tj.read_text())["model"]
-        if model.get("type") == "BPE" and not model.get("byte_fallback"):
-            return "gpt2"
-    return "llama"
+def tokenizer_kind(tokenizer_json: dict | None) -> str:
+    """'gpt2' for byte-level BPE, 'llama' for SentencePiece vocabularies (byte fallback, or tokenizer.model alone)."""
+    model = (tokenizer_json or {}).get("model") or {}
+    return "gpt2" if model.get("type") == "BPE" and not model.get("byte_fallback") else "llama"
 
 
 @dataclass
 class Vocab:
     """The tokenizer as the GGUF holds it, but for the pre-tokenizer name: read once, written for each candidate."""
+    folder: Path  # the Hugging Face folder it was read from
     model: str  # llama.cpp's tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece family)
     tokens: list[str]
     types: list[int]
@@ -50,18 +47,19 @@ def read_vocab(folder: Path, config: dict, tok) -> Vocab:
     import gguf
 
     folder = Path(folder)
-    kind = tokenizer_kind(folder)
-    if kind == "llama":
-        if (folder / "tokenizer.json").is_file():
-            tokens, scores, types = sentencepiece_from_json(json.loads((folder / "tokenizer.json").read_text()),
-                                                            config.get("vocab_size"))
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text()) if path.is_file() else None  # 33 MB on Gemma: parsed once
+    if tokenizer_kind(data) == "llama":
+        if data:
+            tokens, scores, types = sentencepiece_from_json(data, config.get("vocab_size"))
         else:
             tokens, scores, types = zip(*gguf.SentencePieceVocab(folder).all_tokens())
         tokens = [t.decode() if isinstance(t, bytes) else t for t in tokens]
         # llama.cpp's SentencePiece tokenizer puts a space before the text unless told not to; Llama 2 and Mistral
-        # declare that prefix in tokenizer.json, Gemma does not (research README, fact 17)
-        return Vocab("llama", tokens, [int(t) for t in types], list(scores), adds_space_prefix(folder),
-                     special_tokens(folder, len(tokens), tok, merges=False))
+        # declare that prefix in tokenizer.json, Gemma does not (research README, fact 17); tokenizer.model alone
+        # means SentencePiece's own default, a prefix
+        return Vocab(folder, "llama", tokens, [int(t) for t in types], list(scores),
+                     adds_space_prefix(data) if data else True, special_tokens(folder, len(tokens), tok, merges=False))
     n_vocab = config.get("vocab_size", len(tok.vocab))
     reverse = {i: t for t, i in tok.vocab.items()}
     added = tok.get_added_vocab()
@@ -78,7 +76,7 @@ def read_vocab(folder: Path, config: dict, tok) -> Vocab:
         else:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
-    return Vocab("gpt2", tokens, [int(t) for t in types], None, None,
+    return Vocab(folder, "gpt2", tokens, [int(t) for t in types], None, None,
                  special_tokens(folder, n_vocab, tok, merges=True))
 
 
@@ -106,11 +104,9 @@ def special_tokens(folder: Path, n_vocab: int, tok, merges: bool):
     return special
 
 
-def adds_space_prefix(folder: Path) -> bool:
-    """Whether tokenizer.json prepends "▁" to the text: a Prepend normalizer, or a Metaspace pre-tokenizer whose
+def adds_space_prefix(data: dict) -> bool:
+    """Whether a tokenizer.json prepends "▁" to the text: a Prepend normalizer, or a Metaspace pre-tokenizer whose
     prepend_scheme is not "never" (older files say add_prefix_space)."""
-    data = json.loads((Path(folder) / "tokenizer.json").read_text()) if (Path(folder) / "tokenizer.json").is_file() \
-        else {"normalizer": {"type": "Prepend"}}  # tokenizer.model alone: SentencePiece's own default, a prefix
 
     def parts(node):
         if not node:
@@ -196,15 +192,13 @@ def write_vocab_only(vocab: Vocab, out_file: Path, arch_name: str, pre: str) -> 
     writer.close()
 
 
-def choose_pre_tokenizer(folder: Path, config: dict, arch_name: str, tok, candidates=None) -> dict:
+def choose_pre_tokenizer(vocab: Vocab, arch_name: str, tok, candidates=None) -> dict:
     """The candidate whose llama.cpp tokenization matches Hugging Face's `tok` on every corpus entry. Every
     candidate is tried: where several match, the one that matches on most paragraphs of the reference document
     wins (list order only among those still level), and the result says which tied."""
-    folder = Path(folder)
-    kind = tokenizer_kind(folder)
+    kind = vocab.model
     candidates = candidates or (BPE_PRE_CANDIDATES if kind == "gpt2" else ("default",))
     scores, level = {}, {}
-    vocab = read_vocab(folder, config, tok)
     with tempfile.TemporaryDirectory() as d:
         for pre in candidates:
             path = Path(d) / f"{pre}.gguf"
@@ -216,7 +210,8 @@ def choose_pre_tokenizer(folder: Path, config: dict, arch_name: str, tok, candid
             best = max(scores, key=scores.get)
             raise CheckFailed(f"no llama.cpp pre-tokenizer reproduces this tokenizer on the {len(PARITY_CORPUS)}-entry "
                               f"parity corpus (best: {best} with {scores[best]}); a GGUF would tokenize differently "
-                              "from the model it came from", file=folder / "tokenizer.json", field="pre_tokenizer",
+                              "from the model it came from", file=vocab.folder / "tokenizer.json",
+                              field="pre_tokenizer",
                               fix="if llama.cpp knows this tokenizer under a name not tried here, pass it with "
                                   "--option pre_tokenizer=NAME; otherwise export safetensors and serve it with vLLM. "
                                   "Entries matched per candidate: " + json.dumps(scores))
