@@ -462,9 +462,9 @@ def run_serve(a) -> Outcome:
     with serving(reg, backend, folder, log=log, options=options_from(a.option), timeout=a.timeout) as server:
         ready = {"url": server.base_url, "backend": backend, "log": str(log), "pid": server.pid,
                  "seconds_to_ready": server.seconds_to_ready}
-        print(json.dumps(ready) if a.json else f"serving {folder} at {server.base_url}/v1 ({backend}; log {log}); "
-              "Ctrl-C stops it", flush=True)
-        try:
+        try:  # from the ready line on: a Ctrl-C that comes before the loop is a stop too
+            print(json.dumps(ready) if a.json else f"serving {folder} at {server.base_url}/v1 ({backend}; log "
+                  f"{log}); Ctrl-C stops it", flush=True)
             while not stop.wait(0.5):
                 pass
         except KeyboardInterrupt:
