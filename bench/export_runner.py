@@ -33,8 +33,9 @@ def child(base: Path, out: Path, target: str, quant: str, options: dict) -> None
     print(json.dumps({"peak_rss_mib": peak_rss_mib(), "cpu_s": cpu.user + cpu.system, "settings": settings}))
 
 
-def run(script: str, base: Path, work: Path, jobs: list[tuple[str, str]], options: dict, stages: dict) -> None:
-    """jobs: (target, quant) pairs; stages: column title -> settings key holding that stage's seconds."""
+def run(script: str, base: Path, work: Path, jobs: list[tuple[str, str]], options: dict, stages: dict) -> list[dict]:
+    """jobs: (target, quant) pairs; stages: column title -> settings key holding that stage's seconds. Prints the
+    table, returns its rows."""
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5], json.loads(sys.argv[6]))
         sys.exit(0)
@@ -67,3 +68,4 @@ def run(script: str, base: Path, work: Path, jobs: list[tuple[str, str]], option
             continue
         print(f"{r['name']:<12}{r['wall_s']:>8.1f}{r['wall_s'] / floor:>8.1f}" + "".join(fmt(r[t]) for t in stages)
               + f"{r['cpu_s']:>8.1f}{r['peak_rss_mib']:>14.0f}{r['size_gb']:>9.2f}")
+    return rows

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from qlora_bridge.api import BridgeError, LaunchRequest, ServingAdapter, TokenScores, hookimpl, http_json
+from qlora_bridge.api import BridgeError, LaunchRequest, cache_dir, ServingAdapter, TokenScores, hookimpl, http_json
 
 PLUGIN_API = 2  # the plugin API this module was written for
 ENV_VAR = "QLORA_BRIDGE_VLLM_PYTHON"
@@ -92,7 +92,7 @@ def command(req: LaunchRequest) -> list[str]:
                           fix="serve it on a machine with an AVX-512 CPU or an NVIDIA GPU, or check the export "
                               "with the safetensors target on this one")
     python = interpreter(req)
-    cache = Path(os.environ.get("QLORA_BRIDGE_CACHE", Path.home() / ".cache" / "qlora-bridge")) / "vllm"
+    cache = cache_dir() / "vllm"
     kv_bytes = int(float(req.options.get("kv_cache_gib", "0.25")) * 2**30)
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the API process: no worker to spawn
            "VLLM_CACHE_ROOT": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",

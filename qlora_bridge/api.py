@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import pluggy
 
+from .calibration import calibration
 from .corpus import PARITY_CORPUS, REFERENCE_TEXT, calibration_text, reference_document
 from .data import adds_bos, token_sequences
 from .errors import BridgeError, CheckFailed
-from .files import engine_log
+from .files import cache_dir, engine_log
 from .logits import folder_logits, model_logits
 from .modelcard import merged_license
 
@@ -32,8 +33,10 @@ if TYPE_CHECKING:
     from .smoke import Golden, SmokeContext
 
 __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult", "Bounds", "ServingAdapter",
-           "LaunchRequest", "TokenScores", "SmokeCheck", "SmokeContext", "Golden", "Server", "BridgeError", "CheckFailed", "PARITY_CORPUS",
-           "REFERENCE_TEXT", "calibration_text", "reference_document", "engine_log", "http_json", "adds_bos", "token_sequences", "folder_logits", "model_logits", "merged_license"]
+           "LaunchRequest", "TokenScores", "SmokeCheck", "SmokeContext", "Golden", "Server", "BridgeError",
+           "CheckFailed", "PARITY_CORPUS", "REFERENCE_TEXT", "calibration", "calibration_text", "reference_document",
+           "engine_log", "cache_dir", "http_json", "adds_bos", "token_sequences", "folder_logits", "model_logits",
+           "merged_license"]
 
 # bump when a hook or a registration type changes incompatibly. 2: ServingAdapter.prompt_logprobs (log-probabilities
 # of a text's tokens) became ServingAdapter.logprobs (next-token distributions along token sequences) and Exporter

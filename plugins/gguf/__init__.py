@@ -38,8 +38,11 @@ _Q4 = Bounds(kl_answers=0.01, kl_text=0.12, ppl_ratio=1.05, task_ratio=0.95,
                     "Q4_0 measured 0.32 / 0.38 with a task score of 0: it fails, as it should")
 _BF16 = Bounds(kl_answers=1e-3, kl_text=0.01, ppl_ratio=1.02, task_ratio=0.98,
                reason="8 bits of mantissa, what Q8_0 keeps: Q8_0's bounds")
+# 3-bit is held to the 4-bit bounds: a smaller file is no reason to release a fine-tune that moved further
+_Q3 = Bounds(kl_answers=_Q4.kl_answers, kl_text=_Q4.kl_text, ppl_ratio=_Q4.ppl_ratio, task_ratio=_Q4.task_ratio,
+             reason="Q4_K_M's bounds: the fine-tune must survive as well as at 4 bits, or the export fails")
 BOUNDS = {"F32": _FLOAT, "F16": _FLOAT, "BF16": _BF16, "Q8_0": _Q8, "Q6_K": _Q6_Q5, "Q5_K_M": _Q6_Q5,
-          "Q5_K_S": _Q6_Q5, "Q4_K_M": _Q4, "Q4_K_S": _Q4, "Q4_0": _Q4}
+          "Q5_K_S": _Q6_Q5, "Q4_K_M": _Q4, "Q4_K_S": _Q4, "Q4_0": _Q4, "Q3_K_M": _Q3, "Q3_K_S": _Q3}
 
 
 def quant_types():
@@ -80,6 +83,7 @@ def generation_eos(merged: Path, tok) -> list[str]:
 
 def export(req: ExportRequest) -> ExportResult:
     from .convert import architecture, convert
+    from .imatrix import applied, importance, plan
     from .modelfile import modelfile
     from .quantize import check_quantized, inspect, quantize, require_llama_cpp
     from .vocab import choose_pre_tokenizer, parity, read_vocab
@@ -96,6 +100,7 @@ def export(req: ExportRequest) -> ExportResult:
     except ValueError:
         raise BridgeError("threads must be an integer", field="--option threads", fix="e.g. --option threads=4") from None
 
+    choice = plan(req)  # the options checked before any work
     tok = AutoTokenizer.from_pretrained(req.merged, trust_remote_code=False)
     vocab = read_vocab(req.merged, config, tok)  # once: the parity search and the conversion write the same one
     forced = req.options.get("pre_tokenizer")  # test a named pre-tokenizer instead of searching
@@ -109,6 +114,7 @@ def export(req: ExportRequest) -> ExportResult:
     metadata = {k: v for k, v in lineage_metadata(req).items() if v is not None}
     conv = convert(req.merged, first, outtype, vocab=vocab, tokenizer_pre=pre["pre"], metadata=metadata)
     t_convert = time.time() - t0 - t_parity
+    imatrix, t_imatrix = None, 0.0
     if req.quant in FLOATS:
         found = inspect(final)
         checks = {"quantization": {"requested": req.quant, "tensor_types": found["tensor_types"],
@@ -116,11 +122,17 @@ def export(req: ExportRequest) -> ExportResult:
                                    "bpw_matrices": round(found["bpw_matrices"], 3)}}
         t_quant = 0.0
     else:
+        matrix, bin_dir, imatrix = importance(req, tok, first, threads, choice) if choice else (None, None, None)
+        t_imatrix = time.time() - t0 - t_parity - t_convert
         with engine_log(req.log):  # a line per tensor that falls back; the count is in the checks
-            quantize(first, final, req.quant, threads)
-        t_quant = time.time() - t0 - t_parity - t_convert
+            quantize(first, final, req.quant, threads, imatrix=matrix, tools=bin_dir, log=req.log)
+        t_quant = time.time() - t0 - t_parity - t_convert - t_imatrix
         first.unlink()
         checks = {"quantization": check_quantized(final, req.quant)}
+        if imatrix is not None:
+            if imatrix["source"] == "computed":
+                matrix.unlink()
+            imatrix["entries_applied"] = applied(final)
 
     with engine_log(req.log):
         ok, wrong = parity(final, tok)
@@ -141,8 +153,9 @@ def export(req: ExportRequest) -> ExportResult:
     return ExportResult(settings={"quant": req.quant, "intermediate": None if req.quant in FLOATS else "F16",
                                   "threads": threads, "arch": conv["arch"], "gguf_arch": conv["gguf_arch"],
                                   "file": final.name, "seconds_parity": round(t_parity, 2),
-                                  "seconds_convert": round(t_convert, 2), "seconds_quantize": round(t_quant, 2),
-                                  "importance_matrix": None},
+                                  "seconds_convert": round(t_convert, 2), "seconds_imatrix": round(t_imatrix, 2),
+                                  "seconds_quantize": round(t_quant, 2),
+                                  "importance_matrix": imatrix},
                         checks=checks)
 
 
@@ -168,6 +181,13 @@ def logits(folder, sequences):
 
 
 OPTIONS = {"threads": "CPU threads for quantizing (default: every core)",
+           "imatrix": "auto (default: computed on the fine-tune's training data for every type that uses one), "
+                      "on (the same, and fail without the training data), off, or a file written by llama-imatrix",
+           "calibration": "the importance matrix's data: a JSONL dataset or a .txt file (default: the fine-tune's "
+                          "training data)",
+           "text_tokens": "general text after the calibration data, in tokens (default 4096)",
+           "llama_cpp_sdist": "llama-cpp-python's source distribution, to build llama.cpp's quantizer from without "
+                              "the package index",
            "pre_tokenizer": "a llama.cpp pre-tokenizer name to use instead of searching for the one whose "
                             "tokenization matches (it must still match)"}
 

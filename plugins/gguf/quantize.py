@@ -3,10 +3,14 @@
 `llama_model_quantize` returns success even when every tensor fell back to F16 (rows not a multiple of 32) or
 many k-quant tensors fell back to q5_0/q8_0 (rows not a multiple of 256). So the file is read back, every
 tensor's type is counted, bits per weight are measured, and fallbacks are reported.
+
+With an importance matrix (imatrix.py), quantizing runs llama.cpp's own llama-quantize (tools.py): llama-cpp-python
+cannot pass one.
 """
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 from qlora_bridge.api import BridgeError, CheckFailed
@@ -20,7 +24,13 @@ QUANTS = {
     "Q4_K_M": ("MOSTLY_Q4_K_M", {"Q4_K", "Q6_K"}, 4.85),
     "Q4_K_S": ("MOSTLY_Q4_K_S", {"Q4_K"}, 4.5),
     "Q4_0": ("MOSTLY_Q4_0", {"Q4_0"}, 4.5),
+    "Q3_K_M": ("MOSTLY_Q3_K_M", {"Q3_K", "Q4_K", "Q5_K"}, 3.91),
+    "Q3_K_S": ("MOSTLY_Q3_K_S", {"Q3_K"}, 3.5),
 }
+
+# llama.cpp's Q8_0 ignores an importance matrix; auto uses one where it measurably helped (README's table)
+TAKES_IMATRIX = frozenset(q for q in QUANTS if q != "Q8_0")
+IMATRIX_DEFAULT = TAKES_IMATRIX
 # The requested quantization "in substance": the decoder layers' matrices within 35% of nominal bits per weight. A
 # few fallbacks to a neighbouring type (q5_0/q8_0 when rows are not multiples of 256, as on SmolLM2's 576-wide
 # layers: 5.5 bpw for Q4_K_M) pass; a file whose matrices stayed F16 (16 bpw) does not. The vocabulary-sized
@@ -32,7 +42,16 @@ VOCAB_MATRICES = ("token_embd.weight", "output.weight")
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 
 
-def quantize(src: Path, dst: Path, quant: str, threads: int) -> None:
+def quantize(src: Path, dst: Path, quant: str, threads: int, imatrix: Path | None = None, tools: Path | None = None,
+             log: Path | None = None) -> None:
+    if imatrix is not None:
+        with open(log or "/dev/null", "a") as out:
+            rc = subprocess.run([str(tools / "llama-quantize"), "--imatrix", str(imatrix), str(src), str(dst), quant,
+                                 str(threads)], stdout=out, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            raise CheckFailed(f"llama-quantize could not quantize to {quant} with the importance matrix (exit {rc})",
+                              file=src, fix="see llama.cpp's log (OUT.export.log, beside the output folder)")
+        return
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()

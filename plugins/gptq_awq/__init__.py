@@ -9,14 +9,13 @@ merged weights layer by layer, then as a whole model; an export off the scale fa
 Options (--option KEY=VALUE): OPTIONS below; defaults per target in DEFAULTS and SETTINGS.
 """
 
-import hashlib
 import json
 import shutil
 import time
 from pathlib import Path
 
 from qlora_bridge.api import (REFERENCE_TEXT, Bounds, BridgeError, CheckFailed, Exporter, ExportRequest,
-                              ExportResult, calibration_text, hookimpl, model_logits, token_sequences)
+                              ExportResult, calibration, hookimpl, model_logits)
 
 from .engines import ENGINES, Job, version
 
@@ -153,55 +152,6 @@ def kept_modules(req: ExportRequest, widths: dict[str, int], default: str) -> li
         raise BridgeError(f"keep={raw} leaves no layer to quantize", field="--option keep",
                           fix="keep fewer modules, or export --target safetensors")
     return sorted(name for name in widths if name.rpartition(".")[2] in kinds)
-
-
-def calibration(req: ExportRequest, tok, samples: int, seq_len: int, text_tokens: int) -> tuple[list[list[int]], dict]:
-    """Token id sequences to calibrate on, and where they came from (for the manifest): the fine-tune's data (or
-    the calibration option's file) in seq_len blocks, then about text_tokens of general text after them."""
-    path = req.options.get("calibration")
-    source = "option calibration"
-    if path is None:
-        record = (req.lineage.get("training_record") or {}).get("dataset") or {}
-        path, source = record.get("path"), "the fine-tune's training data"
-        if not path or not Path(path).is_file():
-            raise BridgeError("no calibration data: the training data named in the merge's lineage is not here "
-                              f"({path})", field="--option calibration",
-                              fix="pass --option calibration=FILE (a JSONL dataset or a .txt file)")
-    path = Path(path)
-    if not path.is_file():
-        raise BridgeError("calibration file not found", file=path, field="--option calibration",
-                          fix="give a JSONL dataset (the training shapes) or a plain .txt file")
-    if path.suffix == ".txt":
-        ids = tok(path.read_text(errors="replace"), add_special_tokens=False)["input_ids"]
-        sequences = [ids[i: i + seq_len] for i in range(0, len(ids), seq_len)]
-    else:
-        sequences = token_sequences(path, tok, seq_len)
-    # Short records are packed end to end into seq_len blocks, as AutoAWQ does: the quantizer's cost is per
-    # block, and GPTQ needs many more tokens than a layer has inputs for a well-conditioned Hessian.
-    stream = [t for s in sequences for t in s]
-    blocks = [stream[i: i + seq_len] for i in range(0, len(stream), seq_len)]
-    blocks = [b for b in blocks if len(b) >= min(seq_len, 64)]
-    if not blocks:
-        raise BridgeError(f"the calibration data has only {len(stream)} tokens", file=path,
-                          field="--option calibration", fix="give more text, or lower --option seq_len")
-    if len(blocks) > samples:  # spread over the whole file, deterministically
-        step = len(blocks) / samples
-        blocks = [blocks[int(i * step)] for i in range(samples)]
-    record = {"source": source, "path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-              "records": len(sequences), "samples": len(blocks), "tokens": sum(map(len, blocks)), "seq_len": seq_len,
-              "packed": "records concatenated and cut into seq_len blocks"}
-    if text_tokens <= 0:
-        return blocks, {**record, "general_text": None}
-    text = calibration_text()
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    general = [ids[i: i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-    want = min(len(general), -(-text_tokens // seq_len))
-    general = [general[int(i * len(general) / want)] for i in range(want)]
-    record["general_text"] = {
-        "source": "CPython's pydoc topics, without those of the smoke gate's reference document",
-        "sha256": hashlib.sha256(text.encode()).hexdigest(), "samples": len(general),
-        "tokens": sum(map(len, general))}
-    return blocks + general, record
 
 
 def export(req: ExportRequest, method: str) -> ExportResult:
