@@ -25,7 +25,7 @@ def child(base: Path, out: Path, target: str, quant: str, options: dict) -> None
         settings = {}
     else:
         from qlora_bridge.export import export
-        from qlora_bridge.plugins import load_plugins
+        from qlora_bridge.host import load_plugins
 
         settings = export(load_plugins(), target, base, out, quant=quant, options=options,
                           progress=False)["export"]["settings"]

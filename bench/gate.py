@@ -28,7 +28,7 @@ from damage import permute_layer, scale_rope, with_base_weights  # noqa: E402
 
 from qlora_bridge import manifest as mf  # noqa: E402
 from qlora_bridge.export import export  # noqa: E402
-from qlora_bridge.plugins import load_plugins  # noqa: E402
+from qlora_bridge.host import load_plugins  # noqa: E402
 from qlora_bridge.smoke import gate_bounds, measure, merged_folder, reference_for, smoke  # noqa: E402
 
 # name, target, quant, damage, expected verdict
@@ -89,8 +89,8 @@ def judged(registry, folder: Path, logits) -> dict:
     merged = merged_folder(manifest, None)
     reference = reference_for(manifest, merged)
     measured = measure(reference, AutoTokenizer.from_pretrained(merged), lambda seqs: map(full_scores, logits(seqs)))
-    bounds, source = gate_bounds(registry, manifest)
-    checks = importlib.import_module("qlora_bridge_plugin_smoke_checks")
+    bounds, source, _ = gate_bounds(registry, manifest)
+    checks = importlib.import_module("qlora_bridge.default_plugins.smoke_checks")
     ctx = type("Ctx", (), {"measurements": lambda self: measured, "bounds": bounds})()
     results = {"divergence": checks.divergence(ctx), "task-score": checks.task_score(ctx)}
     return {"passed": all(r["passed"] for r in results.values()), "checks": results, "bounds_source": source}
@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--vllm-python", default=".venv-vllm/bin/python")
     a = ap.parse_args()
     registry = load_plugins()
-    vllm = importlib.import_module("qlora_bridge_plugin_vllm_server")
+    vllm = importlib.import_module("qlora_bridge.default_plugins.vllm_server")
     can_4bit = Path("/dev/nvidia0").exists() or not vllm.cpu_lacks_4bit_kernel()
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []

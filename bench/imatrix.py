@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gate import judged  # noqa: E402
 
 from qlora_bridge.export import export  # noqa: E402
-from qlora_bridge.plugins import load_plugins  # noqa: E402
+from qlora_bridge.host import load_plugins  # noqa: E402
 
 
 def tap(registry, folder: Path, ref, sums: dict):

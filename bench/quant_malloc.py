@@ -24,10 +24,10 @@ def child(variant: str, samples: int, seq_len: int) -> None:
     import os
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    from qlora_bridge.plugins import load_plugins
+    from qlora_bridge.host import load_plugins
 
     load_plugins()
-    plugin = importlib.import_module("qlora_bridge_plugin_gptq_awq.engines")
+    plugin = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.engines")
     if variant == VARIANTS[1]:
         plugin.keep_freed_memory()
     import tempfile

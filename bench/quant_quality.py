@@ -45,7 +45,7 @@ CASES = [
 
 def exported(target: str, merged: str, out: str, options: dict, answer) -> None:
     from qlora_bridge.export import export
-    from qlora_bridge.plugins import load_plugins
+    from qlora_bridge.host import load_plugins
 
     t0 = time.time()
     manifest = export(load_plugins(), target, Path(merged), Path(out), options=options, progress=False, force=True)
@@ -73,11 +73,11 @@ def main() -> None:
     ap.add_argument("--slow", action="store_true", help="include GPTQModel's AWQ (30+ minutes on 2 CPU cores)")
     ap.add_argument("--vllm-python", default=".venv-vllm/bin/python")
     a = ap.parse_args()
-    from qlora_bridge.plugins import load_plugins
+    from qlora_bridge.host import load_plugins
     from qlora_bridge.smoke import smoke
 
     registry = load_plugins()
-    vllm = importlib.import_module("qlora_bridge_plugin_vllm_server")
+    vllm = importlib.import_module("qlora_bridge.default_plugins.vllm_server")
     served = Path("/dev/nvidia0").exists() or not vllm.cpu_lacks_4bit_kernel()
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -17,13 +17,12 @@ import sys
 from pathlib import Path
 
 import torch
+from gate import judged  # bench/gate.py: the gate's checks on any logits
 from transformers import AutoModelForCausalLM
 
-from gate import judged  # bench/gate.py: the gate's checks on any logits
-
 from qlora_bridge import manifest as mf
+from qlora_bridge.host import load_plugins
 from qlora_bridge.logits import model_logits
-from qlora_bridge.plugins import load_plugins
 from qlora_bridge.smoke import merged_folder
 
 
@@ -31,7 +30,7 @@ def main() -> None:
     folder, kinds_list = Path(sys.argv[1]), sys.argv[2:] or [""]
     torch.set_grad_enabled(False)
     registry = load_plugins()
-    readback = importlib.import_module("qlora_bridge_plugin_gptq_awq.readback")
+    readback = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.readback")
     merged = merged_folder(mf.read(folder), None)
     merged_state = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).state_dict()
     model = readback.dense_model(folder)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import __version__
@@ -36,10 +37,9 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    # through the environment, not by importing transformers: init, verify and plugins must not load torch
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def written_report(project, name: str) -> str:
@@ -87,13 +87,69 @@ def add_release(sub) -> None:
 
 
 def run_release(a) -> Outcome:
-    from .plugins import load_plugins
+    from .host import load_plugins
     from .release import REPORT, release
 
     project = project_of(a)
     report = release(project, load_plugins(a.plugin),
                      passphrase=passphrase_from(a.passphrase_env or project.passphrase_env))
     return Outcome(report, written_report(project, REPORT), EXIT_OK if report["passed"] else EXIT_CHECK_FAILED)
+
+
+# ---------------------------------------------------------------------------------------------------- compare
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="nf4 vs original base weights: both merges, exported to every target, held "
+                       "against the trained model", description="Build both merges of the project's adapter (nf4 "
+                       "and original base weights), export each to the project's targets, and report which stays "
+                       "closer to the trained 4-bit + adapter model on the held-out set (KL, answers kept, exact "
+                       "match). Works on the project's own stages. Writes OUT/compare-report.md and .json.")
+    add_plugin_option(p)
+    p.set_defaults(func=run_compare)
+
+
+def run_compare(a) -> Outcome:
+    from .compare import REPORT, compare
+    from .host import load_plugins
+
+    project = project_of(a)
+    return Outcome(compare(project, load_plugins(a.plugin)), written_report(project, REPORT))
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+def add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="will it fit? peak GPU memory, host memory and disk of every stage",
+                       description="Predict the peak GPU memory, host memory and disk of training, the merge, each "
+                       "export target and serving it, from a model folder or a bare config.json, and say for each "
+                       "whether it fits the hardware given (default: this machine) and, where not, which settings "
+                       "would make it fit. Takes train's own flags. Exit 3 if a stage does not fit.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--base", help="model folder (default: the project's base)")
+    src.add_argument("--config", help="a config.json alone: no weights needed")
+    p.add_argument("--gpu", metavar="SIZE", help="one GPU of this memory, e.g. 24GB (GB read as GiB, as sold)")
+    p.add_argument("--gpus", metavar="NxSIZE", help="several GPUs, e.g. 2x80GB")
+    p.add_argument("--ram", metavar="SIZE", help="host memory (default: this machine's)")
+    p.add_argument("--disk", metavar="SIZE", help="free disk (default: free space where the project writes)")
+    p.add_argument("--target", action="append", default=[], metavar="TARGET[:QUANT]",
+                   help="export target to plan, repeatable (default: the project's)")
+    p.add_argument("--context", type=int, default=4096, help="serving context length in tokens (default: 4096)")
+    p.add_argument("--concurrency", type=int, default=1, help="requests served at once (default: 1)")
+    add_train_settings(p)
+    add_plugin_option(p)
+    p.set_defaults(func=run_plan)
+
+
+def run_plan(a) -> Outcome:
+    from .host import load_plugins
+    from .plan import hardware, plan, plan_shape, render
+
+    project = project_of(a)
+    settings, _ = train_settings(a, project, own_data=False)
+    exports = ([(t.partition(":")[0], t.partition(":")[2] or None, None, {}) for t in a.target] if a.target
+               else [(e.target, e.quant, e.backend, e.options) for e in project.exports])
+    hw = hardware(gpu=a.gpu, gpus=a.gpus, ram=a.ram, disk=a.disk, where=project.out)
+    report = plan(plan_shape(project, a.base, a.config), settings, hw, load_plugins(a.plugin), exports,
+                  merge_dtype=project.merge.get("dtype", "float32"), context=a.context, concurrency=a.concurrency)
+    return Outcome(report, render(report), EXIT_OK if report["fits"] else EXIT_CHECK_FAILED)
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -110,6 +166,12 @@ def add_train(sub) -> None:
     p.add_argument("--out", help="adapter folder to write (default: OUT/adapter of the project, reused when its "
                    "inputs are unchanged)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists (train again)")
+    add_train_settings(p)
+    p.set_defaults(func=run_train)
+
+
+def add_train_settings(p) -> None:
+    """The flags that make TrainSettings: `train` runs with them, `plan` predicts with them."""
     g = p.add_argument_group("quantization")
     g.add_argument("--quant", choices=["nf4", "fp4", "none"], help="4-bit type of the frozen base; 'none' trains "
                    "a plain LoRA on the unquantized base, the baseline for QLoRA's memory/quality trade-off "
@@ -140,17 +202,19 @@ def add_train(sub) -> None:
                    help="recompute activations in the backward pass: less memory, more time")
     g.add_argument("--optimizer", choices=["auto", "adamw", "adamw8bit", "paged_adamw8bit"],
                    help="auto = paged 8-bit AdamW on a GPU, torch AdamW on CPU (default: auto)")
-    p.set_defaults(func=run_train)
+    g = p.add_argument_group("parallel")
+    g.add_argument("--processes", type=int, help="data-parallel processes on this machine: one per GPU, or CPU "
+                   "processes (gloo); each takes --batch-size records of every step (default: 1)")
+    g.add_argument("--strategy", help="ddp (each process holds the whole 4-bit model) or fsdp (FSDP-QLoRA: the base "
+                   "sharded across GPUs) (default: ddp)")
+    g.add_argument("--launcher", help="torchrun or accelerate (`accelerate launch`, GPUs only) (default: torchrun)")
 
 
-def run_train(a) -> Outcome:
-    from .data import check_data
-    from .default_model import resolve_base
-    from .pipeline import Pipeline
-    from .train import TrainSettings, check_base, train
+def train_settings(a, project, own_data: bool):
+    """The project's [train] settings (unless the command trains on data of its own), then the flags."""
+    from .train_settings import TrainSettings
 
-    project = project_of(a)
-    values = dict(project.train) if a.data is None else {}
+    values = {} if own_data else dict(project.train)
     for name in TrainSettings.__dataclass_fields__:
         if getattr(a, name, None) is not None:
             values[name] = getattr(a, name)
@@ -159,12 +223,25 @@ def run_train(a) -> Outcome:
     if isinstance(values.get("target_modules"), str) and values["target_modules"] != "all-linear":
         values["target_modules"] = [m.strip() for m in values["target_modules"].split(",") if m.strip()]
     settings = TrainSettings(**values)
+    settings.validate()
+    return settings, values
+
+
+def run_train(a) -> Outcome:
+    from .data import check_data
+    from .default_model import resolve_base
+    from .pipeline import Pipeline
+    from .records import read_training_record
+    from .models import check_base
+    from .train import train
+
+    project = project_of(a)
+    settings, values = train_settings(a, project, own_data=a.data is not None)
     data = Path(a.data) if a.data else project.train_data
     heldout_path = a.heldout or (project.heldout if a.data is None else None)
     base = a.base or project.base
-    if a.out is None:  # the project's stage: reused when base, data and settings are unchanged
-        project.base, project.train_data, project.heldout, project.train = base, data, heldout_path, values
-        pipe = Pipeline(project)
+    if a.out is None:  # the project's stage, as the flags amend it: reused when its inputs are unchanged
+        pipe = Pipeline(replace(project, base=base, train_data=data, heldout=heldout_path, train=values))
         if a.force:
             pipe.forget("train")
         adapter = pipe.adapter()
@@ -174,7 +251,7 @@ def run_train(a) -> Outcome:
         check_data(data, heldout_path)  # before resolve_base, which may convert the default model
         adapter = train(resolve_base(base), data, Path(a.out), settings, heldout_file=heldout_path,
                         force=a.force).adapter
-    rec = json.loads((adapter / "training_record.json").read_text())
+    rec = read_training_record(adapter)
     lines = [f"adapter: {adapter}",
              f"steps: {rec['steps']}  loss {rec['loss_curve'][0]:.3f} -> {rec['loss_curve'][-1]:.3f}  "
              f"train {rec['train_seconds']:.0f} s  wall {rec['wall_seconds']:.0f} s  "
@@ -230,11 +307,6 @@ def add_merge(sub) -> None:
                    "without proving it (bitsandbytes' CUDA and CPU kernels round ~1e-3 apart); the report says so")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="output shard size in GiB (default: 2)")
     p.add_argument("--threads", type=int, help="torch threads for the arithmetic (default: all cores)")
-    p.add_argument("--compare", action="store_true",
-                   help="build both merges (nf4 and original base weights), export each to the project's targets, "
-                   "and report which stays closer to the trained 4-bit + adapter model on the held-out set (KL, "
-                   "answers kept, exact match); writes OUT/compare-report.md and .json")
-    add_plugin_option(p)
     p.set_defaults(func=run_merge)
 
 
@@ -242,29 +314,18 @@ def run_merge(a) -> Outcome:
     from .default_model import resolve_base
     from .merge import merge, read_adapter
     from .pipeline import Pipeline, merge_stage
+    from .records import read_merge_report
 
     project = project_of(a)
-    if a.compare:
-        given = [f for f, v in (("--base", a.base), ("--adapter", a.adapter), ("--out", a.out),
-                                ("--base-weights", a.base_weights), ("--heldout", a.heldout)) if v]
-        if given:
-            raise BridgeError(f"--compare works on the project's own stages and builds both merges; it does not "
-                              f"take {', '.join(given)}", field=given[0],
-                              fix="set the base, data and held-out set in qlora-bridge.toml (or drop the flags)")
-        from .compare import REPORT, compare
-        from .plugins import load_plugins
-
-        return Outcome(compare(project, load_plugins(a.plugin)), written_report(project, REPORT))
     a.base_weights = a.base_weights or project.merge.get("base_weights", "nf4")
     a.dtype = a.dtype or project.merge.get("dtype", "float32")
     if a.adapter is None and a.out is None and a.base is None and a.check == "auto" and not a.heldout \
             and not a.no_heldout:  # the project's stages: train when needed, reuse what is unchanged
-        project.merge.update(base_weights=a.base_weights, dtype=a.dtype)
-        pipe = Pipeline(project)
+        pipe = Pipeline(replace(project, merge={**project.merge, "base_weights": a.base_weights, "dtype": a.dtype}))
         if a.force:
             pipe.forget(merge_stage(a.base_weights))
         out = pipe.merged(a.base_weights)
-        return merge_outcome(out, json.loads((out / "merge_report.json").read_text()))
+        return merge_outcome(out, read_merge_report(out))
     a.adapter = a.adapter or str(project.out / "adapter")
     a.out = a.out or str(project.out / "merged")
     adapter = read_adapter(Path(a.adapter))
@@ -323,7 +384,7 @@ def add_plugins(sub) -> None:
 
 
 def run_plugins(a) -> Outcome:
-    from .plugins import load_plugins
+    from .host import load_plugins
 
     reg = load_plugins(a.plugin)
     rows = [{"name": p.name, "source": p.source, "origin": p.origin, "version": p.version, "provides": p.provides,
@@ -378,18 +439,18 @@ def add_export(sub) -> None:
 
 def run_export(a) -> Outcome:
     from .api import check_options
-    from .export import export, export_log
+    from .export import export, export_log, resolve_quant
+    from .host import load_plugins
     from .pipeline import Pipeline
-    from .plugins import load_plugins
     from .project import ExportSpec
 
     project = project_of(a)
     reg = load_plugins(a.plugin)
     exporter, _ = reg.exporter(a.target)
     spec = project.export_for(a.target, a.quant)
-    options = {**spec.options, **options_from(a.option)}
+    options = {**spec.options_for(exporter.path_options), **options_from(a.option)}
     check_options(options, exporter.options, f"export target '{a.target}'")  # before a merge that may take minutes
-    quant = a.quant or spec.quant or (exporter.quant_types[0] if exporter.quant_types else None)
+    quant = resolve_quant(exporter, a.quant, spec.quant)
     out = Path(a.out) if a.out else project.out / ExportSpec(a.target, quant, name=spec.name).folder
     merged = Path(a.merged) if a.merged else Pipeline(project, reg).merged()
     sign_key = a.sign_key or project.sign_key
@@ -437,7 +498,7 @@ def add_served_export_options(p) -> None:
 
 def chosen_backend(a):
     """The plugin registry, the export folder, and the backend asked for or the first that serves its format."""
-    from .plugins import load_plugins
+    from .host import load_plugins
     from .serve import artifact_format
 
     reg = load_plugins(a.plugin)
@@ -571,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="Exit codes: 0 ok, 1 internal error, 2 bad input, 3 check failed.")
     parser.add_argument("--version", action="version", version=f"qlora-bridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_init, add_release, add_train, add_merge, add_export, add_serve, add_smoke, add_plugins, add_keygen,
+    for add in (add_init, add_release, add_plan, add_train, add_merge, add_compare, add_export, add_serve, add_smoke,
+                add_plugins, add_keygen,
                 add_sign, add_verify):
         add(sub)
     for p in sub.choices.values():

@@ -1,4 +1,4 @@
-"""`qlora-bridge merge --compare`: which base weights to merge into, measured per export target.
+"""`qlora-bridge compare`: which base weights to merge into, measured per export target.
 
 The adapter was trained against dequant(nf4(W)). Tools split between merging it there and into the original W,
 and one claims the NF4 merge hurts. This builds both merges, exports each to the project's targets, and holds
@@ -18,18 +18,19 @@ alike. A target takes part when its exporter offers `Exporter.logits`; the other
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 from .divergence import AnswerScorer, full_scores, teacher_sequences
 from .errors import BridgeError
+from .export import resolve_quant
 from .files import write_json
 from .logits import folder_logits, model_logits
 from .merge import MODES, trained_model
 from .pipeline import Pipeline
 from .project import Project
+from .records import heldout_answers, read_merge_report, read_training_record
 
 REPORT = "compare-report"
 
@@ -48,15 +49,15 @@ def compare(project: Project, registry, *, progress: bool = True) -> dict:
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
     pipe = Pipeline(project, registry, progress=progress)
     adapter = pipe.adapter()
-    record = json.loads((adapter / "training_record.json").read_text())
-    answers = ((record.get("heldout") or {}).get("after") or {}).get("answers")
+    record = read_training_record(adapter)
+    answers = heldout_answers(record)
     if not answers:
         raise BridgeError("the comparison needs the trained model's held-out answers, and training ran without a "
                           "held-out set", file=project.path, field="data.heldout",
                           fix="set [data] heldout = FILE (chat or prompt/completion records) and run again")
     # the original-weights merge is built even when its own check fails: how far it strays is the finding
     merged = {mode: pipe.merged(mode, gate=mode == "nf4") for mode in MODES}
-    checks = {mode: json.loads((folder / "merge_report.json").read_text())["check"] for mode, folder in merged.items()}
+    checks = {mode: read_merge_report(folder)["check"] for mode, folder in merged.items()}
 
     tok = AutoTokenizer.from_pretrained(merged["nf4"])
     scorer = AnswerScorer(teacher_sequences(tok, answers))
@@ -69,7 +70,7 @@ def compare(project: Project, registry, *, progress: bool = True) -> dict:
     skipped = []
     for spec in project.exports:
         exporter, _ = registry.exporter(spec.target)
-        label = f"{spec.target} {spec.quant or (exporter.quant_types[0] if exporter.quant_types else '')}".strip()
+        label = f"{spec.target} {resolve_quant(exporter, spec.quant) or ''}".strip()
         if exporter.logits is None:
             skipped.append({"target": label, "why": "its exporter offers no logits hook"})
             continue

@@ -26,8 +26,8 @@ def heldout_file() -> Path:
     return demo_data_dir() / "heldout.jsonl"
 
 
-def exports() -> list:
-    """The demo release's targets: those this machine can export and serve in a few minutes.
+def exports() -> list[tuple[str, str, str]]:
+    """The demo release's targets, (target, quant, backend): those this machine can export and serve in minutes.
 
     GGUF Q4_K_M on llama.cpp always; the merged model as float32 safetensors on vLLM when a vLLM environment
     exists. GPTQ and AWQ take ~1.5 minutes each to quantize the demo on 2 cores, but vLLM serves them only on an
@@ -36,10 +36,8 @@ def exports() -> list:
     """
     import os
 
-    from .project import ExportSpec
-
-    specs = [ExportSpec("gguf", "Q4_K_M", "llamacpp")]
+    specs = [("gguf", "Q4_K_M", "llamacpp")]
     if os.environ.get("QLORA_BRIDGE_VLLM_PYTHON") or Path(".venv-vllm/bin/python").is_file():
-        specs.append(ExportSpec("safetensors", "float32", "vllm"))
+        specs.append(("safetensors", "float32", "vllm"))
     return specs
 

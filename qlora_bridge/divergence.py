@@ -1,5 +1,5 @@
 """How far an export's next-token distributions are from the reference model's: the instruments of the smoke gate
-and of `merge --compare`.
+and of `compare`.
 
 Everything is teacher-forced, so one forward pass per sequence measures what greedy decoding would do:
 - along the held-out prompts followed by the reference model's own answers: KL divergence per answer token, the

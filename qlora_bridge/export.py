@@ -6,11 +6,12 @@ import time
 from pathlib import Path
 
 from . import manifest as mf
-from .api import ExportRequest, ExportResult, check_options
+from .api import Exporter, ExportRequest, ExportResult, check_options
 from .errors import BridgeError
 from .files import output_folder
+from .host import Registry
 from .modelcard import CARD, render
-from .plugins import Registry
+from .records import lineage
 from .signing import sign
 
 
@@ -25,12 +26,16 @@ def export_log(out: Path) -> Path:
     return Path(out).with_name(f"{Path(out).name}.export.log")
 
 
+def resolve_quant(exporter: Exporter, *given: str | None) -> str | None:
+    """The first quant type given (the command line's, then the project's), else the exporter's default: its first."""
+    return next((q for q in given if q), exporter.quant_types[0] if exporter.quant_types else None)
+
+
 def export(registry: Registry, target: str, merged: Path, out: Path, *, quant: str | None = None,
            options: dict[str, str] | None = None, sign_key: Path | None = None, passphrase: bytes | None = None,
            force: bool = False, progress: bool = True, license: str | None = None) -> dict:
     exporter, plugin = registry.exporter(target)
-    if exporter.quant_types and quant is None:
-        quant = exporter.quant_types[0]
+    quant = resolve_quant(exporter, quant)
     if exporter.quant_types and quant not in exporter.quant_types:
         raise BridgeError(f"export target '{target}' does not offer --quant {quant}", field="--quant",
                           fix=f"use one of {', '.join(exporter.quant_types)}")
@@ -41,7 +46,7 @@ def export(registry: Registry, target: str, merged: Path, out: Path, *, quant: s
                           fix="pass the folder written by `qlora-bridge merge`")
     if sign_key is not None and not Path(sign_key).is_file():
         raise BridgeError("private key not found", file=sign_key, fix="create one with `qlora-bridge keygen`")
-    inputs = mf.lineage(merged)
+    inputs = lineage(merged)
     started = time.time()
     log = export_log(out)
     with output_folder(out, force=force, what="export folder") as tmp:
@@ -69,7 +74,7 @@ def export(registry: Registry, target: str, merged: Path, out: Path, *, quant: s
                                     "origin": plugin.origin},
                             settings=settings, checks=result.checks, inputs=inputs)
         if not (tmp / CARD).exists():  # an exporter may write its own card
-            (tmp / CARD).write_text(render(out.name, manifest, license))
+            (tmp / CARD).write_text(render(out.name, manifest, license, exporter.library))
             manifest["outputs"] = sorted([*manifest["outputs"], mf.output_entry(tmp, CARD)], key=lambda e: e["path"])
         mf.write(tmp, manifest)
         if sign_key is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from pathlib import Path, PurePosixPath
 
@@ -43,33 +44,23 @@ def output_entry(folder: Path, rel: str) -> dict:
 
 
 def environment() -> dict:
-    """Python, platform and the versions of the libraries that shape the results (those installed)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """Python, platform and the versions of the libraries that shape the results: those qlora-bridge pins exactly,
+    its extras included (the engines of the built-in plugins), as installed; an in-house plugin names its own
+    engines' versions in its ExportResult.settings."""
+    from importlib.metadata import PackageNotFoundError, requires, version
 
+    try:
+        pinned = [r for r in requires("qlora-bridge") or [] if "==" in r.split(";")[0] and "'test'" not in r]
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        pinned = []
     libs = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "gguf",
-                 "llama-cpp-python", "gptqmodel", "model-signing"):
+    for req in pinned:
+        name = re.match(r"[A-Za-z0-9_.\-]+", req).group(0)
         try:
             libs[name] = version(name)
         except PackageNotFoundError:
             pass
     return {"python": platform.python_version(), "platform": platform.platform(), "libraries": libs}
-
-
-def lineage(merged: Path) -> dict:
-    """What the merged folder says about where it came from: its files, the merge report, the training record."""
-    merged = Path(merged)
-    read = lambda name: json.loads((merged / name).read_text()) if (merged / name).is_file() else None
-    report = read("merge_report.json")
-    record = read("training_record.json")
-    files = {p.name: sha256_file(p) for p in sorted(merged.iterdir()) if p.is_file()}
-    return {
-        "merged": {"path": str(merged.resolve()), "files": files},
-        "base": (report or {}).get("base") or (record or {}).get("base"),
-        "adapter": (report or {}).get("adapter"),
-        "merge": report,
-        "training_record": record,
-    }
 
 
 def build(folder: Path, *, target: str, fmt: str, quant: str | None, plugin: dict, settings: dict, checks: dict,

@@ -26,14 +26,16 @@ from . import __version__
 from .corpus import REFERENCE_TEXT
 from .errors import BridgeError, CheckFailed
 from .files import digest_folder, output_folder, sha256_file, write_json
-from .quant import state_digest
-from .safetensors_io import SafetensorsReader, ShardWriter, model_shards
 from .manifest import environment
-from .train import RECORD, TrainSettings, check_base, load_model, peak_rss_mib
+from .models import check_base, load_model, peak_rss_mib
+from .quant import state_digest
+from .records import MERGE_REPORT as REPORT  # noqa: F401 (where merge writes it)
+from .records import read_training_record, write_merge_report, write_training_record
+from .safetensors_io import SafetensorsReader, ShardWriter, model_shards
+from .train_settings import TrainSettings
 
 MODES = ("nf4", "original")
 DTYPES = ("float32", "float16", "bfloat16")
-REPORT = "merge_report.json"
 # fp32 logits of the merged model vs the 4-bit + adapter model: measured ~1e-6 (summation order differs between a
 # fused weight and the factored adapter path); 1e-4 is 100x that noise and far below any real merge error (~0.26).
 EXACT_LIMIT = 1e-4
@@ -106,7 +108,7 @@ def read_adapter(path: Path) -> Adapter:
         layers[f"{module}.weight"] = LoraLayer(module, key, b_key, scale, bool(cfg.get("fan_in_fan_out")))
     if not layers:
         raise BridgeError("the adapter holds no LoRA layers", file=weights, fix="pass a trained adapter")
-    record = json.loads((path / RECORD).read_text()) if (path / RECORD).is_file() else None
+    record = read_training_record(path, required=False)
     return Adapter(path, cfg, layers, reader, record)
 
 
@@ -326,12 +328,87 @@ def heldout_comparison(merged_dir: Path, heldout_file: Path, record: dict | None
     return result
 
 
+@dataclass
+class Streamed:
+    """What streaming the weights measured: per-layer delta figures, bytes, seconds per phase, peak memory."""
+    layers: dict
+    bytes_read: int
+    bytes_written: int
+    digests: dict
+    seconds: dict
+    peak_rss_mib: float
+    fp32_bytes: int
+
+
+def stream(base_shards: dict[str, Path], adapter: Adapter, out: Path, *, base_weights: str, dtype: str, quant: dict | None,
+           device: str, inexact_nf4: bool, max_shard_bytes: int, progress: bool) -> Streamed:
+    """Every base tensor, one at a time: read, rebuilt through NF4 (or copied), the LoRA delta added in float32, cast
+    to `dtype` and written to the next shard. Memory stays at a tensor or two whatever the model's size."""
+    from tqdm import tqdm
+
+    out_dtype = getattr(torch, dtype)
+    readers = {f: SafetensorsReader(f) for f in dict.fromkeys(base_shards.values())}
+    order = [(name, readers[f]) for f, r in readers.items() for name in r.tensors if base_shards.get(name) == f]
+    writer = ShardWriter(out, max_shard_bytes)
+    for name, reader in order:
+        info = reader.tensors[name]
+        writer.plan(name, out_dtype if info.dtype.is_floating_point else info.dtype, info.shape)
+    layers, bytes_read = {}, 0
+    seconds = {"read": 0.0, "nf4_rebuild": 0.0, "arithmetic": 0.0, "write": 0.0}
+    total = sum(r.tensors[n].nbytes for n, r in order)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress, mininterval=1.0,
+              leave=False) as bar:
+        for i, (name, reader) in enumerate(order):
+            t = time.perf_counter()
+            w = reader.read(name)
+            bytes_read += w.nbytes
+            t = lap(seconds, "read", t)
+            layer = adapter.layers.get(name)
+            if layer is None:
+                stored = w.to(out_dtype) if w.is_floating_point() else w
+            else:
+                base_w = (nf4_base_weight(w, name, quant, device, inexact_nf4) if base_weights == "nf4"
+                          else w.to(torch.float32, copy=True))
+                t = lap(seconds, "nf4_rebuild", t)
+                stored, layers[name] = merge_layer(base_w, adapter, layer, out_dtype, seed=i)
+                del base_w
+            t = lap(seconds, "arithmetic", t)
+            writer.write(name, stored)
+            lap(seconds, "write", t)
+            bar.update(w.nbytes)
+            del w, stored
+    weight_map = writer.close()
+    write_json(out / "model.safetensors.index.json",
+               {"metadata": {"total_size": writer.bytes_written}, "weight_map": weight_map})
+    return Streamed(layers, bytes_read, writer.bytes_written, writer.digests, {k: round(v, 2) for k, v in seconds.items()},
+                    peak_rss_mib(), sum(4 * math.prod(r.tensors[n].shape) for n, r in order))
+
+
+def equivalence(check: str, base: Path, adapter: Adapter, merged: Path, streamed: Streamed, base_weights: str,
+                dtype: str) -> dict:
+    """The merged model against the 4-bit base + adapter: full-model logits when three float32 copies fit in free
+    memory (or asked for), else the per-layer sampled activations the stream measured."""
+    method = check
+    if check == "auto":
+        import psutil
+
+        method = "full" if 3 * streamed.fp32_bytes < psutil.virtual_memory().available else "layer"
+    worst_layer = max(v["layer_check_rel_error"] for v in streamed.layers.values())
+    if method == "full":
+        result = logits_check(base, adapter, merged, base_weights, dtype)
+    else:
+        result = {"method": "per-layer sampled activations" if method == "layer" else "skipped",
+                  "rel_error": worst_layer if method == "layer" else None,
+                  "limit": EXACT_LIMIT if (base_weights, dtype) == ("nf4", "float32") else None}
+        result["passed"] = method == "none" or result["limit"] is None or worst_layer <= EXACT_LIMIT
+    result["worst_layer_rel_error"] = worst_layer
+    return result
+
+
 def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4", dtype: str = "float32",
           check: str = "auto", heldout_file: Path | None = None, force: bool = False, ignore_base_digests: bool = False,
           inexact_nf4: bool = False, gate: bool = True,
           max_shard_bytes: int = 2 * 2**30, threads: int | None = None, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
     if base_weights not in MODES:
         raise BridgeError(f"unknown mode {base_weights!r}", field="base_weights", fix="use nf4 or original")
     if dtype not in DTYPES:
@@ -341,108 +418,64 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
     base, out = Path(base), Path(out)
     if out.exists() and not force:
         raise BridgeError("the output folder already exists", file=out, fix="choose another --out, or pass --force")
+    # plan: the pair must be the one that was trained (digests, fingerprint), and NF4 is rebuilt where it was built
     check_base(base)
     adapter = read_adapter(adapter_dir)
     shards = model_shards(base)
-    # hashed once: the pairing check compares them with the training record, the report records them
-    base_files = digest_folder(base, "*.safetensors") | digest_folder(base, "config.json")
+    base_files = digest_folder(base, "*.safetensors") | digest_folder(base, "config.json")  # hashed once
     check_pairing(base, adapter, shards, base_weights, ignore_base_digests, base_files)
     quant = (adapter.record or {}).get("quantization")
     if quant is not None:
         quant = dict(quant, bitsandbytes_version=adapter.record["environment"]["libraries"]["bitsandbytes"])
-    out_dtype = getattr(torch, dtype)
     device = nf4_device(quant, inexact_nf4) if base_weights == "nf4" else "cpu"
-
-    readers = {f: SafetensorsReader(f) for f in dict.fromkeys(shards.values())}
-    order = [(name, readers[f]) for f, r in readers.items() for name in r.tensors if shards.get(name) == f]
-    layers, bytes_read = {}, 0
-    seconds = {"read": 0.0, "nf4_rebuild": 0.0, "arithmetic": 0.0, "write": 0.0}
     with output_folder(out, force=force, what="merged model folder") as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
-        for name, reader in order:
-            info = reader.tensors[name]
-            writer.plan(name, out_dtype if info.dtype.is_floating_point else info.dtype, info.shape)
-        total = sum(r.tensors[n].nbytes for n, r in order)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="merging", disable=not progress,
-                  mininterval=1.0, leave=False) as bar:
-            for i, (name, reader) in enumerate(order):
-                t = time.perf_counter()
-                w = reader.read(name)
-                bytes_read += w.nbytes
-                t = lap(seconds, "read", t)
-                layer = adapter.layers.get(name)
-                if layer is None:
-                    stored = w.to(out_dtype) if w.is_floating_point() else w
-                else:
-                    base_w = (nf4_base_weight(w, name, quant, device, inexact_nf4) if base_weights == "nf4"
-                              else w.to(torch.float32, copy=True))
-                    t = lap(seconds, "nf4_rebuild", t)
-                    stored, layers[name] = merge_layer(base_w, adapter, layer, out_dtype, seed=i)
-                    del base_w
-                t = lap(seconds, "arithmetic", t)
-                writer.write(name, stored)
-                lap(seconds, "write", t)
-                bar.update(w.nbytes)
-                del w, stored
-        weight_map = writer.close()
-        merge_rss = peak_rss_mib()
-        write_json(tmp / "model.safetensors.index.json",
-                   {"metadata": {"total_size": writer.bytes_written}, "weight_map": weight_map})
+        streamed = stream(shards, adapter, tmp, base_weights=base_weights, dtype=dtype, quant=quant, device=device,
+                          inexact_nf4=inexact_nf4, max_shard_bytes=max_shard_bytes, progress=progress)
         copy_side_files(base, tmp, dtype)
-
-        if all(v["delta_norm"] == 0 for v in layers.values()):
+        if all(v["delta_norm"] == 0 for v in streamed.layers.values()):
             raise CheckFailed("every LoRA delta is zero: the merged model would equal the base (the adapter's "
                               "lora_B matrices were never trained)", file=adapter.path,
                               fix="train the adapter (loss must fall) before merging")
-        kept_weights = sum(v["delta_norm"] for v in layers.values())
-        overall_kept = sum(v["delta_norm"] * v["delta_kept"][dtype] for v in layers.values()) / kept_weights
-        fp32_bytes = sum(4 * math.prod(r.tensors[n].shape) for n, r in order)
-        method = check
-        if check == "auto":
-            import psutil
-
-            method = "full" if 3 * fp32_bytes < psutil.virtual_memory().available else "layer"
-        worst_layer = max(v["layer_check_rel_error"] for v in layers.values())
-        if method == "full":
-            result = logits_check(base, adapter, tmp, base_weights, dtype)
-        else:
-            result = {"method": "per-layer sampled activations" if method == "layer" else "skipped",
-                      "rel_error": worst_layer if method == "layer" else None,
-                      "limit": EXACT_LIMIT if (base_weights, dtype) == ("nf4", "float32") else None}
-            result["passed"] = method == "none" or result["limit"] is None or worst_layer <= EXACT_LIMIT
-        result["worst_layer_rel_error"] = worst_layer
+        result = equivalence(check, base, adapter, tmp, streamed, base_weights, dtype)
         if not result["passed"] and gate:
             raise CheckFailed(check_failure(result, base_weights, dtype), file=out,
                               fix="see merge_report figures in the JSON output; nothing was written")
-
-        report = {
-            "tool": {"name": "qlora-bridge", "version": __version__},
-            "base": {"path": str(base.resolve()), "files": base_files},
-            "adapter": {"path": str(Path(adapter_dir).resolve()),
-                        "sha256": sha256_file(Path(adapter_dir) / "adapter_model.safetensors"),
-                        "rank": adapter.config.get("r"), "alpha": adapter.config.get("lora_alpha")},
-            "base_weights": base_weights, "dtype": dtype,
-            "fingerprint_verified": base_weights == "nf4" and not inexact_nf4,
-            "nf4_rebuilt_on": device if base_weights == "nf4" else None,
-            "delta_kept_overall": overall_kept,
-            "layers": layers,
-            "check": result,
-            "wall_seconds": round(time.time() - started, 2),
-            "seconds": {k: round(v, 2) for k, v in seconds.items()},
-            "peak_rss_mib": round(merge_rss, 1),
-            "peak_rss_mib_with_check": round(peak_rss_mib(), 1),
-            "bytes_read": bytes_read, "bytes_written": writer.bytes_written,
-            "weights": writer.digests,  # what an export's reference checks the merged folder against
-            "threads": torch.get_num_threads(),
-            "environment": environment(),
-        }
+        report = merge_report(base, base_files, adapter, streamed, result, base_weights=base_weights, dtype=dtype,
+                              device=device, inexact_nf4=inexact_nf4, started=started)
         if adapter.record:  # the merged folder carries its lineage, so exports need nothing else
-            write_json(tmp / RECORD, adapter.record)
+            write_training_record(tmp, adapter.record)
         if heldout_file:
             report["heldout"] = heldout_comparison(tmp, heldout_file, adapter.record)
         (tmp / "README.md").write_text(model_card(base, adapter, report))
-        write_json(tmp / REPORT, report)
+        write_merge_report(tmp, report)
     return report
+
+
+def merge_report(base: Path, base_files: dict, adapter: Adapter, streamed: Streamed, check: dict, *, base_weights: str,
+                 dtype: str, device: str, inexact_nf4: bool, started: float) -> dict:
+    layers = streamed.layers
+    overall_kept = (sum(v["delta_norm"] * v["delta_kept"][dtype] for v in layers.values())
+                    / sum(v["delta_norm"] for v in layers.values()))
+    return {
+        "tool": {"name": "qlora-bridge", "version": __version__},
+        "base": {"path": str(base.resolve()), "files": base_files},
+        "adapter": {"path": str(adapter.path.resolve()), "sha256": sha256_file(adapter.path / "adapter_model.safetensors"),
+                    "rank": adapter.config.get("r"), "alpha": adapter.config.get("lora_alpha")},
+        "base_weights": base_weights, "dtype": dtype,
+        "fingerprint_verified": base_weights == "nf4" and not inexact_nf4,
+        "nf4_rebuilt_on": device if base_weights == "nf4" else None,
+        "delta_kept_overall": overall_kept,
+        "layers": layers,
+        "check": check,
+        "wall_seconds": round(time.time() - started, 2),
+        "seconds": streamed.seconds,
+        "peak_rss_mib": round(streamed.peak_rss_mib, 1),
+        "peak_rss_mib_with_check": round(peak_rss_mib(), 1),
+        "bytes_read": streamed.bytes_read, "bytes_written": streamed.bytes_written,
+        "weights": streamed.digests,  # what an export's reference checks the merged folder against
+        "threads": torch.get_num_threads(),
+        "environment": environment(),
+    }
 
 
 def lap(totals: dict, key: str, since: float) -> float:
@@ -457,6 +490,6 @@ def check_failure(result: dict, mode: str, dtype: str) -> str:
     if result.get("fine_tune_retained", 1) <= 0.5:
         return (f"the merged model kept only {result['fine_tune_retained']:.0%} of the fine-tune's effect on the "
                 f"logits of the reference text ({mode} base weights, {dtype}): it is closer to the base than to the "
-                "trained model (`qlora-bridge merge --compare` measures both merges on the held-out answers)")
+                "trained model (`qlora-bridge compare` measures both merges on the held-out answers)")
     return (f"the merged model's logits differ from the 4-bit base + adapter by {result['rel_error']:.2e} "
             f"(relative), above the {result['limit']:.0e} an exact nf4 float32 merge must meet")

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 CARD = "README.md"
-LIBRARY = {"gguf": "gguf", "gptq": "transformers", "awq": "transformers", "safetensors": "transformers"}
 
 
 def merged_license(merged: Path | None) -> str | None:
@@ -22,7 +21,8 @@ def merged_license(merged: Path | None) -> str | None:
     return None
 
 
-def render(name: str, manifest: dict, license: str | None = None) -> str:
+def render(name: str, manifest: dict, license: str | None = None, library: str | None = None) -> str:
+    """The card; `library` is the exporter's (Exporter.library), the Hugging Face library that loads the files."""
     inputs, export = manifest.get("inputs") or {}, manifest["export"]
     merge = inputs.get("merge") or {}
     record = inputs.get("training_record") or {}
@@ -30,7 +30,7 @@ def render(name: str, manifest: dict, license: str | None = None) -> str:
     license = license or merged_license(Path((inputs.get("merged") or {}).get("path", "")) or None) or "other"
     quant = export.get("quant") or ""
     front = ["---", f"base_model: {Path(base).name}", f"license: {license}",
-             f"library_name: {LIBRARY.get(export['format'], export['format'])}",
+             *([f"library_name: {library}"] if library else []),
              f"tags: [qlora-bridge, {export['format']}" + (f", {quant}" if quant else "") + ", lora, merged]",
              "quantized_by: qlora-bridge", "---", ""]
     body = [f"# {name}", "",

@@ -19,6 +19,7 @@ from . import __version__
 from .errors import BridgeError
 from .files import digest_folder, sha256_file, write_json
 from .project import ExportSpec, Project
+from .records import read_training_record
 
 STATE = "stages.json"
 
@@ -95,7 +96,8 @@ class Pipeline:
     def adapter(self) -> Path:
         from .data import check_data
         from .default_model import resolve_base
-        from .train import TrainSettings, check_base, train
+        from .models import check_base
+        from .train import TrainSettings, train
 
         p, settings = self.project, TrainSettings(**self.project.train)
         settings.validate()
@@ -116,11 +118,11 @@ class Pipeline:
                                                           force=True, progress=self.progress))
 
     def merged(self, base_weights: str | None = None, *, gate: bool = True) -> Path:
-        """gate=False keeps a merge whose equivalence check failed (its report says so), for `merge --compare`."""
+        """gate=False keeps a merge whose equivalence check failed (its report says so), for `compare`."""
         from .merge import merge
 
         adapter = self.adapter()
-        record = json.loads((adapter / "training_record.json").read_text())
+        record = read_training_record(adapter)
         base = Path(record["base"]["path"])
         settings = {"base_weights": base_weights or self.project.merge.get("base_weights", "nf4"),
                     "dtype": self.project.merge.get("dtype", "float32"), **({} if gate else {"gate": False})}
@@ -134,16 +136,17 @@ class Pipeline:
 
     def export(self, spec: ExportSpec, merged: Path | None = None, under: str = "") -> Path:
         """Export into OUT/[under/]export-TARGET-QUANT (or the spec's name)."""
-        from .export import export
+        from .export import export, resolve_quant
 
         merged = merged or self.merged()
         exporter, plugin = self.registry.exporter(spec.target)
-        quant = spec.quant or (exporter.quant_types[0] if exporter.quant_types else None)
+        quant = resolve_quant(exporter, spec.quant)
         out = self.project.out / under / ExportSpec(spec.target, quant, name=spec.name).folder
         out.parent.mkdir(parents=True, exist_ok=True)
         key = digest({"stage": "export", "tool": __version__, "plugin": [plugin.name, plugin.version],
                       "merged": self.folder_digest(merged), "target": spec.target, "quant": quant,
                       "options": spec.options})
+        options = spec.options_for(exporter.path_options)
         return self._run(self.export_stage(out), key, out,
-                         lambda: export(self.registry, spec.target, merged, out, quant=quant, options=spec.options,
+                         lambda: export(self.registry, spec.target, merged, out, quant=quant, options=options,
                                         force=True, progress=self.progress))

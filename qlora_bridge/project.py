@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import BridgeError
 from .files import read_text
-from .train import TrainSettings
+from .train_settings import TrainSettings
 
 FILENAME = "qlora-bridge.toml"
 _TRAIN_TYPES = {"steps": int, "epochs": float, "learning_rate": float, "dropout": float}
@@ -40,6 +40,14 @@ class ExportSpec:
     backend: str | None = None  # None: the first backend that serves the format
     options: dict[str, str] = field(default_factory=dict)
     name: str | None = None  # folder name under the output dir
+    base_dir: Path | None = None  # the project file's folder: where relative file options start
+
+    def options_for(self, path_options: tuple[str, ...]) -> dict[str, str]:
+        """The options, with those the exporter declares as files (Exporter.path_options) made relative to the
+        project file. A bare word naming nothing there is a keyword some file options also take ("auto"): as written."""
+        here = self.base_dir or Path.cwd()
+        is_path = lambda v: "/" in v or "." in v or (here / v).exists()
+        return {k: str(here / v) if k in path_options and is_path(v) else v for k, v in self.options.items()}
 
     @property
     def folder(self) -> str:
@@ -131,13 +139,13 @@ def load(path: Path) -> Project:
                 _check(value, expected, allowed, where, path, line)
             if section in TABLE_ARRAYS and "target" not in table:
                 raise BridgeError(f"[[{section}]] number {i + 1} (line {line_of(text, section, None, i)}) has no "
-                                  "target", file=path, field=f"{section}[{i}].target", fix='add target = "gguf"')
+                                  "target", file=path, field=f"{section}[{i}].target",
+                                  fix='add target = "NAME" (`qlora-bridge plugins` lists the targets)')
     here = path.resolve().parent
     rel = lambda p: (here / p) if p else None
     model, d, sign, smoke = (data.get(k, {}) for k in ("model", "data", "sign", "smoke"))
-    paths = lambda k, v: str(rel(v)) if k == "calibration" else str(v)  # a file option, relative to the project
     exports = [ExportSpec(e["target"], e.get("quant"), e.get("backend"),
-                          {k: paths(k, v) for k, v in e.get("options", {}).items()}, e.get("name"))
+                          {k: str(v) for k, v in e.get("options", {}).items()}, e.get("name"), here)
                for e in data.get("export", [])]
     base = model.get("base")
     return Project(path=path, base=None if base in (None, "embedded") else str(rel(base)),
@@ -153,7 +161,8 @@ def demo_project() -> Project:
     from . import demo
 
     return Project(path=None, train_data=demo.train_file(), heldout=demo.heldout_file(),
-                   train=dict(demo.TRAIN_OVERRIDES), exports=list(demo.exports()), out=Path("qlora-bridge-out"))
+                   train=dict(demo.TRAIN_OVERRIDES), exports=[ExportSpec(*e) for e in demo.exports()],
+                   out=Path("qlora-bridge-out"))
 
 
 def find(path: Path | None = None) -> Project:
@@ -187,7 +196,7 @@ max_seq_len = 512
 
 [merge]
 base_weights = "nf4"              # add the adapter to the NF4-rounded weights it was trained against (exact);
-                                  # `qlora-bridge merge --compare` measures nf4 vs original on every target
+                                  # `qlora-bridge compare` measures nf4 vs original on every target
 dtype = "float32"
 
 [[export]]

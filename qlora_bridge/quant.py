@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block size; recorded so a merge can refuse a different one
 
 
@@ -21,13 +20,17 @@ class QuantSettings:
     quant_type: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "float32"
+    # the dtype the packed 4-bit codes are stored as: FSDP flattens a module's parameters into one tensor of one
+    # dtype, so FSDP-QLoRA stores them as the float dtype of the rest (the bytes are the same)
+    storage: str = "uint8"
 
     def to_bnb_config(self):
         from transformers import BitsAndBytesConfig
 
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
                                   bnb_4bit_use_double_quant=self.double_quant,
-                                  bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype))
+                                  bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
+                                  bnb_4bit_quant_storage=getattr(torch, self.storage))
 
 
 def linear4bit_modules(model):
@@ -68,8 +71,10 @@ def quant_state_tensors(weight, qs) -> list[torch.Tensor]:
 
 def state_digest(weight, qs) -> str:
     h = hashlib.sha256()
-    for t in quant_state_tensors(weight, qs):
+    for i, t in enumerate(quant_state_tensors(weight, qs)):
         t = t.detach().reshape(-1).contiguous().cpu()
+        if i == 0:  # the packed codes: the same bytes whatever dtype they are stored as (QuantSettings.storage)
+            t = t.view(torch.uint8)
         h.update(str(t.dtype).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes())
     return h.hexdigest()

@@ -96,11 +96,11 @@ def reference_scores(reference: Reference, tok, *, progress: bool = True) -> Ref
     import torch
     from safetensors.torch import load_file, save_file
 
-    from .corpus import reference_document
-    from .files import cache_dir
-    from .divergence import TOP_K, WINDOW, AnswerScorer, teacher_sequences, text_reference, text_windows
-    from .logits import model_logits
     from .api import TokenScores
+    from .corpus import reference_document
+    from .divergence import TOP_K, WINDOW, AnswerScorer, teacher_sequences, text_reference, text_windows
+    from .files import cache_dir
+    from .logits import model_logits
 
     if not reference.answers:
         raise BridgeError("the lineage has no held-out answers of the reference model",

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 from . import manifest as mf
-from .errors import BridgeError
+from .errors import BridgeError, CheckFailed
 from .files import write_json
 from .pipeline import Pipeline
+from .plan import release_plan, shortfall
 from .project import Project
 from .signing import sign
 
@@ -25,26 +26,18 @@ COLUMNS = ("artifact", "format", "size_mb", "bits_per_weight", "parity", "kl_ans
            "ppl_ratio", "task_score", "agreement", "tokens_per_second", "signature", "status")
 
 
-def bits_per_weight(manifest: dict) -> float | None:
-    """Bits per weight of the quantized matrices, as the export read them back."""
-    export = manifest["export"]
-    checks, settings = export.get("checks") or {}, export.get("settings") or {}
-    if "quantization" in checks:
-        return checks["quantization"].get("bpw_matrices")
-    if export["format"] in ("gptq", "awq"):  # codes + one scale (16 bits) and one zero point per group
-        bits, group = settings["bits"], settings["group_size"]
-        return round(bits + (16 + bits) / group, 3)
-    if export["format"] == "safetensors":
-        return {"float32": 32, "float16": 16, "bfloat16": 16}.get(export.get("quant"))
-    return None
+def bits_per_weight(exporter, manifest: dict) -> float | None:
+    """Bits per weight of the export, as its exporter reads them off its manifest record (None: it does not say)."""
+    return exporter.bits_per_weight(manifest["export"]) if exporter.bits_per_weight else None
 
 
-def row(folder: Path, manifest: dict, smoke: dict | None, signature: str, status: str, note: str = "") -> dict:
+def row(folder: Path, manifest: dict, bpw: float | None, smoke: dict | None, signature: str, status: str,
+        note: str = "") -> dict:
     checks = (smoke or {}).get("checks") or {}
     get = lambda check, key: (checks.get(check) or {}).get(key)
     return {"artifact": folder.name, "format": f"{manifest['export']['format']} {manifest['export'].get('quant') or ''}"
             .strip(), "size_mb": round(sum(o["size"] for o in manifest["outputs"]) / 1e6, 1),
-            "bits_per_weight": bits_per_weight(manifest), "parity": get("tokenization", "parity"),
+            "bits_per_weight": bpw, "parity": get("tokenization", "parity"),
             "kl_answers": get("divergence", "kl_answers"), "kl_text": get("divergence", "kl_text"),
             "top1_text": get("divergence", "top1_text"), "ppl_ratio": get("divergence", "ppl_ratio"),
             "task_score": get("task-score", "task_score"), "task_score_reference": get("task-score", "task_score_reference"),
@@ -90,10 +83,15 @@ def release(project: Project, registry, *, progress: bool = True, passphrase: by
 
     if not project.exports:
         raise BridgeError("the project has no export targets", file=project.path, field="[[export]]",
-                          fix='add an [[export]] table with target = "gguf"')
+                          fix='add an [[export]] table with target = "NAME" (`qlora-bridge plugins` lists the targets)')
     if project.sign_key and not project.sign_key.is_file():
         raise BridgeError("signing key not found", file=project.sign_key, field="sign.key",
                           fix="create it with `qlora-bridge keygen`")
+    fit = release_plan(project, registry)  # minutes of training must not end in an out-of-memory kill
+    if not fit["fits"]:
+        what, fixes = shortfall(fit)
+        raise CheckFailed(f"the release will not fit this machine: {what}", file=project.path, field="[train]",
+                          fix=f"{fixes} (`qlora-bridge plan` shows every term)")
     started = time.time()
     pipe = Pipeline(project, registry, progress=progress)
     merged = pipe.merged()
@@ -102,9 +100,9 @@ def release(project: Project, registry, *, progress: bool = True, passphrase: by
         exporter, _ = registry.exporter(spec.target)
         folder = pipe.export(spec, merged)
         manifest = mf.read(folder)
-        backend = spec.backend or registry.backend_for(exporter.format)
-        result, note = None, ""
+        result, note, backend = None, "", spec.backend
         try:
+            backend = backend or registry.backend_for(exporter.format)
             result = smoke(registry, folder, backend, suite_file=project.suite, options=dict(spec.options),
                            timeout=project.smoke_timeout, license=project.license)
             manifest = mf.read(folder)
@@ -119,13 +117,15 @@ def release(project: Project, registry, *, progress: bool = True, passphrase: by
             if project.sign_key:
                 sign(folder, project.sign_key, passphrase)
             pipe.rerecord(pipe.export_stage(folder), folder)
-            rows.append(row(folder, manifest, result, signature, "passed"))
+            rows.append(row(folder, manifest, bits_per_weight(exporter, manifest), result, signature, "passed"))
         else:
             pipe.forget(pipe.export_stage(folder))  # never reuse a failed artifact
             failed = mark_failed(folder, manifest, note)
-            rows.append(row(failed, manifest, result, "not signed", "FAILED", note))
+            rows.append(row(failed, manifest, bits_per_weight(exporter, manifest), result, "not signed", "FAILED",
+                            note))
         if progress:
-            print(f"{rows[-1]['status']:<7}{folder.name} ({backend}) {note}", flush=True, file=sys.stderr)
+            print(f"{rows[-1]['status']:<7}{folder.name} ({backend or 'no backend'}) {note}", flush=True,
+                  file=sys.stderr)
     seconds = time.time() - started
     report = {"passed": all(r["status"] == "passed" for r in rows), "seconds": round(seconds, 1), "rows": rows,
               "stages": pipe.log, "project": str(project.path) if project.path else "embedded demo project"}

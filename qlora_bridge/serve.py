@@ -17,28 +17,16 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import manifest as mf
-from .api import LaunchRequest, ServingAdapter, check_options
+from .api import LaunchRequest, Server, check_options
 from .errors import BridgeError, CheckFailed
-from .plugins import Registry
+from .host import Registry
 
 
 class ServerFailed(CheckFailed):
     """The server did not come up; the message carries its log's tail."""
-
-
-@dataclass
-class Server:
-    adapter: ServingAdapter
-    backend: str
-    base_url: str
-    pid: int
-    log: Path
-    artifact: Path
-    seconds_to_ready: float
 
 
 def free_port() -> int:

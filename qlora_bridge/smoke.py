@@ -17,20 +17,19 @@ fails.
 from __future__ import annotations
 
 import json
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
 from . import manifest as mf
-from .api import Bounds, TokenScores, http_json
+from .api import Bounds, Client, Exporter, Golden, SmokeContext, TokenScores
 from .errors import BridgeError, CheckFailed
 from .files import read_text
+from .host import Registry
 from .modelcard import CARD, figures, render
-from .plugins import Registry
 from .reference import Reference, reference_for
-from .serve import Server, serving
+from .serve import serving
 from .signing import sign
 
 # Bounds for a quant type no exporter vouches for: a float copy's. On the demo an F16 GGUF measured 3.4e-7
@@ -45,27 +44,6 @@ LINEAGE_GOLDEN = 16
 LINEAGE_MIN_PASS_RATE = 0.5
 MATCH_RULES = ("exact", "contains", "regex", "json")
 REPORT = "smoke-report.md"
-
-
-@dataclass
-class Golden:
-    prompt: list[dict] | str
-    expected: str
-    match: str = "exact"
-    merged_answer: str | None = None  # what the merged model answered, when the suite comes from lineage
-
-    def passes(self, got: str) -> bool:
-        got, expected = got.strip(), self.expected.strip()
-        if self.match == "exact":
-            return got == expected
-        if self.match == "contains":
-            return expected in got
-        if self.match == "regex":
-            return re.search(expected, got) is not None
-        try:
-            return json.loads(got) == json.loads(expected)
-        except json.JSONDecodeError:
-            return False
 
 
 def load_suite(path: Path) -> tuple[list[Golden], float]:
@@ -109,74 +87,18 @@ def heldout_goldens(answers: list[dict]) -> list[Golden]:
     return [Golden(a["prompt"], a["expected"], "exact", a["got"]) for a in answers if "prompt" in a]
 
 
-def gate_bounds(registry: Registry, manifest: dict) -> tuple[Bounds, str]:
-    """The bounds the export's own exporter declares for its quant type, else STRICT; and where they came from."""
+def gate_bounds(registry: Registry, manifest: dict) -> tuple[Bounds, str, Exporter | None]:
+    """The bounds the export's own exporter declares for its quant type, else STRICT; where they came from; and
+    that exporter, when it is installed."""
     target, quant = manifest["export"]["target"], manifest["export"].get("quant")
     try:
         exporter, plugin = registry.exporter(target)
     except BridgeError:
-        return STRICT, f"strict defaults: no installed exporter '{target}' declares bounds for {quant}"
+        return STRICT, f"strict defaults: no installed exporter '{target}' declares bounds for {quant}", None
     if quant in exporter.bounds:
-        return exporter.bounds[quant], f"declared by exporter '{target}' (plugin {plugin.name}) for {quant}"
-    return STRICT, f"strict defaults: exporter '{target}' (plugin {plugin.name}) declares no bounds for {quant}"
-
-
-class Client:
-    """The few OpenAI-compatible calls the checks make, on the standard library."""
-
-    def __init__(self, base_url: str, timeout: float = 300.0):
-        self.base_url, self.timeout = base_url, timeout
-
-    def post(self, path: str, body: dict) -> dict:
-        return http_json(self.base_url + path, body, self.timeout)
-
-    def generate(self, prompt: list[dict] | str, max_tokens: int) -> tuple[str, dict]:
-        """Greedy answer to a chat (list of messages) or a plain completion prompt, with the usage counts."""
-        body = {"max_tokens": max_tokens, "temperature": 0.0, "seed": 0}
-        if isinstance(prompt, list):
-            out = self.post("/v1/chat/completions", {"messages": prompt, **body})
-            return out["choices"][0]["message"]["content"] or "", out.get("usage", {})
-        out = self.post("/v1/completions", {"prompt": prompt, **body})
-        return out["choices"][0]["text"], out.get("usage", {})
-
-
-@dataclass
-class SmokeContext:
-    """What a smoke check gets: the running server, the export, the reference model, the suite and the bounds.
-
-    measurements() gives the divergence and task-score figures, computed once and shared by every check."""
-
-    client: Client
-    server: Server
-    artifact: Path
-    manifest: dict
-    merged: Path | None
-    suite: list[Golden]  # golden prompts
-    min_pass_rate: float
-    heldout: list[Golden]  # held-out prompts with the reference's answers
-    reference: Reference
-    bounds: Bounds
-    bounds_source: str
-    _cache: dict = field(default_factory=dict)
-
-    def tokenizer(self):
-        if "tok" not in self._cache:
-            from transformers import AutoTokenizer
-
-            source = self.merged if self.merged else self.artifact
-            self._cache["tok"] = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
-        return self._cache["tok"]
-
-    def measurements(self) -> dict:
-        """Through the serving engine (ServingAdapter.logprobs); computed once, shared by every check."""
-        if "measured" not in self._cache:
-            adapter = self.server.adapter
-            if adapter.logprobs is None:
-                raise BridgeError(f"backend {self.server.backend} offers no next-token log-probabilities",
-                                  field="--backend", fix="serve it with a backend whose adapter has `logprobs`")
-            self._cache["measured"] = measure(self.reference, self.tokenizer(),
-                                              lambda sequences: adapter.logprobs(self.server, sequences))
-        return self._cache["measured"]
+        return exporter.bounds[quant], f"declared by exporter '{target}' (plugin {plugin.name}) for {quant}", exporter
+    return (STRICT, f"strict defaults: exporter '{target}' (plugin {plugin.name}) declares no bounds for {quant}",
+            exporter)
 
 
 def measure(reference: Reference, tok, scores: Callable[[list[list[int]]], Iterator[TokenScores]]) -> dict:
@@ -235,7 +157,7 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
     manifest = mf.read(artifact)
     check_unchanged(artifact, manifest)  # results must describe the files the manifest describes
     quant = manifest["export"].get("quant") or manifest["export"]["format"]
-    bounds, bounds_source = gate_bounds(registry, manifest)
+    bounds, bounds_source, exporter = gate_bounds(registry, manifest)
     merged = merged_folder(manifest, merged)
     reference = reference_for(manifest, merged)  # before the server starts: a missing input is found at once
     heldout = heldout_goldens(reference.answers)
@@ -249,7 +171,7 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
     checks = {}
     with serving(registry, backend, artifact, log=log, options=options, timeout=timeout) as server:
         ctx = SmokeContext(Client(server.base_url), server, artifact, manifest, merged, suite, min_rate, heldout,
-                           reference, bounds, bounds_source)
+                           reference, bounds, bounds_source, measure)
         for check, plugin in registry.smoke_checks():
             began = time.time()
             try:
@@ -268,7 +190,7 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
     card = artifact / CARD
     ours = not card.exists() or "quantized_by: qlora-bridge" in card.read_text(errors="replace")
     if ours:  # the card shows the results (a card an exporter wrote itself is left alone)
-        card.write_text(render(artifact.name, manifest, license))
+        card.write_text(render(artifact.name, manifest, license, exporter.library if exporter else None))
     rewritten = (REPORT, CARD) if ours else (REPORT,)
     manifest["outputs"] = sorted([e for e in manifest["outputs"] if e["path"] not in rewritten]
                                  + [mf.output_entry(artifact, name) for name in rewritten], key=lambda e: e["path"])

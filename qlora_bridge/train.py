@@ -7,121 +7,32 @@ quantization settings, the bitsandbytes version, the base files' digests and a f
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
-import resource
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .data import Dataset, collate, load_dataset, load_heldout
+from .data import IGNORE_INDEX, Dataset, collate, load_dataset, load_heldout
 from .errors import BridgeError
-from .files import digest_folder, output_folder, sha256_file, write_json
+from .files import digest_folder, output_folder, sha256_file
 from .manifest import environment
-from .quant import BLOCKSIZE, QUANT_TYPES, QuantSettings, assert_standard_layout, disable_cpu_packed_layout, \
-    fingerprint
-
-RECORD = "training_record.json"
-SCHEDULES = ("cosine", "linear", "constant")
-
-
-@dataclass
-class TrainSettings:
-    quant: str = "nf4"  # nf4 | fp4 | none (plain LoRA on the unquantized base)
-    double_quant: bool = True
-    compute_dtype: str = "float32"
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
-    steps: int | None = None  # when set, overrides epochs
-    epochs: float = 1.0
-    learning_rate: float = 2e-4
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_seq_len: int = 512
-    truncate: bool = False
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    optimizer: str = "auto"  # auto | adamw | adamw8bit | paged_adamw8bit
-
-    def validate(self) -> None:
-        checks = [
-            (self.quant in (*QUANT_TYPES, "none"), "quant", f"use one of {', '.join((*QUANT_TYPES, 'none'))}"),
-            (self.compute_dtype in ("float32", "bfloat16", "float16"), "compute_dtype",
-             "use float32, bfloat16 or float16"),
-            (self.rank > 0 and self.alpha > 0, "rank/alpha", "use positive integers"),
-            (0 <= self.dropout < 1, "dropout", "use a value in [0, 1)"),
-            (self.steps is None or self.steps > 0, "steps", "use a positive number of steps"),
-            (self.epochs > 0, "epochs", "use a positive number of epochs"),
-            (self.learning_rate > 0, "learning_rate", "use a positive learning rate"),
-            (self.schedule in SCHEDULES, "schedule", f"use one of {', '.join(SCHEDULES)}"),
-            (self.batch_size > 0 and self.grad_accum > 0, "batch_size/grad_accum", "use positive integers"),
-            (self.max_seq_len > 0, "max_seq_len", "use a positive length"),
-            (self.optimizer in ("auto", "adamw", "adamw8bit", "paged_adamw8bit"), "optimizer",
-             "use auto, adamw, adamw8bit or paged_adamw8bit"),
-        ]
-        for ok, name, fix in checks:
-            if not ok:
-                raise BridgeError(f"invalid value {getattr(self, name.split('/')[0])!r}", field=name, fix=fix)
+from .models import check_base, load_model, load_tokenizer, peak_rss_mib
+from .quant import BLOCKSIZE, assert_standard_layout, fingerprint
+from .records import TRAINING_RECORD as RECORD  # noqa: F401 (where train writes it)
+from .records import read_training_record, write_training_record
+from .train_settings import TrainSettings
 
 
 @dataclass
 class TrainResult:
     adapter: Path
     record: dict = field(repr=False)
-
-
-def check_base(base: Path) -> None:
-    """A base must be a Hugging Face causal-LM folder with safetensors weights and a tokenizer."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if not (base / "config.json").is_file():
-        raise BridgeError("not a Hugging Face model folder (no config.json)", file=base,
-                          fix="pass the folder that holds config.json, the safetensors weights and the tokenizer")
-    config = AutoConfig.from_pretrained(base, trust_remote_code=False)
-    archs = config.architectures or []
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (
-            archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)):
-        what = f"architectures {archs}" if archs else f"model_type '{config.model_type}'"
-        raise BridgeError(f"{what} is not a causal language model", file=base / "config.json",
-                          field="architectures" if archs else "model_type",
-                          fix="pass a decoder-only (causal LM) model such as Llama, Qwen or Gemma")
-    if not any(base.glob("*.safetensors")):
-        pickles = [p.name for p in base.glob("*.bin")]
-        raise BridgeError("no safetensors weights" + (f" (only pickle files: {', '.join(pickles)})" if pickles else ""),
-                          file=base, fix="convert the checkpoint to safetensors; pickle checkpoints are never loaded")
-    if not any((base / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        raise BridgeError("the model folder has no tokenizer (tokenizer.json or tokenizer.model)", file=base,
-                          fix="save the tokenizer into the model folder (tokenizer.save_pretrained)")
-
-
-def load_tokenizer(base: Path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_model(base: Path, s: TrainSettings):
-    """The base model, quantized to 4 bits unless `quant` is 'none', with the CPU packed layout disabled."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"dtype": torch.float32, "trust_remote_code": False}
-    if s.quant != "none":
-        kwargs["quantization_config"] = QuantSettings(s.quant, s.double_quant, s.compute_dtype).to_bnb_config()
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    if s.quant != "none":
-        disable_cpu_packed_layout(model)
-    return model
 
 
 def make_optimizer(params, s: TrainSettings):
@@ -138,105 +49,112 @@ def make_optimizer(params, s: TrainSettings):
     return name, cls(params, lr=s.learning_rate, weight_decay=0.0)
 
 
-def batches(ds: Dataset, s: TrainSettings, total_micro: int):
-    """Micro-batches over shuffled epochs, as many as the schedule needs."""
-    rng = random.Random(s.seed)
+def batches(ds: Dataset, size: int, seed: int, total_micro: int):
+    """Micro-batches of `size` records over shuffled epochs, as many as the schedule needs. Data-parallel processes
+    draw the same global micro-batches and each takes its share, so N processes see what one process would."""
+    rng = random.Random(seed)
     order: list[int] = []
     for _ in range(total_micro):
-        if len(order) < s.batch_size:
+        if len(order) < size:
             more = list(range(len(ds.examples)))
             rng.shuffle(more)
             order += more
-        chunk, order = order[: s.batch_size], order[s.batch_size:]
+        chunk, order = order[:size], order[size:]
         yield [ds.examples[i] for i in chunk]
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def launch(base: Path, dataset: Path, out: Path, s: TrainSettings, heldout_file: Path | None, force: bool,
+           progress: bool) -> TrainResult:
+    """Start `s.processes` processes on this machine, each running train() as one rank, and wait for them.
+    torchrun (torch.distributed.run) or `accelerate launch`; inside, accelerate picks the backend (NCCL on GPUs,
+    gloo on CPUs). CPU threads are shared out so the processes do not fight over cores."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    job = json.dumps({"base": str(base), "dataset": str(dataset), "out": str(out), "settings": asdict(s),
+                      "heldout": str(heldout_file) if heldout_file else None, "force": force, "progress": progress})
+    n = str(s.processes)
+    if s.launcher == "accelerate":
+        start = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", n, "--num_machines", "1",
+                 "--main_process_port", str(port), *(["--use_fsdp"] if s.strategy == "fsdp" else ["--multi_gpu"])]
+    else:
+        start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n, "--master_addr", "127.0.0.1",
+                 "--master_port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // s.processes))}
+    if s.strategy == "fsdp":  # transformers then loads the weights on rank 0 only; FSDP sends each rank its shard
+        env.update(ACCELERATE_USE_FSDP="1", FSDP_CPU_RAM_EFFICIENT_LOADING="1")
+    rc = subprocess.run([*start, "-m", "qlora_bridge.train", job], env=env).returncode
+    if rc != 0:
+        raise RuntimeError(f"{s.processes} training processes ({s.launcher}, {s.strategy}) failed with exit code {rc}; "
+                           "their output is above")
+    return TrainResult(out, read_training_record(out))
+
+
+def check_parallel(s: TrainSettings, gpus: int) -> None:
+    """What data-parallel training needs, checked before any process starts (known pitfalls, not discoveries)."""
+    if s.launcher == "accelerate" and not gpus:
+        raise BridgeError("`accelerate launch` starts a single process on a machine without GPUs", field="launcher",
+                          fix='use launcher = "torchrun" for CPU processes (gloo backend)')
+    if gpus and s.processes > gpus:
+        raise BridgeError(f"{s.processes} processes but {gpus} GPUs: two processes on one GPU each hold the whole "
+                          "4-bit model", field="processes", fix=f"use processes <= {gpus}")
+    if s.strategy == "fsdp":
+        if not gpus:
+            raise BridgeError("FSDP-QLoRA shards the 4-bit base across GPUs; bitsandbytes' CPU kernels do not "
+                              "take a float quant storage", field="strategy", fix="use strategy = \"ddp\" on CPUs")
+        if s.processes < 2:
+            raise BridgeError("FSDP with one process shards nothing", field="processes", fix="use 2 or more")
 
 
 def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_file: Path | None = None,
           force: bool = False, progress: bool = True) -> TrainResult:
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from tqdm import tqdm
     from transformers import get_scheduler
-
-    from .evaluate import exact_match
 
     s.validate()
     base, out = Path(base), Path(out)
     if out.exists() and not force:
         raise BridgeError("the output folder already exists", file=out, fix="choose another --out, or pass --force")
     check_base(base)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if s.processes > 1 and world == 1:  # this process starts the ranks; each comes back here with WORLD_SIZE set
+        check_parallel(s, torch.cuda.device_count())
+        return launch(base, dataset, out, s, heldout_file, force, progress)
+    acc = parallel(s) if world > 1 else None
+    rank = acc.process_index if acc else 0
+    progress = progress and rank == 0
     started = time.time()
     random.seed(s.seed)
     torch.manual_seed(s.seed)
     tok = load_tokenizer(base)
     ds = load_dataset(dataset, tok, s.max_seq_len, s.truncate)
     heldout = load_heldout(heldout_file) if heldout_file else None
-    model = load_model(base, s)
-    record: dict = {"tool": {"name": "qlora-bridge", "version": __version__}, "settings": asdict(s)}
-    if s.quant != "none":
-        record["quantization"] = {"quant_type": s.quant, "double_quant": s.double_quant, "blocksize": BLOCKSIZE,
-                                  "compute_dtype": s.compute_dtype, "fingerprint": fingerprint(model),
-                                  # CUDA and CPU kernels round NF4 differently: the merge rebuilds it on this kind
-                                  "device": model.device.type}
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif s.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    lora = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
-                      task_type="CAUSAL_LM")
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as e:  # peft names the target modules it could not find
-        raise BridgeError(str(e), field="target_modules", fix="name modules that exist in the base model, "
-                          "or use all-linear") from None
-    bar = lambda total, desc: tqdm(total=total, desc=desc, disable=not progress, mininterval=1.0, leave=False)
+    model, quantization = lora_model(base, s)
+    evals = {"before": answer(model, tok, heldout, "before", progress)} if heldout and rank == 0 else {}
 
-    evals = {}
-    if heldout:
-        with bar(len(heldout), "held-out before") as pb:
-            evals["before"] = exact_match(model, tok, heldout, progress=pb.update)
-
-    per_epoch = math.ceil(len(ds.examples) / (s.batch_size * s.grad_accum))
+    per_epoch = math.ceil(len(ds.examples) / (s.batch_size * world * s.grad_accum))
     total_steps = s.steps or max(1, math.ceil(per_epoch * s.epochs))
     opt_name, opt = make_optimizer([p for p in model.parameters() if p.requires_grad], s)
     sched = get_scheduler(s.schedule, opt, num_warmup_steps=s.warmup_steps, num_training_steps=total_steps)
-    pad = tok.pad_token_id
-    model.train()
-    losses = []
-    micro = batches(ds, s, total_steps * s.grad_accum)
-    t_train = time.time()
-    with bar(total_steps, "training") as pb:
-        for step in range(1, total_steps + 1):
-            step_loss = 0.0
-            for _ in range(s.grad_accum):
-                batch = {k: v.to(model.device) for k, v in collate(next(micro), pad).items()}
-                loss = model(**batch).loss / s.grad_accum
-                loss.backward()
-                step_loss += loss.item()
-            if not math.isfinite(step_loss):
-                raise BridgeError(f"the loss became {step_loss} at step {step}", field="learning_rate",
-                                  fix="lower --learning-rate or use --compute-dtype float32")
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(round(step_loss, 5))
-            pb.update(1)
-            pb.set_postfix(loss=f"{step_loss:.3f}")
-    train_seconds = time.time() - t_train
-
+    losses, train_seconds = run_steps(model, opt, sched, ds, tok.pad_token_id, s, total_steps, acc, progress)
+    peak_rss = peak_rss_mib()
+    if acc:  # the record speaks for the largest process; then rank 0 alone evaluates and writes
+        peak = torch.tensor([peak_rss])
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        peak_rss = peak.item()
+        if rank != 0:
+            acc.wait_for_everyone()
+            return TrainResult(out, {})
     if heldout:
-        with bar(len(heldout), "held-out after") as pb:
-            evals["after"] = exact_match(model, tok, heldout, progress=pb.update)
+        evals["after"] = answer(model, tok, heldout, "after", progress)
     if s.quant != "none":
         assert_standard_layout(model)
 
-    record.update({
+    record = {
+        "tool": {"name": "qlora-bridge", "version": __version__}, "settings": asdict(s),
+        **({"quantization": quantization} if quantization else {}),
         "base": {"path": str(base.resolve()), "files": digest_folder(base)},
         "dataset": {"path": str(Path(dataset).resolve()), "sha256": sha256_file(dataset), "shape": ds.shape,
                     "records": len(ds.examples), "answer_tokens": ds.answer_tokens,
@@ -246,16 +164,134 @@ def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_fil
         "loss_curve": losses,
         "heldout": {k: v.to_dict() for k, v in evals.items()} | (
             {"path": str(Path(heldout_file).resolve())} if heldout_file else {}),
-        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "peak_rss_mib": round(peak_rss, 1),
+        "distributed": {"world_size": world, "strategy": s.strategy if acc else None,
+                        "backend": acc.state.backend if acc else None, "launcher": s.launcher if acc else None},
         "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": None,
         "environment": environment(),
-    })
+    }
     with output_folder(out, force=force, what="adapter folder") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         record["wall_seconds"] = round(time.time() - started, 2)
-        write_json(tmp / RECORD, record)  # last: an adapter folder without its record is not finished
+        write_training_record(tmp, record)  # last: an adapter folder without its record is not finished
+    if acc:
+        acc.wait_for_everyone()
     return TrainResult(out, record)
+
+
+def lora_model(base: Path, s: TrainSettings):
+    """The 4-bit base (fingerprinted as bitsandbytes built it, for the exact merge) with LoRA adapters on it, and
+    the training record's quantization section (None for plain LoRA)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model, quantization = load_model(base, s), None
+    if s.quant != "none":
+        quantization = {"quant_type": s.quant, "double_quant": s.double_quant, "blocksize": BLOCKSIZE,
+                        "compute_dtype": s.compute_dtype, "fingerprint": fingerprint(model),
+                        # CUDA and CPU kernels round NF4 differently: the merge rebuilds it on this kind
+                        "device": model.device.type}
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
+                      task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora), quantization
+    except ValueError as e:  # peft names the target modules it could not find
+        raise BridgeError(str(e), field="target_modules", fix="name modules that exist in the base model, "
+                          "or use all-linear") from None
+
+
+def answer(model, tok, heldout, when: str, progress: bool):
+    from tqdm import tqdm
+
+    from .evaluate import exact_match
+
+    with tqdm(total=len(heldout), desc=f"held-out {when}", disable=not progress, mininterval=1.0, leave=False) as pb:
+        return exact_match(model, tok, heldout, progress=pb.update)
+
+
+def run_steps(model, opt, sched, ds: Dataset, pad: int, s: TrainSettings, total_steps: int, acc,
+              progress: bool) -> tuple[list[float], float]:
+    """The optimizer steps: the loss curve and the seconds they took. With several processes each takes its share of
+    every global micro-batch and the model is wrapped (DDP or FSDP) for the steps only."""
+    import torch
+    from tqdm import tqdm
+
+    rank, world = (acc.process_index, acc.num_processes) if acc else (0, 1)
+    device = model.device
+    if acc:
+        acc.wait_for_everyone()  # rank 0 was answering the held-out prompts
+        model, opt = acc.prepare(model, opt)
+    model.train()
+    losses = []
+    micro = batches(ds, s.batch_size * world, s.seed, total_steps * s.grad_accum)
+    started = time.time()
+    with tqdm(total=total_steps, desc="training", disable=not progress, mininterval=1.0, leave=False) as pb:
+        for step in range(1, total_steps + 1):
+            step_loss = 0.0
+            for _ in range(s.grad_accum):
+                mine = next(micro)[rank * s.batch_size:(rank + 1) * s.batch_size]
+                batch = {k: v.to(device) for k, v in collate(mine, pad).items()}
+                if acc is None:
+                    loss = model(**batch).loss / s.grad_accum
+                    loss.backward()
+                    step_loss += loss.item()
+                else:
+                    step_loss += shared_loss_backward(model, batch, acc, world) / s.grad_accum
+            if not math.isfinite(step_loss):
+                raise BridgeError(f"the loss became {step_loss} at step {step}", field="learning_rate",
+                                  fix="lower --learning-rate or use --compute-dtype float32")
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            acc.clip_grad_norm_(trainable, 1.0) if acc else torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(round(step_loss, 5))
+            pb.update(1)
+            pb.set_postfix(loss=f"{step_loss:.3f}")
+    return losses, time.time() - started
+
+
+def parallel(s: TrainSettings):
+    """This rank's accelerate state: DDP, or FSDP with the wrapping FSDP-QLoRA needs."""
+    import torch
+    from accelerate import Accelerator
+
+    if not torch.cuda.is_available():  # without cpu=True, accelerate 1.15 treats CPU ranks as one process each
+        return Accelerator(cpu=True)
+    if s.strategy == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+
+        # non-reentrant checkpointing and flat parameters of one requires_grad each: peft's policy wraps the LoRA
+        # modules on their own (QLoRA with FSDP, peft docs); the 4-bit storage is a float (QuantSettings)
+        return Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(use_orig_params=False, sync_module_states=True,
+                                                                      cpu_ram_efficient_loading=True))
+    return Accelerator()
+
+
+def shared_loss_backward(model, batch: dict, acc, world: int) -> float:
+    """One micro-batch's share of the global loss, back-propagated: each rank's summed token losses over the tokens of
+    every rank (so the ranks' gradients, averaged by DDP, are the one-process gradient of the same global batch, not
+    an average of per-rank means), and the global mean loss for the curve."""
+    import torch
+
+    tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    torch.distributed.all_reduce(tokens)
+    loss = model(**batch, num_items_in_batch=tokens).loss
+    acc.backward(loss * world)
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total.item()
+
+
+if __name__ == "__main__":  # one rank of a data-parallel run (launch)
+    job = json.loads(sys.argv[1])
+    train(Path(job["base"]), Path(job["dataset"]), Path(job["out"]), TrainSettings(**job["settings"]),
+          heldout_file=Path(job["heldout"]) if job["heldout"] else None, force=job["force"], progress=job["progress"])
 

@@ -45,8 +45,7 @@ def gemma3_base() -> Path:
     import zipfile
 
     from qlora_bridge.default_model import convert_gguf
-    from qlora_bridge.files import cache_dir
-    from qlora_bridge.files import sha256_file
+    from qlora_bridge.files import cache_dir, sha256_file
 
     out = cache_dir() / "models" / "gemma-3-270m"
     if (out / "config.json").is_file():

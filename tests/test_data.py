@@ -7,7 +7,7 @@ import pytest
 from qlora_bridge.cli import main
 from qlora_bridge.data import IGNORE_INDEX, load_dataset, load_heldout
 from qlora_bridge.errors import BridgeError
-from qlora_bridge.train import load_tokenizer
+from qlora_bridge.models import load_tokenizer
 
 from conftest import chat, write_jsonl
 

@@ -7,7 +7,7 @@ import torch
 
 from qlora_bridge.api import Bounds, TokenScores
 from qlora_bridge.divergence import Q_REST_FLOOR, compare_rows, full_scores, sparse, text_windows
-from qlora_bridge.plugins import load_plugins
+from qlora_bridge.host import load_plugins
 from qlora_bridge.smoke import STRICT, gate_bounds
 from qlora_bridge.stats import mcnemar_drop, paired_interval
 
@@ -130,11 +130,11 @@ def test_bounds_come_from_the_exporters_registration(tmp_path):
     plugin.write_text(INHOUSE)
     registry = load_plugins([str(plugin)])
     manifest = lambda target, quant: {"export": {"target": target, "quant": quant}}
-    bounds, source = gate_bounds(registry, manifest("acme", "x4"))
+    bounds, source, _ = gate_bounds(registry, manifest("acme", "x4"))
     assert bounds == Bounds(0.5, 0.6, 2.0, 0.5, "acme's own measurement") and "declared by exporter 'acme'" in source
-    bounds, source = gate_bounds(registry, manifest("acme", "x8"))
+    bounds, source, _ = gate_bounds(registry, manifest("acme", "x8"))
     assert bounds is STRICT and "declares no bounds for x8" in source
-    bounds, source = gate_bounds(registry, manifest("gone", "q"))
+    bounds, source, _ = gate_bounds(registry, manifest("gone", "q"))
     assert bounds is STRICT and "no installed exporter 'gone'" in source
     # every quant type a built-in exporter offers has bounds, each with its reason
     for target in ("gguf", "safetensors", "gptq", "awq"):

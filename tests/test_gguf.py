@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import FULL_PARITY, modelfile_fields
+
 from qlora_bridge.errors import BridgeError, CheckFailed
 from qlora_bridge.export import export
-from qlora_bridge.plugins import load_plugins
+from qlora_bridge.host import load_plugins
 from qlora_bridge.tinymodel import build_tiny_model
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF extra: pip install '.[gguf]'")
@@ -177,7 +177,7 @@ def test_k_quants_use_an_importance_matrix_of_the_training_data(registry, tiny_m
 def test_a_users_importance_matrix_is_used_as_given(registry, tiny_merged, tmp_path):
     import subprocess
 
-    from qlora_bridge_plugin_gguf.tools import tools
+    from qlora_bridge.default_plugins.gguf.tools import tools
 
     bin_dir, _ = tools(None, progress=False)
     export(registry, "gguf", tiny_merged, tmp_path / "f16", quant="F16", progress=False)
@@ -208,7 +208,7 @@ def test_bad_importance_matrix_settings_are_refused(registry, tiny_merged, tmp_p
 def test_llama_cpp_sources_must_be_llama_cpp_pythons(tmp_path):
     import tarfile
 
-    from qlora_bridge_plugin_gguf.tools import unpack
+    from qlora_bridge.default_plugins.gguf.tools import unpack
 
     (tmp_path / "x.txt").write_text("x")
     with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as tar:

@@ -26,7 +26,7 @@ def adapter(tiny_adapter):
 def logits_4bit_adapter(base, adapter, ids):
     from peft import PeftModel
 
-    from qlora_bridge.train import load_model
+    from qlora_bridge.models import load_model
 
     model = PeftModel.from_pretrained(load_model(base, TrainSettings(compute_dtype="float32")), adapter).eval()
     with torch.no_grad():

@@ -4,9 +4,9 @@ Hugging Face chat template's prompt exactly; a template it cannot express gets n
 import importlib
 
 import pytest
-
 from conftest import modelfile_fields
-from qlora_bridge.plugins import load_plugins
+
+from qlora_bridge.host import load_plugins
 from qlora_bridge.tinymodel import CHAT_TEMPLATE, SPM_CHAT_TEMPLATE, build_sentencepiece_tokenizer, build_tokenizer
 
 # SmolLM2-Instruct's own template: a system turn of its own when the conversation has none
@@ -39,7 +39,7 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def modelfile():
     load_plugins()
-    return importlib.import_module("qlora_bridge_plugin_gguf.modelfile").modelfile
+    return importlib.import_module("qlora_bridge.default_plugins.gguf.modelfile").modelfile
 
 
 def tokenizer_with(template: str, sentencepiece: bool = False):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 from qlora_bridge.cli import main
 from qlora_bridge.errors import BridgeError
 from qlora_bridge.export import PluginFailed, export
-from qlora_bridge.plugins import load_plugins
+from qlora_bridge.host import load_plugins
+from qlora_bridge.smoke import gate_bounds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +51,7 @@ def plugin_file(tmp_path, name, body) -> Path:
 def test_builtin_plugins_load_through_the_manager():
     reg = load_plugins()
     exporter, info = reg.exporter("safetensors")
-    assert info.source == "builtin" and info.origin.endswith("plugins/safetensors_export.py")
+    assert info.source == "builtin" and info.origin == "qlora_bridge.default_plugins.safetensors_export"
     assert exporter.quant_types == ("float16", "bfloat16", "float32") and not reg.problems
 
 
@@ -169,3 +171,42 @@ def test_options_a_plugin_does_not_declare_are_refused_before_work(tmp_path, tin
     listed = json.loads(subprocess.run([sys.executable, "-m", "qlora_bridge.cli", "plugins", "--json"],
                                        capture_output=True, text=True).stdout)["options"]
     assert set(listed["exporter awq"]) >= {"keep", "group_size", "calibration"} and "server vllm" in listed
+
+
+def test_an_inhouse_target_is_known_to_release_smoke_and_the_card_from_its_registration(inhouse_installed,
+                                                                                        tiny_model, tmp_path):
+    """No core change for a new target: ACME's quant types, gate bounds, bits per weight, model-card library and
+    file option come from its registration alone. Nothing serves a tar bundle, so its release stops at the gate,
+    unverified and unsigned, with ACME's figures in the report."""
+    from conftest import chat, write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", [chat("ping", "pong")] * 8)
+    (tmp_path / "OWNERS.txt").write_text("ada\n")
+    (tmp_path / "qlora-bridge.toml").write_text(f'''[model]
+base = "{tiny_model}"
+[data]
+train = "train.jsonl"
+[train]
+steps = 2
+batch_size = 4
+[[export]]
+target = "acme-registry"
+quant = "gz"
+options = {{ team = "search", owners = "OWNERS.txt" }}
+''')
+    elsewhere = tmp_path / "cwd"  # the owners file is found relative to the project file, not the working directory
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "qlora_bridge.cli", "release", "--project",
+                           str(tmp_path / "qlora-bridge.toml"), "--json"], capture_output=True, text=True, cwd=elsewhere)
+    assert proc.returncode == 3, proc.stderr
+    row = json.loads(proc.stdout)["rows"][0]
+    assert row["status"] == "FAILED" and "no serving backend serves tar-bundle" in row["note"]
+    assert row["bits_per_weight"] == 32 and row["format"] == "tar-bundle gz"  # ACME's declaration, float32 merge
+    folder = Path(row["path"])
+    with tarfile.open(folder / "model.tar.gz") as tar:
+        assert tar.extractfile("OWNERS").read() == b"ada\n"
+    card = (folder / "README.md").read_text()
+    assert "library_name: acme-registry" in card and "tags: [qlora-bridge, tar-bundle, gz," in card
+    manifest = json.loads((folder / "manifest.json").read_text())
+    bounds, source, _ = gate_bounds(load_plugins(), manifest)
+    assert bounds.reason == "lossless: the bundle holds the merged files byte for byte" and "'acme-registry'" in source

@@ -4,8 +4,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import FULL_PARITY, chat, write_jsonl
+
 from qlora_bridge.cli import main
 from qlora_bridge.errors import BridgeError
 from qlora_bridge.pipeline import Pipeline
@@ -56,7 +56,10 @@ def test_the_example_project_is_valid():
     folder = Path(__file__).resolve().parent.parent / "examples" / "project"
     p = load(folder / "qlora-bridge.toml")
     assert [(e.target, e.backend) for e in p.exports] == [("gguf", "llamacpp"), ("awq", "vllm"), ("gptq", "vllm")]
-    assert p.exports[2].options["calibration"] == str(folder / "data" / "tickets-train.jsonl")
+    from qlora_bridge.host import load_plugins
+
+    gptq = load_plugins().exporter("gptq")[0]  # its calibration option names a file: relative to the project
+    assert p.exports[2].options_for(gptq.path_options)["calibration"] == str(folder / "data" / "tickets-train.jsonl")
     assert p.train["gradient_checkpointing"] is True and p.merge["dtype"] == "bfloat16"
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from qlora_bridge.quant import assert_standard_layout, fingerprint, linear4bit_modules
-from qlora_bridge.train import TrainSettings, load_model
+from qlora_bridge.models import load_model
+from qlora_bridge.train_settings import TrainSettings
 
 
 def has_avx512_bf16() -> bool:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora_bridge.errors import BridgeError
 from qlora_bridge.export import export
-from qlora_bridge.plugins import load_plugins
+from qlora_bridge.host import load_plugins
 from qlora_bridge.tinymodel import build_tiny_model
 
 
@@ -21,7 +21,7 @@ def registry():
 
 @pytest.fixture(scope="module")
 def fmt(registry):
-    return importlib.import_module("qlora_bridge_plugin_gptq_awq.formats")
+    return importlib.import_module("qlora_bridge.default_plugins.gptq_awq.formats")
 
 
 def test_pack_orders_are_the_published_ones(fmt):
@@ -158,7 +158,7 @@ def test_our_reader_computes_what_the_library_loads(registry, exports, tiny_rele
 
 
 def test_a_corrupted_pack_order_fails_the_read_back(exports, tiny_release, fmt, tmp_path):
-    rb = importlib.import_module("qlora_bridge_plugin_gptq_awq.readback")
+    rb = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.readback")
     broken = tmp_path / "awq-sequential"
     shutil.copytree(exports["awq", "autoround", "awq"], broken)
     (path,) = broken.glob("*.safetensors")
@@ -172,7 +172,7 @@ def test_a_corrupted_pack_order_fails_the_read_back(exports, tiny_release, fmt, 
 
 
 def test_a_kept_layer_must_hold_the_merged_weights(exports, tiny_release, tmp_path):
-    rb = importlib.import_module("qlora_bridge_plugin_gptq_awq.readback")
+    rb = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.readback")
     folder = tmp_path / "awq-kept"
     shutil.copytree(exports["awq", "gptqmodel", "gptq"], folder)
     kept = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]

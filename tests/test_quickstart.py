@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import FULL_PARITY, modelfile_fields
+
 from qlora_bridge.cli import main
 
 pytestmark = pytest.mark.slow

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import FULL_PARITY
 from damage import permute_layer, scale_rope, with_base_weights
+
 from qlora_bridge.cli import main
 from qlora_bridge.errors import BridgeError
 from qlora_bridge.export import export
-from qlora_bridge.plugins import load_plugins
+from qlora_bridge.host import load_plugins
 from qlora_bridge.serve import ServerFailed, serving
 from qlora_bridge.smoke import smoke
 

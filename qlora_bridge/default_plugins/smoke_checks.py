@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from qlora_bridge.api import PARITY_CORPUS, SmokeCheck, hookimpl
 
-PLUGIN_API = 2  # the plugin API this module was written for
+PLUGIN_API = 3  # the plugin API this module was written for
 PROBE = [{"role": "user", "content": "What is the capital of France?"}]
 SPEED_TOKENS = 128  # long enough that the time per token, not the request, dominates
 

@@ -109,7 +109,7 @@ def plan_tensors(folder: Path, config: dict, arch: Arch):
     """(gguf name, hf name, transform) for every tensor, in checkpoint order."""
     import gguf
 
-    from qlora_bridge.safetensors_io import model_shards
+    from qlora_bridge.api.safetensors import model_shards
 
     tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.gguf_arch), config["num_hidden_layers"])
     n_head = config["num_attention_heads"]
@@ -139,7 +139,7 @@ def convert(folder: Path, out_file: Path, outtype: str, *, vocab, tokenizer_pre:
     """Write `out_file` and return {'tensors': n, 'arch': ...}. Peak memory: one tensor at a time."""
     import gguf
 
-    from qlora_bridge.safetensors_io import SafetensorsReader, model_shards
+    from qlora_bridge.api.safetensors import SafetensorsReader, model_shards
 
     from .vocab import add_vocab
 

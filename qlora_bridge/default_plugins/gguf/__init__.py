@@ -11,10 +11,10 @@ import os
 import time
 from pathlib import Path
 
-from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, engine_log,
-                              hookimpl, merged_license)
+from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, ModelShape,
+                              Need, engine_log, hookimpl, merged_license)
 
-PLUGIN_API = 2  # the plugin API this module was written for
+PLUGIN_API = 4  # the plugin API this module was written for
 FLOATS = ("F16", "F32", "BF16")
 
 # The smoke gate's bounds. Measured on the demo fine-tune (SmolLM2-135M, 200 held-out answers, 8.2k tokens of
@@ -52,7 +52,7 @@ def quant_types():
 
 
 def lineage_metadata(req: ExportRequest) -> dict:
-    from qlora_bridge import __version__
+    from qlora_bridge.api import __version__
 
     lin = req.lineage
     merge = lin.get("merge") or {}
@@ -192,8 +192,41 @@ OPTIONS = {"threads": "CPU threads for quantizing (default: every core)",
                             "tokenization matches (it must still match)"}
 
 
+def bits_per_weight(export: dict) -> float | None:
+    """The decoder and vocabulary matrices' bits per weight, as the export read them back."""
+    return (export["checks"].get("quantization") or {}).get("bpw_matrices")
+
+
+# A GGUF export's process once it has imported transformers (the tokenizer), gguf and llama-cpp-python and run the
+# parity search: measured on the tiny model (bench/plan.py).
+RUNTIME = 310 * 2**20
+TOOL_RUNTIME = 60 * 2**20
+
+
+def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
+    """The conversion streams one tensor at a time (read from the merged model, cast, written). A quantized type then
+    runs llama.cpp's tools on the F16 intermediate, which they map: every page of it is resident by the end (the
+    importance matrix's run reads all of it too), while this process waits, holding the heap its peak left."""
+    from .quantize import QUANTS
+
+    floats = quant in FLOATS
+    biggest = max(shape.vocab * shape.hidden, *(a * b for a, b in shape.linears().values()))
+    bits = {"F32": 32, "F16": 16, "BF16": 16}.get(quant) or QUANTS[quant][2]
+    # read, as float32 (no copy when the merge stored float32), and cast to F16
+    widen = 4 if shape.dtype_bytes != 4 else 0
+    host = {"runtime": RUNTIME, "one tensor converted": biggest * (shape.dtype_bytes + widen + 2)}
+    disk = {f"{quant} file": int(shape.params * bits / 8)}
+    if not floats:
+        host["llama.cpp tools: the F16 intermediate, mapped"] = shape.params * 2
+        # the tool's own code and, for the importance matrix, a 512-token chunk's logits and their copy
+        host["llama.cpp tools: runtime, compute buffers"] = TOOL_RUNTIME + 512 * shape.vocab * 4 * 2
+        disk["F16 intermediate (removed after)"] = shape.params * 2
+    return Need(host=host, disk=disk, output=disk[f"{quant} file"])
+
+
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="gguf", export=export, format="gguf", quant_types=quant_types(), logits=logits,
-                      bounds=BOUNDS, options=OPTIONS,
+                      bounds=BOUNDS, options=OPTIONS, path_options=("imatrix", "calibration", "llama_cpp_sdist"),
+                      library="gguf", bits_per_weight=bits_per_weight, memory=memory,
                       description="GGUF for llama.cpp: F32/F16/BF16, Q8_0 and k-quants, tokenizer parity-checked"))

@@ -1,8 +1,8 @@
-"""Plugin discovery and the registry of exporters, serving adapters and smoke checks.
+"""The plugin host: discovery, registration, conflicts, and the registry of exporters, serving adapters and checks.
 
-Three sources, one manager: the built-in plugins (the files in `plugins/`), installed packages exposing the
-entry-point group `qlora_bridge`, and local modules named by QLORA_BRIDGE_PLUGINS or --plugin (module names or
-.py paths, separated by os.pathsep). A plugin that fails to import or to register is recorded with its error and
+Three sources, one manager: the built-in plugins (qlora_bridge.default_plugins, imported by name), installed
+packages exposing the entry-point group `qlora_bridge`, and local modules named by QLORA_BRIDGE_PLUGINS or
+--plugin (module names or .py paths, separated by os.pathsep). A plugin that fails to import or to register is recorded with its error and
 the others keep working; two plugins claiming one target or backend make that name unusable until one goes.
 """
 
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pluggy
 
-from . import __version__, hookspecs
-from .api import SUPPORTED_PLUGIN_APIS, Exporter, ServingAdapter, SmokeCheck
+from . import __version__
+from .api import SUPPORTED_PLUGIN_APIS, Exporter, ServingAdapter, SmokeCheck, hookspecs
+from .default_plugins import DEFAULT_PLUGINS
 from .errors import BridgeError
 
 ENTRY_POINT_GROUP = "qlora_bridge"
@@ -87,17 +88,8 @@ class Registry:
                           fix="install a plugin that serves this format (see `qlora-bridge plugins`)")
 
 
-def builtin_dir() -> Path:
-    """plugins/ in a source checkout, or its copy inside an installed wheel."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "builtin_plugins", here.parent / "plugins"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("the built-in plugins are missing from this installation (plugins/)")
-
-
 def _import_path(path: Path):
-    """Import a plugin from a .py file or a package folder (whose modules may import each other relatively)."""
+    """Import a local plugin from a .py file or a package folder (whose modules may import each other relatively)."""
     name = f"qlora_bridge_plugin_{path.stem}"
     if path.is_dir():
         spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
@@ -118,9 +110,9 @@ def _import_path(path: Path):
 
 def _candidates(local: list[str]):
     """(name, source, origin, loader, version) for every plugin to load."""
-    for path in sorted(builtin_dir().iterdir()):
-        if not path.name.startswith(("_", ".")) and (path.suffix == ".py" or (path / "__init__.py").is_file()):
-            yield path.stem, "builtin", str(path), lambda p=path: _import_path(p), __version__
+    for name in DEFAULT_PLUGINS:
+        module = f"{__package__}.default_plugins.{name}"
+        yield name, "builtin", module, lambda m=module: importlib.import_module(m), __version__
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist.name if ep.dist else "?"
         version = ep.dist.version if ep.dist else "?"

@@ -14,12 +14,12 @@ import shutil
 import time
 from pathlib import Path
 
-from qlora_bridge.api import (REFERENCE_TEXT, Bounds, BridgeError, CheckFailed, Exporter, ExportRequest,
-                              ExportResult, calibration, hookimpl, model_logits)
+from qlora_bridge.api import (REFERENCE_TEXT, Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult,
+                              ModelShape, Need, calibration, hookimpl, model_logits)
 
 from .engines import ENGINES, Job, version
 
-PLUGIN_API = 2  # the plugin API this module was written for
+PLUGIN_API = 4  # the plugin API this module was written for
 # The smoke gate's bounds: a 4-bit export is held to what llama.cpp's Q4_K_M achieves on the same model, with a
 # factor of two (the issue that set the 4-bit targets: "KL no more than twice the GGUF Q4_K_M's"), an 8-bit one
 # to Q8_0's. On the demo Q4_K_M measured a KL of 5.2e-3 along the held-out answers and 0.058 on the reference text,
@@ -251,13 +251,43 @@ def logits(folder: Path, sequences):
     yield from model_logits(dense_model(folder), sequences)
 
 
+def bits_per_weight(export: dict) -> float:
+    """The codes plus one scale (16 bits) and one zero point per group."""
+    bits, group = export["settings"]["bits"], export["settings"]["group_size"]
+    return round(bits + (16 + bits) / group, 3)
+
+
+# torch, transformers and GPTQModel imported (GPTQModel pulls torchao and its kernels): measured on the demo
+RUNTIME = 900 * 2**20
+CALIBRATION_TOKENS = 8 * 512  # DEFAULTS: 8 blocks of 512 tokens
+
+
+def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
+    """GPTQModel loads the whole merged model on the host (float32 on a CPU, where GPTQ computes in float32; the
+    merged dtype on a GPU), then quantizes one layer at a time on the device: that layer, a float32 Hessian per
+    linear input (in x in) and the calibration activations entering and leaving it (float32 on the CPU). The read-back
+    loads the export beside the merged model's layers, one layer at a time."""
+    bits = 8 if quant == "int8" else 4
+    weights = shape.params * (4 if not gpu else shape.dtype_bytes)
+    layer_params = sum(a * b for a, b in shape.linears().values())
+    hessians = 4 * sum(a * a for a, _ in shape.linears().values())
+    activations = 2 * CALIBRATION_TOKENS * max(shape.hidden, shape.intermediate) * 4
+    work = {"one layer": layer_params * 4, "Hessians of its inputs": hessians, "calibration activations": activations}
+    host = {"runtime": RUNTIME, "merged model loaded": weights, **({} if gpu else work)}
+    packed = int(shape.linear_params * (bits + 16 / 32) / 8 + shape.dense_params * 2)  # codes + group scales
+    return Need(gpu=work if gpu else {}, host=host, disk={f"{quant} checkpoint": packed}, output=packed)
+
+
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="gptq", export=lambda req: export(req, "gptq"), format="gptq", logits=logits,
                       quant_types=("int4", "int8"), bounds={"int4": INT4, "int8": INT8}, options=OPTIONS,
+                      path_options=("calibration",), library="transformers", bits_per_weight=bits_per_weight,
+                      memory=memory,
                       description="GPTQ (checkpoint format v1, symmetric) for vLLM and transformers, via GPTQModel "
                                   "or AutoRound"))
     register(Exporter(target="awq", export=lambda req: export(req, "awq"), format="awq", quant_types=("int4",),
-                      logits=logits, bounds={"int4": INT4}, options=OPTIONS,
+                      logits=logits, bounds={"int4": INT4}, options=OPTIONS, path_options=("calibration",),
+                      library="transformers", bits_per_weight=bits_per_weight, memory=memory,
                       description="AWQ GEMM (4-bit, zero point) for vLLM and transformers, via GPTQModel or "
                                   "AutoRound"))

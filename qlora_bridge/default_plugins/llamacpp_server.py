@@ -4,9 +4,10 @@ import os
 import sys
 from pathlib import Path
 
-from qlora_bridge.api import REFERENCE_TEXT, BridgeError, LaunchRequest, ServingAdapter, TokenScores, hookimpl, http_json
+from qlora_bridge.api import (REFERENCE_TEXT, BridgeError, LaunchRequest, ModelShape, Need, ServingAdapter,
+                              TokenScores, hookimpl, http_json)
 
-PLUGIN_API = 2  # the plugin API this module was written for
+PLUGIN_API = 4  # the plugin API this module was written for
 
 
 def gguf_file(folder: Path) -> Path:
@@ -101,8 +102,23 @@ def logprobs(server, sequences: list[list[int]]):
         model.close()
 
 
+# the server process (Python, uvicorn, llama-cpp-python and libllama loaded): measured serving the demo (bench/plan.py)
+RUNTIME = 180 * 2**20
+
+
+def memory(shape: ModelShape, weight_bytes: int, kv_tokens: int, gpu: bool, options: dict) -> Need:
+    """llama.cpp maps the GGUF (every page resident once a token has gone through all layers), keeps an f16 KV cache
+    and, with --logits_all, a float32 row of logits for every position; its compute buffer holds one batch's
+    activations (up to 512 tokens: the feed-forward's and the vocabulary's widths dominate). This build runs on
+    the CPU whatever the machine has."""
+    batch = min(kv_tokens, 512)
+    return Need(host={"runtime": RUNTIME, "weights (mapped)": weight_bytes, "KV cache (f16)": shape.kv_bytes(kv_tokens),
+                      "logits of every position": kv_tokens * shape.vocab * 4,
+                      "compute buffer": batch * (shape.vocab + 3 * shape.intermediate + 4 * shape.hidden) * 4})
+
+
 @hookimpl
 def register_servers(register):
     register(ServingAdapter(backend="llamacpp", formats=("gguf",), command=command, ready_path="/v1/models",
-                            tokenize=tokenize, logprobs=logprobs, options=OPTIONS,
+                            tokenize=tokenize, logprobs=logprobs, options=OPTIONS, memory=memory,
                             description="llama-cpp-python's OpenAI server (python -m llama_cpp.server)"))

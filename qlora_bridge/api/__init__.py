@@ -1,0 +1,55 @@
+"""The public plugin API: everything a plugin, built-in or in-house, may use. It imports no heavy library.
+
+    from qlora_bridge.api import PLUGIN_API, Exporter, ExportRequest, ExportResult, hookimpl
+
+    PLUGIN_API = 3
+
+    @hookimpl
+    def register_exporters(register):
+        register(Exporter(target="bundle", export=export_bundle, format="safetensors", description="..."))
+
+types.py holds the registrations and what they receive, hookspecs.py the hooks; the helpers below are the core's
+own, shared with plugins (tokenized datasets, reference texts, logits, calibration data); `qlora_bridge.api.safetensors`
+is the streaming safetensors I/O (it imports torch).
+"""
+
+from .. import __version__
+from ..calibration import calibration
+from ..corpus import PARITY_CORPUS, REFERENCE_TEXT, calibration_text, reference_document
+from ..data import adds_bos, token_sequences
+from ..errors import BridgeError, CheckFailed
+from ..files import cache_dir, engine_log
+from ..logits import folder_logits, model_logits
+from ..modelcard import merged_license
+from .hookspecs import hookimpl
+from .types import (
+                    Bounds,
+                    Client,
+                    Exporter,
+                    ExportRequest,
+                    ExportResult,
+                    Golden,
+                    LaunchRequest,
+                    ModelShape,
+                    Need,
+                    Server,
+                    ServingAdapter,
+                    SmokeCheck,
+                    SmokeContext,
+                    TokenScores,
+                    check_options,
+                    http_json,
+)
+
+__all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult", "Bounds", "ServingAdapter",
+           "LaunchRequest", "TokenScores", "SmokeCheck", "SmokeContext", "Golden", "Client", "Server", "BridgeError",
+           "CheckFailed", "PARITY_CORPUS", "REFERENCE_TEXT", "calibration", "calibration_text", "reference_document",
+           "engine_log", "cache_dir", "http_json", "adds_bos", "token_sequences", "folder_logits", "model_logits",
+           "merged_license", "check_options", "ModelShape", "Need", "__version__"]
+
+# bump when a hook or a registration type changes. 4: Exporter and ServingAdapter gained memory (for
+# `plan`); 3: Exporter gained path_options, library and bits_per_weight;
+# 2: ServingAdapter.prompt_logprobs became ServingAdapter.logprobs and Exporter gained bounds. Plugins written for
+# 1 to 3 work unchanged.
+PLUGIN_API = 4
+SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4)

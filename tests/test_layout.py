@@ -1,0 +1,94 @@
+"""The shape of the code: no import cycle anywhere in the package, and the light paths stay light."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "qlora_bridge"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the package's modules it imports: top-level, inside functions and under TYPE_CHECKING alike."""
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                # `from pkg import sub` imports the submodule; `from mod import name` the module
+                found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_module_of_the_package_imports_itself_back():
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = imports(modules)
+    assert "qlora_bridge.api" in graph["qlora_bridge.smoke"]  # the walk sees imports at all
+    assert "qlora_bridge.demo" in graph["qlora_bridge.project"]  # and those inside functions
+    assert cycles(graph) == []
+
+
+def test_the_walk_finds_a_cycle_through_a_function_import():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+
+
+def test_project_manifest_signing_and_plugin_host_load_no_heavy_library(tmp_path):
+    """`init`, `verify` and `plugins` must not pay for torch: reading a project file, verifying a folder and
+    listing the plugins import none of the heavy libraries (the built-in plugins import theirs when they work)."""
+    code = """
+import json, sys
+import qlora_bridge.api, qlora_bridge.host, qlora_bridge.manifest, qlora_bridge.project, qlora_bridge.signing
+qlora_bridge.project.find()
+registry = qlora_bridge.host.load_plugins()
+assert not registry.problems, registry.problems
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "bitsandbytes", "peft"))))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert json.loads(out.stdout.splitlines()[-1]) == []
