@@ -503,7 +503,7 @@ def chosen_backend(a):
 
     reg = load_plugins(a.plugin)
     folder = Path(a.dir)
-    return reg, folder, a.backend or reg.backend_for(artifact_format(folder))
+    return reg, folder, a.backend or reg.backend_for(artifact_format(folder, reg))
 
 
 def run_serve(a) -> Outcome:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import signal
 import socket
@@ -35,18 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def artifact_format(folder: Path) -> str:
-    """The export's format from its manifest, or a guess from its files for folders made elsewhere."""
+def artifact_format(folder: Path, registry: Registry) -> str:
+    """The export's format from its manifest, or, for a folder made elsewhere, the format of the first exporter that
+    recognizes it (Exporter.recognizes)."""
     folder = Path(folder)
     if (folder / mf.MANIFEST).is_file():
         return mf.read(folder)["export"]["format"]
-    if any(folder.glob("*.gguf")):
-        return "gguf"
-    config = folder / "config.json"
-    if config.is_file():
-        method = (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method")
-        return method or "safetensors"
-    raise BridgeError("cannot tell what this folder holds (no manifest.json, no .gguf, no config.json)",
+    for exporter, _ in registry.items["register_exporters"].values():
+        if exporter.recognizes and exporter.recognizes(folder):
+            return exporter.format
+    raise BridgeError("cannot tell what this folder holds: no manifest.json, and no exporter recognizes its files",
                       file=folder, fix="pass an export folder written by `qlora-bridge export`")
 
 
@@ -94,7 +91,7 @@ def serving(registry: Registry, backend: str, artifact: Path, *, log: Path, opti
             timeout: float = 300.0):
     adapter, plugin = registry.server(backend)
     artifact = Path(artifact)
-    fmt = artifact_format(artifact)
+    fmt = artifact_format(artifact, registry)
     if fmt not in adapter.formats:
         reason = adapter.unsupported.get(fmt, f"it serves {', '.join(adapter.formats)}")
         try:

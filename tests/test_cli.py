@@ -84,3 +84,11 @@ def test_a_full_disk_is_named_as_such(tiny_merged, tmp_path, target):
     assert error["problem"] == "the disk filled up while writing the export folder; nothing was kept"
     assert error["file"].endswith("/out") and "choose another --out" in error["fix"]
     assert "report this" not in done.stderr
+
+
+def test_a_folder_no_exporter_recognizes_is_refused_naming_it(tmp_path, capsys):
+    # no manifest, and nothing any registered exporter recognizes (Exporter.recognizes): no format is guessed
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    assert main(["serve", str(tmp_path), "--json"]) == 2
+    err = json.loads(capsys.readouterr().out)
+    assert "no exporter recognizes" in err["problem"] and err["file"] == str(tmp_path)

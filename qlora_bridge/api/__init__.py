@@ -48,7 +48,7 @@ __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult"
            "merged_license", "check_options", "ModelShape", "Need", "__version__"]
 
 # bump when a hook or a registration type changes. 4: Exporter and ServingAdapter gained memory (for
-# `plan`); 3: Exporter gained path_options, library and bits_per_weight;
+# `plan`), Exporter recognizes; 3: Exporter gained path_options, library and bits_per_weight;
 # 2: ServingAdapter.prompt_logprobs became ServingAdapter.logprobs and Exporter gained bounds. Plugins written for
 # 1 to 3 work unchanged.
 PLUGIN_API = 4

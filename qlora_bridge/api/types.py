@@ -151,6 +151,9 @@ class Exporter:
     # `qlora-bridge plan`: the export's peak memory and disk for a merged model of this shape (dtype_bytes: the merged
     # dtype), quant type and device (True: a CUDA GPU is given), e.g. lambda shape, quant, gpu: Need(host={...})
     memory: Callable[[ModelShape, str | None, bool], Need] | None = None
+    # whether a folder written elsewhere (no manifest) holds this target's format, so `serve` and `smoke` can pick a
+    # backend for it: e.g. lambda folder: any(folder.glob("*.bundle.tar"))
+    recognizes: Callable[[Path], bool] | None = None
 
 
 def check_options(given: dict, declared: dict[str, str] | None, what: str) -> None:

@@ -6,6 +6,7 @@ tensor, reads every shard back, and compares it with the merged weights so a bad
 
 import json
 import shutil
+from pathlib import Path
 
 from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, ModelShape,
                               Need, folder_logits, hookimpl)
@@ -92,11 +93,18 @@ def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
                 disk={f"{quant} weights": shape.params * out}, output=shape.params * out)
 
 
+def recognizes(folder) -> bool:
+    """A plain Hugging Face checkpoint: safetensors weights and a config without a quantization method."""
+    config = Path(folder) / "config.json"
+    return (config.is_file() and any(Path(folder).glob("*.safetensors"))
+            and not json.loads(config.read_text()).get("quantization_config"))
+
+
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="safetensors", export=export, format="safetensors", quant_types=DTYPES,
                       logits=folder_logits, bounds={"float32": FLOAT, "float16": FLOAT, "bfloat16": BFLOAT16},
                       options={"max_shard_size": "largest shard in GiB (default 2)"}, library="transformers",
                       bits_per_weight=lambda e: {"float32": 32, "float16": 16, "bfloat16": 16}[e["quant"]],
-                      memory=memory,
+                      memory=memory, recognizes=recognizes,
                       description="the merged model re-saved in float16, bfloat16 or float32, sharded"))

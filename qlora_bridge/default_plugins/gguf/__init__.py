@@ -218,8 +218,9 @@ def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
     disk = {f"{quant} file": int(shape.params * bits / 8)}
     if not floats:
         host["llama.cpp tools: the F16 intermediate, mapped"] = shape.params * 2
-        # the tool's own code and, for the importance matrix, a 512-token chunk's logits and their copy
-        host["llama.cpp tools: runtime, compute buffers"] = TOOL_RUNTIME + 512 * shape.vocab * 4 * 2
+        # the tool's own code and, for the importance matrix, a 512-token chunk's float32 logits three times over: in
+        # the compute graph, in the output buffer, and as llama-imatrix's softmax for the chunk's perplexity
+        host["llama.cpp tools: runtime, compute buffers"] = TOOL_RUNTIME + 3 * 512 * shape.vocab * 4
         disk["F16 intermediate (removed after)"] = shape.params * 2
     return Need(host=host, disk=disk, output=disk[f"{quant} file"])
 
@@ -229,4 +230,5 @@ def register_exporters(register):
     register(Exporter(target="gguf", export=export, format="gguf", quant_types=quant_types(), logits=logits,
                       bounds=BOUNDS, options=OPTIONS, path_options=("imatrix", "calibration", "llama_cpp_sdist"),
                       library="gguf", bits_per_weight=bits_per_weight, memory=memory,
+                      recognizes=lambda folder: any(Path(folder).glob("*.gguf")),
                       description="GGUF for llama.cpp: F32/F16/BF16, Q8_0 and k-quants, tokenizer parity-checked"))

@@ -278,16 +278,23 @@ def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
     return Need(gpu=work if gpu else {}, host=host, disk={f"{quant} checkpoint": packed}, output=packed)
 
 
+def quant_method(folder) -> str | None:
+    """What transformers' config says quantized a checkpoint made elsewhere ("gptq", "awq", ...)."""
+    config = Path(folder) / "config.json"
+    return (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method") \
+        if config.is_file() else None
+
+
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="gptq", export=lambda req: export(req, "gptq"), format="gptq", logits=logits,
                       quant_types=("int4", "int8"), bounds={"int4": INT4, "int8": INT8}, options=OPTIONS,
                       path_options=("calibration",), library="transformers", bits_per_weight=bits_per_weight,
-                      memory=memory,
+                      memory=memory, recognizes=lambda folder: quant_method(folder) == "gptq",
                       description="GPTQ (checkpoint format v1, symmetric) for vLLM and transformers, via GPTQModel "
                                   "or AutoRound"))
     register(Exporter(target="awq", export=lambda req: export(req, "awq"), format="awq", quant_types=("int4",),
                       logits=logits, bounds={"int4": INT4}, options=OPTIONS, path_options=("calibration",),
                       library="transformers", bits_per_weight=bits_per_weight, memory=memory,
-                      description="AWQ GEMM (4-bit, zero point) for vLLM and transformers, via GPTQModel or "
+                      recognizes=lambda folder: quant_method(folder) == "awq", description="AWQ GEMM (4-bit, zero point) for vLLM and transformers, via GPTQModel or "
                                   "AutoRound"))
