@@ -322,7 +322,11 @@ def plan(shape: ModelShape, s: TrainSettings, hw: Hardware, registry, exports: l
             continue
         need = exporter.memory(merged, quant, gpu)
         stages.append(stage(f"export {name}", need, hw, lambda e=exporter, q=quant: smaller_quants(e, q, merged, hw)))
-        backend = backend or registry.backend_for(exporter.format)
+        try:
+            backend = backend or registry.backend_for(exporter.format)
+        except BridgeError:  # release reports such an export as not verified; nothing to plan here
+            unplanned.append(f"serve {name}: no installed backend serves {exporter.format}")
+            continue
         adapter, _ = registry.server(backend)
         if adapter.memory is None:
             unplanned.append(f"serve {name} on {backend}: the backend does not declare its memory")

@@ -210,3 +210,9 @@ options = {{ team = "search", owners = "OWNERS.txt" }}
     manifest = json.loads((folder / "manifest.json").read_text())
     bounds, source, _ = gate_bounds(load_plugins(), manifest)
     assert bounds.reason == "lossless: the bundle holds the merged files byte for byte" and "'acme-registry'" in source
+    # and `plan` plans its export from its registration; nothing serves it, which the plan says instead of failing
+    proc = subprocess.run([sys.executable, "-m", "qlora_bridge.cli", "plan", "--project",
+                           str(tmp_path / "qlora-bridge.toml"), "--json"], capture_output=True, text=True, cwd=elsewhere)
+    plan = json.loads(proc.stdout)
+    assert plan["stages"]["export acme-registry-gz"]["host"]["terms"] == {"tarfile buffers": 16 * 2**20}
+    assert plan["unplanned"] == ["serve acme-registry-gz: no installed backend serves tar-bundle"]

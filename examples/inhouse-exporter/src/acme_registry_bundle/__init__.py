@@ -3,7 +3,7 @@
 A model of an in-house exporter: it uses only qlora_bridge.api, registers through the `qlora_bridge` entry-point
 group, declares on its registration everything qlora-bridge needs to know about its target (quant types and the
 smoke gate's bounds for each, bits per weight for the release report, the model card's library, its options and
-which of them are files), and leaves digests, the manifest and signing to qlora-bridge.
+which of them are files, its memory for `plan`), and leaves digests, the manifest and signing to qlora-bridge.
 """
 
 import hashlib
@@ -11,9 +11,10 @@ import json
 import tarfile
 from pathlib import Path
 
-from qlora_bridge.api import Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, hookimpl
+from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, ModelShape, Need,
+                              hookimpl)
 
-PLUGIN_API = 3  # the qlora-bridge plugin API this plugin was written for
+PLUGIN_API = 4  # the qlora-bridge plugin API this plugin was written for
 __version__ = "1.2.0"
 COMPRESSIONS = ("none", "gz")
 # what the smoke gate allows a served bundle: it holds the merged files byte for byte, so a float32 copy's bounds
@@ -53,9 +54,15 @@ def export(req: ExportRequest) -> ExportResult:
                         checks={"bundle_members": len(files)})
 
 
+def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
+    """For `qlora-bridge plan`: tarfile streams each member in small blocks; the bundle holds the merged files."""
+    weights = shape.params * shape.dtype_bytes
+    return Need(host={"tarfile buffers": 16 * 2**20}, disk={"bundle": weights}, output=weights)
+
+
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="acme-registry", export=export, format="tar-bundle", quant_types=COMPRESSIONS,
                       bounds={c: LOSSLESS for c in COMPRESSIONS}, options=OPTIONS, path_options=("owners",),
                       library="acme-registry", bits_per_weight=lambda export: BITS.get(export["settings"]["dtype"]),
-                      description="ACME model-registry bundle (tar + registry.json)"))
+                      memory=memory, description="ACME model-registry bundle (tar + registry.json)"))
