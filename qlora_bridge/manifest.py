@@ -14,6 +14,7 @@ from .files import sha256_file
 
 MANIFEST = "manifest.json"
 SIGNATURE = "model.sig"
+SMOKE_REPORT = "smoke-report.md"  # written by `smoke` beside the artifact
 SCHEMA_VERSION = 1
 NOT_LISTED = {MANIFEST, SIGNATURE}  # the manifest cannot list itself; the signature is written after it
 

@@ -16,8 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
+from . import manifest as mf
 from .errors import BridgeError
 from .files import digest_folder, sha256_file, write_json
+from .modelcard import CARD
 from .project import ExportSpec, Project
 from .records import read_training_record
 
@@ -57,11 +59,22 @@ class Pipeline:
         if self.progress:
             print(text, file=sys.stderr, flush=True)
 
-    def _run(self, name: str, key: str, out: Path, work) -> Path:
+    def artifact_digest(self, out: Path, *, fresh: bool = False) -> str:
+        """An export's own files: the manifest's verification, the model card's figures, the smoke report and the
+        signature are rewritten by smoke and release on purpose, and do not make the artifact another one."""
+        if fresh:
+            self._files.pop(Path(out).resolve(), None)
+        if not (Path(out) / mf.MANIFEST).is_file():
+            return ""
+        return digest({k: v for k, v in self.files(out).items()
+                       if k not in (mf.MANIFEST, mf.SIGNATURE, mf.SMOKE_REPORT, CARD)})
+
+    def _run(self, name: str, key: str, out: Path, work, output_digest=None) -> Path:
+        output_digest = output_digest or self.folder_digest
         if self._settled.get(name) == key:  # asked again in this run (merge and export both need the adapter)
             return out
         rec = self.state.get(name)
-        if rec and rec["key"] == key and out.is_dir() and self.folder_digest(out) == rec["output"]:
+        if rec and rec["key"] == key and out.is_dir() and output_digest(out) == rec["output"]:
             self.say(f"reuse  {name}: {out} (inputs unchanged)")
             self.log.append({"stage": name, "out": str(out), "reused": True})
             self._settled[name] = key
@@ -70,19 +83,13 @@ class Pipeline:
         self.say(f"run    {name}: {out} ({why})")
         started = time.time()
         work()
-        self.state[name] = {"key": key, "output": self.folder_digest(out, fresh=True),
+        self.state[name] = {"key": key, "output": output_digest(out, fresh=True),
                             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.project.out.mkdir(parents=True, exist_ok=True)
         write_json(self.state_path, self.state)
         self.log.append({"stage": name, "out": str(out), "reused": False, "seconds": round(time.time() - started, 1)})
         self._settled[name] = key
         return out
-
-    def rerecord(self, name: str, out: Path) -> None:
-        """The output changed on purpose (smoke results, a signature): what is there now is what to reuse."""
-        if name in self.state:
-            self.state[name]["output"] = self.folder_digest(out, fresh=True)
-            write_json(self.state_path, self.state)
 
     def forget(self, name: str) -> None:
         """Never reuse this stage's output: it runs again next time."""
@@ -149,4 +156,4 @@ class Pipeline:
         options = spec.options_for(exporter.path_options)
         return self._run(self.export_stage(out), key, out,
                          lambda: export(self.registry, spec.target, merged, out, quant=quant, options=options,
-                                        force=True, progress=self.progress))
+                                        force=True, progress=self.progress), self.artifact_digest)

@@ -116,7 +116,6 @@ def release(project: Project, registry, *, progress: bool = True, passphrase: by
             signature = "signed" if project.sign_key else "unsigned (no sign.key)"
             if project.sign_key:
                 sign(folder, project.sign_key, passphrase)
-            pipe.rerecord(pipe.export_stage(folder), folder)
             rows.append(row(folder, manifest, bits_per_weight(exporter, manifest), result, signature, "passed"))
         else:
             pipe.forget(pipe.export_stage(folder))  # never reuse a failed artifact

@@ -43,7 +43,7 @@ SIGNIFICANCE = 0.05  # one-sided: a task-score drop counts only when chance woul
 LINEAGE_GOLDEN = 16
 LINEAGE_MIN_PASS_RATE = 0.5
 MATCH_RULES = ("exact", "contains", "regex", "json")
-REPORT = "smoke-report.md"
+REPORT = mf.SMOKE_REPORT
 
 
 def load_suite(path: Path) -> tuple[list[Golden], float]:
