@@ -100,12 +100,9 @@ def check_parallel(s: TrainSettings, gpus: int) -> None:
     if gpus and s.processes > gpus:
         raise BridgeError(f"{s.processes} processes but {gpus} GPUs: two processes on one GPU each hold the whole "
                           "4-bit model", field="processes", fix=f"use processes <= {gpus}")
-    if s.strategy == "fsdp":
-        if not gpus:
-            raise BridgeError("FSDP-QLoRA shards the 4-bit base across GPUs; bitsandbytes' CPU kernels do not "
-                              "take a float quant storage", field="strategy", fix="use strategy = \"ddp\" on CPUs")
-        if s.processes < 2:
-            raise BridgeError("FSDP with one process shards nothing", field="processes", fix="use 2 or more")
+    if s.strategy == "fsdp" and not gpus:
+        raise BridgeError("FSDP-QLoRA shards the 4-bit base across GPUs; it is not built for CPU processes",
+                          field="strategy", fix="use strategy = \"ddp\" on CPUs")
 
 
 def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_file: Path | None = None,

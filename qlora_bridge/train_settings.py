@@ -57,6 +57,8 @@ class TrainSettings:
              "use auto, adamw, adamw8bit or paged_adamw8bit"),
             (isinstance(self.processes, int) and self.processes >= 1, "processes", "use a positive integer"),
             (self.strategy in STRATEGIES, "strategy", f"use one of {', '.join(STRATEGIES)}"),
+            (self.strategy != "fsdp" or self.processes > 1, "strategy", "FSDP shards across processes: set processes "
+             "to 2 or more"),
             (self.launcher in LAUNCHERS, "launcher", f"use one of {', '.join(LAUNCHERS)}"),
         ]
         for ok, name, fix in checks:

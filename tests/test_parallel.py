@@ -45,7 +45,8 @@ def test_two_processes_train_the_curve_of_one_with_the_same_global_batch(tiny_mo
 
 @pytest.mark.parametrize("flags, field", [(["--processes", "0"], "processes"),
                                           (["--processes", "2", "--launcher", "accelerate"], "launcher"),
-                                          (["--processes", "2", "--strategy", "fsdp"], "strategy")])
+                                          (["--processes", "2", "--strategy", "fsdp"], "strategy"),
+                                          (["--strategy", "fsdp"], "strategy")])
 def test_parallel_settings_that_cannot_work_are_refused_before_a_process_starts(tiny_model, data, tmp_path, capsys,
                                                                                 flags, field):
     code = main(["train", "--base", str(tiny_model), "--data", str(data), "--out", str(tmp_path / "a"), "--json",
