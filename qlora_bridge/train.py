@@ -256,7 +256,7 @@ def run_steps(model, opt, sched, ds: Dataset, pad: int, s: TrainSettings, total_
 
 
 def parallel(s: TrainSettings):
-    """This rank's accelerate state: DDP, or FSDP with the wrapping FSDP-QLoRA needs."""
+    """This rank's accelerate state: DDP, or FSDP set up for QLoRA (not yet run on GPUs: none was available)."""
     import torch
     from accelerate import Accelerator
 
@@ -265,9 +265,10 @@ def parallel(s: TrainSettings):
     if s.strategy == "fsdp":
         from accelerate import FullyShardedDataParallelPlugin
 
-        # non-reentrant checkpointing and flat parameters of one requires_grad each: peft's policy wraps the LoRA
-        # modules on their own (QLoRA with FSDP, peft docs); the 4-bit storage is a float (QuantSettings)
-        return Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(use_orig_params=False, sync_module_states=True,
+        # frozen 4-bit weights and trainable LoRA weights share FSDP units: use_orig_params lets one flat parameter
+        # mix requires_grad; the weights are loaded on rank 0 and sent out (sync_module_states); the 4-bit storage
+        # is a float dtype (QuantSettings.storage) so that it can be flattened with the rest
+        return Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(use_orig_params=True, sync_module_states=True,
                                                                       cpu_ram_efficient_loading=True))
     return Accelerator()
 
