@@ -131,15 +131,15 @@ def test_an_export_of_an_unproven_merge_is_held_against_the_trained_model(regist
 def test_a_folder_with_a_copied_merge_report_cannot_vouch_for_itself(tiny_model, tiny_release, tmp_path):
     """The base model with the fine-tune's merge report and training record copied in: were it its own reference,
     every export of it would measure KL 0. Its shards are not the ones the report says merge wrote."""
-    from qlora_bridge import manifest as mf
+    from qlora_bridge.records import lineage
     from qlora_bridge.reference import reference_for
 
-    assert reference_for({"inputs": mf.lineage(tiny_release)}, tiny_release).label.startswith("the merged model")
+    assert reference_for({"inputs": lineage(tiny_release)}, tiny_release).label.startswith("the merged model")
     impostor = tmp_path / "impostor"
     shutil.copytree(tiny_model, impostor)
     for name in ("merge_report.json", "training_record.json"):
         shutil.copy2(tiny_release / name, impostor / name)
-    reference = reference_for({"inputs": mf.lineage(impostor)}, impostor)
+    reference = reference_for({"inputs": lineage(impostor)}, impostor)
     assert reference.label.startswith("the trained model (4-bit base")
     assert "not the ones its merge wrote" in reference.label
 
