@@ -127,8 +127,7 @@ def main() -> int:
     with GpuPeak() as peak:  # serving each export with vLLM and the smoke gate (the stages above are reused)
         result = release(project, reg)
     vllm, _ = reg.server("vllm")
-    weights = max(exporter.memory(merged_shape, q, True).output for (tg, q) in TARGETS
-                  for exporter in [reg.exporter(tg)[0]])
+    weights = max(reg.exporter(target)[0].memory(merged_shape, quant, True).output for target, quant in TARGETS)
     row("serve (vLLM, both exports)", vllm.memory(merged_shape, weights, 2048, True, {}).total("gpu"), peak, t)
 
     summary = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows,

@@ -141,11 +141,12 @@ def add_plan(sub) -> None:
 def run_plan(a) -> Outcome:
     from .host import load_plugins
     from .plan import hardware, plan, plan_shape, render
+    from .project import ExportSpec
 
     project = project_of(a)
     settings, _ = train_settings(a, project, own_data=False)
-    exports = ([(t.partition(":")[0], t.partition(":")[2] or None, None, {}) for t in a.target] if a.target
-               else [(e.target, e.quant, e.backend, e.options) for e in project.exports])
+    exports = ([ExportSpec(t.partition(":")[0], t.partition(":")[2] or None) for t in a.target] if a.target
+               else project.exports)
     hw = hardware(gpu=a.gpu, gpus=a.gpus, ram=a.ram, disk=a.disk, where=project.out)
     report = plan(plan_shape(project, a.base, a.config), settings, hw, load_plugins(a.plugin), exports,
                   merge_dtype=project.merge.get("dtype", "float32"), context=a.context, concurrency=a.concurrency)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from .api.types import ModelShape, Need
 from .errors import BridgeError
+from .export import resolve_quant
+from .project import ExportSpec
 from .train_settings import TrainSettings
 
 MiB, GiB = 2**20, 2**30
@@ -183,9 +185,8 @@ def train_need(shape: ModelShape, s: TrainSettings, gpu: bool) -> Need:
     lora_params = shape.layers * s.rank * sum(a + b for a, b in lora_targets(shape, s).values())
     optimizer = s.optimizer if s.optimizer != "auto" else ("paged_adamw8bit" if gpu else "adamw")
     state = 8 if optimizer == "adamw" else 2  # two moments, float32 or 8-bit (block scales are <1%)
-    per_layer, checkpoint = activation_bytes_per_token(shape, s)
-    kept = shape.layers * (checkpoint if s.gradient_checkpointing else per_layer) * tokens
-    biggest = max(a * b for a, b in shape.linears().values())
+    per_layer, layer_input = activation_bytes_per_token(shape, s)
+    kept = shape.layers * (layer_input if s.gradient_checkpointing else per_layer) * tokens
     # FSDP shards parameters, gradients and optimizer state across the processes; DDP gives each a full copy
     shards = s.processes if s.strategy == "fsdp" and s.processes > 1 else 1
     per = f" (1/{shards} per GPU)" if shards > 1 else ""
@@ -198,7 +199,7 @@ def train_need(shape: ModelShape, s: TrainSettings, gpu: bool) -> Need:
         "backward of one layer": int(2 * per_layer * tokens),
         # lm_head's output, its float32 copy for the loss, the softmax kept by cross-entropy, and the gradient
         "logits and loss": tokens * shape.vocab * (c + 4 + 4 + 4),
-        "one weight dequantized (forward and backward)": 2 * biggest * c if s.quant != "none" else 0,
+        "one weight dequantized (forward and backward)": 2 * shape.largest_linear * c if s.quant != "none" else 0,
     }
     terms["allocator slack (10%)"] = int(ALLOCATOR_SLACK * sum(terms.values()))
     checkpoint = shape.params * shape.dtype_bytes
@@ -258,7 +259,7 @@ def merge_need(shape: ModelShape, dtype: str, check: str, hw: Hardware) -> tuple
     cast to the stored dtype. The full check then loads the 4-bit base + adapter and the merged model in float32;
     `auto` does so only when 3x the float32 model fits in free memory (merge.py), else it samples each layer."""
     out = DTYPE_BYTES[dtype]
-    biggest_linear = max(a * b for a, b in shape.linears().values())
+    biggest_linear = shape.largest_linear
     embedding = shape.vocab * shape.hidden
     # a tensor without LoRA is only cast, and a cast to its own dtype copies nothing
     stream = max(biggest_linear * (shape.dtype_bytes + 4 + 0.5 + 4 + out),
@@ -279,8 +280,13 @@ def merge_need(shape: ModelShape, dtype: str, check: str, hw: Hardware) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
+def short_of(need: Need, hw: Hardware) -> list[str]:
+    """Where the need exceeds the hardware: some of gpu, host, disk."""
+    return [w for w in ("gpu", "host", "disk") if getattr(need, w) and need.total(w) > hw.room(w)]
+
+
 def fits(need: Need, hw: Hardware) -> bool:
-    return all(need.total(w) <= hw.room(w) for w in ("gpu", "host", "disk") if getattr(need, w))
+    return not short_of(need, hw)
 
 
 @dataclass
@@ -298,14 +304,14 @@ class StagePlan:
 
 
 def stage(name: str, need: Need, hw: Hardware, fixes=lambda: []) -> StagePlan:
-    short = [w for w in ("gpu", "host", "disk") if getattr(need, w) and need.total(w) > hw.room(w)]
+    short = short_of(need, hw)
     return StagePlan(name, need, not short, short, fixes() if short else [])
 
 
-def plan(shape: ModelShape, s: TrainSettings, hw: Hardware, registry, exports: list, *, merge_dtype: str = "float32",
-         merge_check: str = "auto", context: int = 4096, concurrency: int = 1) -> dict:
-    """Every stage of a release of this shape: train, merge, each (target, quant, backend) export and serving it.
-    `exports` holds (target, quant or None, backend or None, options); quant None is the target's default."""
+def plan(shape: ModelShape, s: TrainSettings, hw: Hardware, registry, exports: list[ExportSpec], *,
+         merge_dtype: str = "float32", merge_check: str = "auto", context: int = 4096, concurrency: int = 1) -> dict:
+    """Every stage of a release of this shape: train, merge, each export (its target's default quant when it names
+    none) and serving it on its backend (the first that serves the format when it names none)."""
     gpu = hw.gpus > 0
     stages = [stage("train", train_need(shape, s, gpu), hw, lambda: train_fixes(shape, s, hw))]
     merge, method = merge_need(shape, merge_dtype, merge_check, hw)
@@ -313,17 +319,17 @@ def plan(shape: ModelShape, s: TrainSettings, hw: Hardware, registry, exports: l
                         ["--dtype bfloat16 (half the disk; the merge report says how much of the delta it keeps)"]))
     merged = replace(shape, dtype_bytes=DTYPE_BYTES[merge_dtype])
     unplanned = []
-    for target, quant, backend, options in exports:
-        exporter, _ = registry.exporter(target)
-        quant = quant or (exporter.quant_types[0] if exporter.quant_types else None)
-        name = f"{target}-{quant}" if quant else target
+    for spec in exports:
+        exporter, _ = registry.exporter(spec.target)
+        quant = resolve_quant(exporter, spec.quant)
+        name = f"{spec.target}-{quant}" if quant else spec.target
         if exporter.memory is None:
             unplanned.append(f"export {name}: the exporter does not declare its memory (Exporter.memory)")
             continue
         need = exporter.memory(merged, quant, gpu)
         stages.append(stage(f"export {name}", need, hw, lambda e=exporter, q=quant: smaller_quants(e, q, merged, hw)))
         try:
-            backend = backend or registry.backend_for(exporter.format)
+            backend = spec.backend or registry.backend_for(exporter.format)
         except BridgeError:  # release reports such an export as not verified; nothing to plan here
             unplanned.append(f"serve {name}: no installed backend serves {exporter.format}")
             continue
@@ -332,7 +338,7 @@ def plan(shape: ModelShape, s: TrainSettings, hw: Hardware, registry, exports: l
             unplanned.append(f"serve {name} on {backend}: the backend does not declare its memory")
             continue
         weights = need.output or merged.params * merged.dtype_bytes
-        serve = adapter.memory(merged, weights, context * concurrency, gpu, dict(options))
+        serve = adapter.memory(merged, weights, context * concurrency, gpu, dict(spec.options))
         stages.append(stage(f"serve {name}", serve, hw, lambda: [f"a shorter context or fewer concurrent requests "
                                                                  f"than {context} x {concurrency}"]))
     return {"hardware": hw.describe(), "model": {"params": shape.params, "layers": shape.layers,
@@ -345,8 +351,7 @@ def release_plan(project, registry) -> dict:
     """The project's release on this machine, planned before any stage runs (smoke serves at 2048 tokens)."""
     settings = TrainSettings(**project.train)
     settings.validate()
-    exports = [(e.target, e.quant, e.backend, e.options) for e in project.exports]
-    return plan(plan_shape(project), settings, hardware(where=project.out), registry, exports,
+    return plan(plan_shape(project), settings, hardware(where=project.out), registry, project.exports,
                 merge_dtype=project.merge.get("dtype", "float32"), context=2048)
 
 

@@ -68,11 +68,9 @@ def launch(base: Path, dataset: Path, out: Path, s: TrainSettings, heldout_file:
     """Start `s.processes` processes on this machine, each running train() as one rank, and wait for them.
     torchrun (torch.distributed.run) or `accelerate launch`; inside, accelerate picks the backend (NCCL on GPUs,
     gloo on CPUs). CPU threads are shared out so the processes do not fight over cores."""
-    import socket
+    from .serve import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     job = json.dumps({"base": str(base), "dataset": str(dataset), "out": str(out), "settings": asdict(s),
                       "heldout": str(heldout_file) if heldout_file else None, "force": force, "progress": progress})
     n = str(s.processes)

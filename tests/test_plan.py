@@ -136,3 +136,18 @@ def test_the_gpu_script_says_when_there_is_no_gpu_and_changes_nothing():
 
     text = table([{"stage": "train", "predicted_mib": 5000.0, "measured_mib": 4000.0, "seconds": 61.0}])
     assert "train" in text and "1.25" in text
+
+
+def test_a_bad_serving_option_in_the_project_is_exit_2_not_a_traceback(tmp_path, capsys):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps(LLAMA2_13B))
+    (tmp_path / "qlora-bridge.toml").write_text(f'''[model]
+base = "{base}"
+[[export]]
+target = "safetensors"
+backend = "vllm"
+options = {{ tensor_parallel_size = "two" }}
+''')
+    code, out = plan_json(capsys, "--project", str(tmp_path / "qlora-bridge.toml"), "--gpu", "80GB")
+    assert code == 2 and out["field"] == "--option tensor_parallel_size"

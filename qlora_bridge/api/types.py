@@ -87,6 +87,16 @@ class ModelShape:
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
     @property
+    def largest_linear(self) -> int:
+        """Weights of one layer's largest linear module: what a stage dequantizes or merges at a time."""
+        return max(a * b for a, b in self.linears().values())
+
+    @property
+    def largest_matrix(self) -> int:
+        """Weights of the largest tensor, the embedding included: what a streaming stage holds at a time."""
+        return max(self.vocab * self.hidden, self.largest_linear)
+
+    @property
     def linear_params(self) -> int:
         return self.layers * sum(a * b for a, b in self.linears().values())
 

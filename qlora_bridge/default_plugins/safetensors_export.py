@@ -88,8 +88,8 @@ def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
     """Streams one tensor at a time. The read-back holds the most: the merged tensor, the exported one, the merged
     one cast for the equality test, and both in float32 for the rounding error with their difference."""
     out = {"float32": 4}.get(quant, 2)
-    biggest = max(shape.vocab * shape.hidden, *(a * b for a, b in shape.linears().values()))
-    return Need(host={"runtime": RUNTIME, "one tensor and its copies": biggest * (shape.dtype_bytes + 2 * out + 8)},
+    copies = shape.largest_matrix * (shape.dtype_bytes + 2 * out + 8)
+    return Need(host={"runtime": RUNTIME, "one tensor and its copies": copies},
                 disk={f"{quant} weights": shape.params * out}, output=shape.params * out)
 
 

@@ -92,17 +92,22 @@ def cpu_lacks_4bit_kernel() -> bool:
     return "flags" in flags and " avx2" in flags and " avx512f" not in flags
 
 
-def parallelism(req: LaunchRequest, python: str) -> tuple[int, int, str]:
-    """Tensor-parallel size, pipeline-parallel size and executor, checked against the model and this machine
-    before vLLM starts: the combinations it would refuse minutes into loading, or hang on, are named here."""
-    sizes = {}
+def split_sizes(options: dict) -> tuple[int, int]:
+    """The tensor- and pipeline-parallel sizes asked for (1 when not), each a positive integer."""
+    sizes = []
     for key in ("tensor_parallel_size", "pipeline_parallel_size"):
-        value = req.options.get(key, "1")
+        value = str(options.get(key, "1"))
         if not value.isdigit() or int(value) < 1:
             raise BridgeError(f"{key} must be a positive integer, got {value!r}", field=f"--option {key}",
                               fix=f"e.g. --option {key}=2")
-        sizes[key] = int(value)
-    tp, pp = sizes["tensor_parallel_size"], sizes["pipeline_parallel_size"]
+        sizes.append(int(value))
+    return sizes[0], sizes[1]
+
+
+def parallelism(req: LaunchRequest, python: str) -> tuple[int, int, str]:
+    """Tensor-parallel size, pipeline-parallel size and executor, checked against the model and this machine
+    before vLLM starts: the combinations it would refuse minutes into loading, or hang on, are named here."""
+    tp, pp = split_sizes(req.options)
     executor = req.options.get("distributed_executor_backend", "uni" if tp * pp == 1 else "mp")
     field = "--option distributed_executor_backend"
     if executor not in EXECUTORS:
@@ -203,7 +208,8 @@ def memory(shape: ModelShape, weight_bytes: int, kv_tokens: int, gpu: bool, opti
     kv = shape.kv_bytes(kv_tokens)
     if not gpu:
         return Need(host={"runtime": RUNTIME_CPU, "weights": weight_bytes, "KV cache": max(kv, 2**28)})
-    split = int(options.get("tensor_parallel_size", 1)) * int(options.get("pipeline_parallel_size", 1))
+    tp, pp = split_sizes(options)
+    split = tp * pp
     need = {f"weights (1/{split} per GPU)" if split > 1 else "weights": weight_bytes // split,
             "KV cache (context x concurrency)": kv // split, "activations, CUDA graphs, context": GPU_OVERHEAD}
     spare = 1 / GPU_MEMORY_UTILIZATION - 1

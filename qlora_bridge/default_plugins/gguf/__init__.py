@@ -210,11 +210,10 @@ def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
     from .quantize import QUANTS
 
     floats = quant in FLOATS
-    biggest = max(shape.vocab * shape.hidden, *(a * b for a, b in shape.linears().values()))
     bits = {"F32": 32, "F16": 16, "BF16": 16}.get(quant) or QUANTS[quant][2]
     # read, as float32 (no copy when the merge stored float32), and cast to F16
     widen = 4 if shape.dtype_bytes != 4 else 0
-    host = {"runtime": RUNTIME, "one tensor converted": biggest * (shape.dtype_bytes + widen + 2)}
+    host = {"runtime": RUNTIME, "one tensor converted": shape.largest_matrix * (shape.dtype_bytes + widen + 2)}
     disk = {f"{quant} file": int(shape.params * bits / 8)}
     if not floats:
         host["llama.cpp tools: the F16 intermediate, mapped"] = shape.params * 2
