@@ -52,8 +52,8 @@ def environment() -> dict:
 
     try:
         pinned = [r for r in requires("qlora-bridge") or [] if "==" in r.split(";")[0] and "'test'" not in r]
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        pinned = []
+    except PackageNotFoundError:  # run from a source tree that was never installed: its pyproject pins the same
+        pinned = source_tree_pins()
     libs = {}
     for req in pinned:
         name = re.match(r"[A-Za-z0-9_.\-]+", req).group(0)
@@ -62,6 +62,17 @@ def environment() -> dict:
         except PackageNotFoundError:
             pass
     return {"python": platform.python_version(), "platform": platform.platform(), "libraries": libs}
+
+
+def source_tree_pins() -> list[str]:
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not pyproject.is_file():
+        return []
+    project = tomllib.loads(pyproject.read_text())["project"]
+    extras = [r for name, reqs in project.get("optional-dependencies", {}).items() if name != "test" for r in reqs]
+    return [r for r in project.get("dependencies", []) + extras if "==" in r.split(";")[0]]
 
 
 def build(folder: Path, *, target: str, fmt: str, quant: str | None, plugin: dict, settings: dict, checks: dict,

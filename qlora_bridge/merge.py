@@ -426,7 +426,7 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
     check_pairing(base, adapter, shards, base_weights, ignore_base_digests, base_files)
     quant = (adapter.record or {}).get("quantization")
     if quant is not None:
-        quant = dict(quant, bitsandbytes_version=adapter.record["environment"]["libraries"]["bitsandbytes"])
+        quant = dict(quant, bitsandbytes_version=adapter.record["environment"]["libraries"].get("bitsandbytes"))
     device = nf4_device(quant, inexact_nf4) if base_weights == "nf4" else "cpu"
     with output_folder(out, force=force, what="merged model folder") as tmp:
         streamed = stream(shards, adapter, tmp, base_weights=base_weights, dtype=dtype, quant=quant, device=device,

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .api.types import ModelShape, Need
+from .api.types import CUDA_CONTEXT, ModelShape, Need
 from .errors import BridgeError
 from .export import resolve_quant
 from .project import ExportSpec
@@ -30,9 +30,6 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 RUNTIME = 560 * MiB
 RUNTIME_MERGE = 390 * MiB
 RUNTIME_CHECK = 60 * MiB
-# On a GPU: the CUDA context, cuBLAS workspace and kernels live outside torch's allocator; ~500-700 MB with
-# torch 2.x on A100/H100 (nvidia-smi minus torch.cuda.max_memory_reserved).
-CUDA_CONTEXT = 700 * MiB
 # Allocators keep more than is live: torch's CUDA caching allocator splits and keeps blocks for reuse, glibc's
 # malloc keeps freed blocks of varying sizes in its arenas. 10% over the working set: typical of CUDA training
 # loops with varying lengths, and what the demo's 30 CPU steps grew by after their first (3.5 to 4.0 GB).
@@ -274,7 +271,12 @@ def merge_need(shape: ModelShape, dtype: str, check: str, hw: Hardware) -> tuple
         # float32 logits of the reference text (up to 512 tokens) from the merged, trained and base models, and a
         # difference of two of them
         host["check: logits"] = 4 * 512 * shape.vocab * 4
-    gpu = {"NF4 rebuilt on the GPU (adapters trained on one)": int(biggest_linear * (4 + 0.5 + 4))} if hw.gpus else {}
+    gpu = {}
+    if hw.gpus:  # adapters trained on a GPU: NF4 is rebuilt there, and the full check loads the 4-bit model there
+        gpu = {"CUDA context": CUDA_CONTEXT, "NF4 rebuilt on the GPU": int(biggest_linear * (4 + 0.5 + 4))}
+        if method == "full":
+            gpu["check: 4-bit base + adapter"] = host.pop("check: 4-bit base + adapter")
+            gpu["check: logits of the 4-bit model"] = 2 * 512 * shape.vocab * 4
     disk = {f"merged model ({dtype})": shape.params * out}
     return Need(gpu=gpu, host=host, disk=disk, notes=(f"check: {method}",)), method
 

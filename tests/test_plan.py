@@ -151,3 +151,17 @@ options = {{ tensor_parallel_size = "two" }}
 ''')
     code, out = plan_json(capsys, "--project", str(tmp_path / "qlora-bridge.toml"), "--gpu", "80GB")
     assert code == 2 and out["field"] == "--option tensor_parallel_size"
+
+
+def test_on_a_gpu_merge_and_gptq_plan_the_cuda_context_and_the_checks_4bit_model(tmp_path, capsys):
+    # measured on an H200 (bench/gpu_e2e.py): merge and export each ran on the GPU; a plan without the context under-
+    # predicted both by ~700 MiB, and the merge's full check loads the 4-bit base on the GPU, not the host
+    code, out = plan_json(capsys, "--config", config(tmp_path, LLAMA2_13B), "--gpu", "80GB", *ROOMY_HOST,
+                          "--target", "gptq")
+    merge, export = out["stages"]["merge"], out["stages"]["export gptq-int4"]
+    assert merge["gpu"]["terms"]["CUDA context"] == export["gpu"]["terms"]["CUDA context"] == 700 * 2**20
+    assert merge["gpu"]["terms"]["check: 4-bit base + adapter"] > 6.5e9  # 13B linears in NF4 + float32 embeddings
+    assert "check: 4-bit base + adapter" not in merge["host"]["terms"]
+    code, out = plan_json(capsys, "--config", config(tmp_path, LLAMA2_13B), *ROOMY_HOST, "--target", "gptq")
+    assert out["stages"]["merge"]["gpu"]["total"] == 0 and "check: 4-bit base + adapter" in \
+        out["stages"]["merge"]["host"]["terms"]

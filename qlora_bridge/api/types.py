@@ -114,6 +114,12 @@ class ModelShape:
         return 2 * self.layers * self.kv_heads * self.head_dim * tokens * bytes_per
 
 
+# What a process that uses the GPU holds there outside torch's allocator (the CUDA context, cuBLAS workspace, loaded
+# kernels), for a Need's GPU terms: 500-700 MB with torch 2.x on A100/H100; 749 MiB measured on an H200 with torch
+# 2.11 (nvidia-smi minus torch.cuda.max_memory_reserved, bench/gpu_e2e.py's train stage).
+CUDA_CONTEXT = 700 << 20
+
+
 @dataclass(frozen=True)
 class Need:
     """One stage's peak GPU memory, host memory and disk, in bytes, each as named terms so a report can say why.
