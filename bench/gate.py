@@ -29,6 +29,7 @@ from damage import permute_layer, scale_rope, with_base_weights  # noqa: E402
 from qlora_bridge import manifest as mf  # noqa: E402
 from qlora_bridge.export import export  # noqa: E402
 from qlora_bridge.host import load_plugins  # noqa: E402
+from qlora_bridge.records import read_merge_report  # noqa: E402
 from qlora_bridge.smoke import gate_bounds, measure, merged_folder, reference_for, smoke  # noqa: E402
 
 # name, target, quant, damage, expected verdict
@@ -58,17 +59,17 @@ def build(registry, case, merged: Path, out: Path) -> Path:
     if damage == "original":  # the adapter added to the original weights; its merge check fails, kept anyway
         from qlora_bridge.merge import merge
 
-        report = json.loads((merged / "merge_report.json").read_text())
+        report = read_merge_report(merged)
         source = out / "merged-original"
         if not source.exists():
-            merge(Path(report["base"]["path"]), Path(report["adapter"]["path"]), source, base_weights="original",
-                  heldout_file=Path(report["heldout"]["path"]), gate=False, progress=False)
+            merge(Path(report.base["path"]), Path(report.adapter["path"]), source, base_weights="original",
+                  heldout_file=Path(report.heldout["path"]), gate=False, progress=False)
     export(registry, target, source, folder, quant=quant, progress=False)  # each target's defaults
     if damage == "base":
-        report = json.loads((merged / "merge_report.json").read_text())
         base_export = out / "base-export"
         if not base_export.exists():
-            export(registry, target, Path(report["base"]["path"]), base_export, quant=quant, progress=False)
+            export(registry, target, Path(read_merge_report(merged).base["path"]), base_export, quant=quant,
+                   progress=False)
         with_base_weights(folder, base_export)
     elif damage == "permute":
         permute_layer(folder, 15)

@@ -121,7 +121,7 @@ def main() -> int:
     with GpuPeak() as peak:
         adapter = pipe.adapter()
     record = read_training_record(adapter)
-    base = Path(record["base"]["path"])
+    base = record.base_path
     shape = read_shape(base)
     settings = TrainSettings(**{**project.train, "max_seq_len": longest_batch(base, project.train_data, project.train)})
     row("train", train_need(shape, settings, True).total("gpu"), peak, t)
@@ -150,9 +150,9 @@ def main() -> int:
         row("serve (vLLM, both exports)", vllm.memory(merged_shape, weights, 2048, True, {}).total("gpu"), peak, t)
 
     summary = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows,
-               "train": {"device": record["quantization"]["device"], "peak_cuda_mib": record["peak_cuda_mib"],
-                         "loss": [record["loss_curve"][0], record["loss_curve"][-1]]},
-               "merge": {"nf4_rebuilt_on": report["nf4_rebuilt_on"], "check": report["check"]},
+               "train": {"device": record.quantization["device"], "peak_cuda_mib": record.peak_cuda_mib,
+                         "loss": [record.loss_curve[0], record.loss_curve[-1]]},
+               "merge": {"nf4_rebuilt_on": report.nf4_rebuilt_on, "check": report.check},
                "release": [{k: r[k] for k in ("artifact", "status", "kl_answers", "kl_text", "task_score", "note")}
                            for r in result["rows"]],
                "passed": result["passed"], "seconds": round(time.time() - started, 1)}
@@ -161,8 +161,8 @@ def main() -> int:
     else:
         print(f"{summary['gpu']}, torch {summary['torch']}: {summary['seconds']:.0f} s in all")
         print(f"train on {summary['train']['device']}: loss {summary['train']['loss'][0]:.3f} -> "
-              f"{summary['train']['loss'][1]:.3f}; merge NF4 rebuilt on {report['nf4_rebuilt_on']}, check "
-              f"{report['check']['method']} rel. error {report['check']['rel_error']:.1e}")
+              f"{summary['train']['loss'][1]:.3f}; merge NF4 rebuilt on {report.nf4_rebuilt_on}, check "
+              f"{report.check['method']} rel. error {report.check['rel_error']:.1e}")
         print(table(rows))
         for r in summary["release"]:
             print(f"{r['status']:<7}{r['artifact']}: KL answers {r['kl_answers']}, KL text {r['kl_text']}, task "

@@ -64,12 +64,12 @@ def main() -> None:
     t = time.time()
     rec = train(base, data, work / "adapter", TrainSettings(steps=20, batch_size=8, learning_rate=3e-3),
                 progress=False).record
-    out["gpu_training"] = {"seconds": round(time.time() - t, 2), "optimizer": rec["optimizer"],
-                           "loss_first_last": [rec["loss_curve"][0], rec["loss_curve"][-1]],
-                           "peak_cuda_mib": rec["peak_cuda_mib"]}
+    out["gpu_training"] = {"seconds": round(time.time() - t, 2), "optimizer": rec.optimizer,
+                           "loss_first_last": [rec.loss_curve[0], rec.loss_curve[-1]],
+                           "peak_cuda_mib": rec.peak_cuda_mib}
     try:
         report = merge(base, work / "adapter", work / "merged", progress=False)
-        out["merge_of_gpu_adapter"] = {"ok": True, "check": report["check"]}
+        out["merge_of_gpu_adapter"] = {"ok": True, "check": report.check}
     except BridgeError as e:
         out["merge_of_gpu_adapter"] = {"ok": False, "error": str(e)}
     text = json.dumps(out, indent=1, default=str)

@@ -15,6 +15,7 @@ from pathlib import Path
 from .corpus import calibration_text
 from .data import token_sequences
 from .errors import BridgeError
+from .records import Lineage
 
 
 def calibration(req, tok, samples: int, seq_len: int, text_tokens: int,
@@ -26,8 +27,8 @@ def calibration(req, tok, samples: int, seq_len: int, text_tokens: int,
     path = req.options.get("calibration")
     source = "option calibration"
     if path is None:
-        record = (req.lineage.get("training_record") or {}).get("dataset") or {}
-        path, source = record.get("path"), "the fine-tune's training data"
+        trained = Lineage.from_json(req.lineage).training_record
+        path, source = trained.dataset.get("path") if trained else None, "the fine-tune's training data"
         if not path or not Path(path).is_file():
             why = (f"the training data named in the merge's lineage is not here ({path})" if path else
                    "the merge's lineage names no training data")

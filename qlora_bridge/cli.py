@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import EXIT_CHECK_FAILED, EXIT_OK, BridgeError
+from .records import MergeReport, read_merge_report, read_training_record
 
 
 @dataclass
@@ -231,9 +232,8 @@ def train_settings(a, project, own_data: bool):
 def run_train(a) -> Outcome:
     from .data import check_data
     from .default_model import resolve_base
-    from .pipeline import Pipeline
-    from .records import read_training_record
     from .models import check_base
+    from .pipeline import Pipeline
     from .train import train
 
     project = project_of(a)
@@ -254,23 +254,23 @@ def run_train(a) -> Outcome:
                         force=a.force).adapter
     rec = read_training_record(adapter)
     lines = [f"adapter: {adapter}",
-             f"steps: {rec['steps']}  loss {rec['loss_curve'][0]:.3f} -> {rec['loss_curve'][-1]:.3f}  "
-             f"train {rec['train_seconds']:.0f} s  wall {rec['wall_seconds']:.0f} s  "
-             f"peak RSS {rec['peak_rss_mib']:.0f} MiB  ({settings.quant} base)"]
-    cut, dropped = rec["dataset"]["truncated_lines"], rec["dataset"]["dropped_lines"]
+             f"steps: {rec.steps}  loss {rec.loss_curve[0]:.3f} -> {rec.loss_curve[-1]:.3f}  "
+             f"train {rec.train_seconds:.0f} s  wall {rec.wall_seconds:.0f} s  "
+             f"peak RSS {rec.peak_rss_mib:.0f} MiB  ({settings.quant} base)"]
+    cut, dropped = rec.dataset["truncated_lines"], rec.dataset["dropped_lines"]
     if cut:
         lines.append(f"truncated to {settings.max_seq_len} tokens: lines {cut}; dropped (no answer token left): "
                      f"{dropped or 'none'}")
-    for w in rec["dataset"].get("warnings", []):
+    for w in rec.dataset.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
-    if rec["heldout"]:
-        before, after = rec["heldout"]["before"], rec["heldout"]["after"]
+    if rec.heldout:
+        before, after = rec.heldout["before"], rec.heldout["after"]
         lines.append(f"held-out exact match: before {before['exact_match']:.0%} -> after {after['exact_match']:.0%} "
                      f"({after['n']} prompts from {heldout_path})")
         for b, f in list(zip(before["answers"], after["answers"]))[:3]:
             lines += [f"  expected: {b['expected']}", f"    before: {b['got'].strip()[:100]!r}",
                       f"    after:  {f['got'].strip()[:100]!r}"]
-    data_out = {"adapter": str(adapter), "record": rec}
+    data_out = {"adapter": str(adapter), "record": rec.to_json()}
     return Outcome(data_out, "\n".join(lines))
 
 
@@ -315,7 +315,6 @@ def run_merge(a) -> Outcome:
     from .default_model import resolve_base
     from .merge import merge, read_adapter
     from .pipeline import Pipeline, merge_stage
-    from .records import read_merge_report
 
     project = project_of(a)
     a.base_weights = a.base_weights or project.merge.get("base_weights", "nf4")
@@ -330,11 +329,11 @@ def run_merge(a) -> Outcome:
     a.adapter = a.adapter or str(project.out / "adapter")
     a.out = a.out or str(project.out / "merged")
     adapter = read_adapter(Path(a.adapter))
-    recorded = Path((adapter.record or {}).get("base", {}).get("path", "")) if adapter.record else None
+    recorded = adapter.record.base_path if adapter.record else None
     base = Path(a.base) if a.base else (recorded if recorded and recorded.is_dir() else resolve_base(None))
     heldout = None
     if not a.no_heldout:
-        heldout = a.heldout or ((adapter.record or {}).get("heldout") or {}).get("path")
+        heldout = a.heldout or (adapter.record.heldout.get("path") if adapter.record else None)
     report = merge(base, Path(a.adapter), Path(a.out), base_weights=a.base_weights, dtype=a.dtype, check=a.check,
                    heldout_file=Path(heldout) if heldout else None, force=a.force,
                    ignore_base_digests=a.ignore_base_digests, inexact_nf4=a.inexact_nf4,
@@ -343,22 +342,22 @@ def run_merge(a) -> Outcome:
     return merge_outcome(Path(a.out), report)
 
 
-def merge_outcome(out: Path, report: dict) -> Outcome:
+def merge_outcome(out: Path, report: MergeReport) -> Outcome:
     from .merge import KEPT_WARNING
 
     warnings_ = []
-    if report["delta_kept_overall"] < KEPT_WARNING:
-        warnings_.append(f"{report['dtype']} keeps only {report['delta_kept_overall']:.1%} of the LoRA delta; "
+    if report.delta_kept_overall < KEPT_WARNING:
+        warnings_.append(f"{report.dtype} keeps only {report.delta_kept_overall:.1%} of the LoRA delta; "
                          "use --dtype float32 or float16")
-    c = report["check"]
-    lines = [f"merged: {out}  ({report['base_weights']} base weights, {report['dtype']})",
+    c = report.check
+    lines = [f"merged: {out}  ({report.base_weights} base weights, {report.dtype})",
              f"check ({c['method']}): relative logits error {c['rel_error']:.2e}"
              + (f" (limit {c['limit']:.0e})" if c.get("limit") else "")
              + (f", adapter effect {c['adapter_effect']:.3f}" if "adapter_effect" in c else ""),
-             f"delta kept: {report['delta_kept_overall']:.4f}   wall {report['wall_seconds']:.1f} s   "
-             f"peak RSS {report['peak_rss_mib']:.0f} MiB   read {report['bytes_read'] / 1e6:.0f} MB, "
-             f"wrote {report['bytes_written'] / 1e6:.0f} MB"]
-    if h := report.get("heldout"):
+             f"delta kept: {report.delta_kept_overall:.4f}   wall {report.wall_seconds:.1f} s   "
+             f"peak RSS {report.peak_rss_mib:.0f} MiB   read {report.bytes_read / 1e6:.0f} MB, "
+             f"wrote {report.bytes_written / 1e6:.0f} MB"]
+    if h := report.heldout:
         lines.append(f"held-out: merged model {h['exact_match']:.0%} exact match; agrees with the 4-bit + adapter "
                      f"model on {h['agree_with_adapter']}/{h['compared']} answers")
         for row in h["answers"][:3]:
@@ -366,7 +365,7 @@ def merge_outcome(out: Path, report: dict) -> Outcome:
                       f"  merged:          {row['got'].strip()}"]
     for w in warnings_:
         print(f"warning: {w}", file=sys.stderr)
-    return Outcome({"out": str(out), "report": report, "warnings": warnings_}, "\n".join(lines))
+    return Outcome({"out": str(out), "report": report.to_json(), "warnings": warnings_}, "\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------------- plugins

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from .divergence import AnswerScorer, full_scores, teacher_sequences
 from .errors import BridgeError
@@ -30,7 +29,7 @@ from .logits import folder_logits, model_logits
 from .merge import MODES, trained_model
 from .pipeline import Pipeline
 from .project import Project
-from .records import heldout_answers, read_merge_report, read_training_record
+from .records import read_merge_report, read_training_record
 
 REPORT = "compare-report"
 
@@ -50,19 +49,19 @@ def compare(project: Project, registry, *, progress: bool = True) -> dict:
     pipe = Pipeline(project, registry, progress=progress)
     adapter = pipe.adapter()
     record = read_training_record(adapter)
-    answers = heldout_answers(record)
+    answers = record.heldout_answers
     if not answers:
         raise BridgeError("the comparison needs the trained model's held-out answers, and training ran without a "
                           "held-out set", file=project.path, field="data.heldout",
                           fix="set [data] heldout = FILE (chat or prompt/completion records) and run again")
     # the original-weights merge is built even when its own check fails: how far it strays is the finding
     merged = {mode: pipe.merged(mode, gate=mode == "nf4") for mode in MODES}
-    checks = {mode: read_merge_report(folder)["check"] for mode, folder in merged.items()}
+    checks = {mode: read_merge_report(folder).check for mode, folder in merged.items()}
 
     tok = AutoTokenizer.from_pretrained(merged["nf4"])
     scorer = AnswerScorer(teacher_sequences(tok, answers))
     say(f"run    trained model (4-bit base + adapter) on {len(answers)} held-out records")
-    model = trained_model(Path(record["base"]["path"]), adapter, record)
+    model = trained_model(record.base_path, adapter, record)
     scorer.ref = scorer.reference_rows(model_logits(model, scorer.inputs))
     del model
 

@@ -46,7 +46,7 @@ def export(registry: Registry, target: str, merged: Path, out: Path, *, quant: s
                           fix="pass the folder written by `qlora-bridge merge`")
     if sign_key is not None and not Path(sign_key).is_file():
         raise BridgeError("private key not found", file=sign_key, fix="create one with `qlora-bridge keygen`")
-    inputs = lineage(merged)
+    inputs = lineage(merged).to_json()  # what the plugin and the manifest get: plain JSON
     started = time.time()
     log = export_log(out)
     with output_folder(out, force=force, what="export folder") as tmp:

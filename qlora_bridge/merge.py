@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,8 +29,7 @@ from .files import digest_folder, output_folder, sha256_file, write_json
 from .manifest import environment
 from .models import check_base, load_model, peak_rss_mib
 from .quant import state_digest
-from .records import MERGE_REPORT as REPORT  # noqa: F401 (where merge writes it)
-from .records import read_training_record, write_merge_report, write_training_record
+from .records import MergeReport, TrainingRecord, read_training_record, write_merge_report, write_training_record
 from .safetensors_io import SafetensorsReader, ShardWriter, model_shards
 from .train_settings import TrainSettings
 
@@ -60,7 +59,7 @@ class Adapter:
     config: dict
     layers: dict[str, LoraLayer]  # by base weight key
     reader: SafetensorsReader
-    record: dict | None
+    record: TrainingRecord | None
 
 
 def _pattern(patterns: dict, module: str, default):
@@ -130,15 +129,16 @@ def check_pairing(base: Path, adapter: Adapter, shards: dict[str, Path], mode: s
             raise BridgeError(f"shape mismatch at {key}: the base weight is {list(want)}, the adapter's B·A is "
                               f"{[b[0], a[1]]}", file=base, fix="merge into the base the adapter was trained on")
     record = adapter.record
-    if mode == "nf4" and (record is None or "quantization" not in record):
+    if mode == "nf4" and (record is None or record.quantization is None):
         raise BridgeError("--base-weights nf4 needs the NF4 fingerprint from training_record.json, which this "
                           "adapter lacks", file=adapter.path, fix="merge an adapter trained by `qlora-bridge train`, "
                           "or pass --base-weights original (a different model from the one trained)")
     if record and not ignore_digests:
-        differ = [n for n, d in record["base"]["files"].items() if n in base_files and base_files[n] != d]
-        gone = [n for n in record["base"]["files"] if n.endswith(".safetensors") and n not in base_files]
+        trained_on = record.base["files"]
+        differ = [n for n, d in trained_on.items() if n in base_files and base_files[n] != d]
+        gone = [n for n in trained_on if n.endswith(".safetensors") and n not in base_files]
         if differ or gone:
-            detail = "; ".join([f"{n}: trained on sha256 {record['base']['files'][n][:12]}…, this base has "
+            detail = "; ".join([f"{n}: trained on sha256 {trained_on[n][:12]}…, this base has "
                                 f"{base_files[n][:12]}…" for n in differ] + [f"{n} is missing" for n in gone])
             raise BridgeError(f"digest mismatch: this is not the base the adapter was trained on ({detail})",
                               file=base, fix="merge into the base recorded in training_record.json, or pass "
@@ -252,9 +252,9 @@ def base_license(base: Path) -> str | None:
     return None
 
 
-def model_card(base: Path, adapter: Adapter, report: dict) -> str:
+def model_card(base: Path, adapter: Adapter, report: MergeReport) -> str:
     lic = base_license(base)
-    check = report["check"]
+    check = report.check
     front = ["---", f"base_model: {base.name}", "library_name: transformers", "tags: [qlora-bridge, lora, merged]"]
     if lic:
         front.insert(2, f"license: {lic}")
@@ -263,8 +263,8 @@ def model_card(base: Path, adapter: Adapter, report: dict) -> str:
         f"# {base.name} + {adapter.path.name} (merged)", "",
         f"Merged by qlora-bridge {__version__}: the LoRA adapter `{adapter.path.name}` added to "
         + ("the NF4-rounded base weights it was trained against (dequant(nf4(W)) + (alpha/r)·B·A, in float32)."
-           if report["base_weights"] == "nf4" else "the original base weights (W + (alpha/r)·B·A)."),
-        "", f"- stored dtype: {report['dtype']}; delta kept: {report['delta_kept_overall']:.4f}",
+           if report.base_weights == "nf4" else "the original base weights (W + (alpha/r)·B·A)."),
+        "", f"- stored dtype: {report.dtype}; delta kept: {report.delta_kept_overall:.4f}",
         f"- equivalence check ({check['method']}): relative logits error {check.get('rel_error')} "
         f"against the 4-bit base + adapter; passed: {check['passed']}",
         "- loads with plain transformers; needs neither peft nor bitsandbytes.", "",
@@ -273,12 +273,12 @@ def model_card(base: Path, adapter: Adapter, report: dict) -> str:
     return "\n".join(front + [""] + body) + "\n"
 
 
-def trained_model(base: Path, adapter_dir: Path, record: dict | None):
+def trained_model(base: Path, adapter_dir: Path, record: TrainingRecord | None):
     """The model that was trained: the 4-bit base + the adapter, computing in float32 so that comparisons with it
     measure the merge or the export, not bf16 matmul noise."""
     from peft import PeftModel
 
-    quant = (record or {}).get("quantization") or {"quant_type": "nf4", "double_quant": True}
+    quant = (record.quantization if record else None) or {"quant_type": "nf4", "double_quant": True}
     settings = TrainSettings(quant=quant["quant_type"], double_quant=quant["double_quant"], compute_dtype="float32")
     return PeftModel.from_pretrained(load_model(base, settings), adapter_dir).eval()
 
@@ -308,7 +308,7 @@ def logits_check(base: Path, adapter: Adapter, merged_dir: Path, mode: str, dtyp
             "fine_tune_retained": retained, "passed": passed}
 
 
-def heldout_comparison(merged_dir: Path, heldout_file: Path, record: dict | None) -> dict:
+def heldout_comparison(merged_dir: Path, heldout_file: Path, record: TrainingRecord | None) -> dict:
     """The merged model's held-out answers beside the 4-bit + adapter model's answers from training."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -318,7 +318,7 @@ def heldout_comparison(merged_dir: Path, heldout_file: Path, record: dict | None
     tok = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     result = exact_match(model, tok, load_heldout(heldout_file)).to_dict()
-    trained = {a["line"]: a["got"] for a in ((record or {}).get("heldout", {}).get("after") or {}).get("answers", [])}
+    trained = {a["line"]: a["got"] for a in (record.heldout_answers if record else [])}
     for a in result["answers"]:
         a["adapter_got"] = trained.get(a["line"])
     compared = [a for a in result["answers"] if a["adapter_got"] is not None]
@@ -408,7 +408,7 @@ def equivalence(check: str, base: Path, adapter: Adapter, merged: Path, streamed
 def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4", dtype: str = "float32",
           check: str = "auto", heldout_file: Path | None = None, force: bool = False, ignore_base_digests: bool = False,
           inexact_nf4: bool = False, gate: bool = True,
-          max_shard_bytes: int = 2 * 2**30, threads: int | None = None, progress: bool = True) -> dict:
+          max_shard_bytes: int = 2 * 2**30, threads: int | None = None, progress: bool = True) -> MergeReport:
     if base_weights not in MODES:
         raise BridgeError(f"unknown mode {base_weights!r}", field="base_weights", fix="use nf4 or original")
     if dtype not in DTYPES:
@@ -424,9 +424,9 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
     shards = model_shards(base)
     base_files = digest_folder(base, "*.safetensors") | digest_folder(base, "config.json")  # hashed once
     check_pairing(base, adapter, shards, base_weights, ignore_base_digests, base_files)
-    quant = (adapter.record or {}).get("quantization")
+    quant = adapter.record.quantization if adapter.record else None
     if quant is not None:
-        quant = dict(quant, bitsandbytes_version=adapter.record["environment"]["libraries"].get("bitsandbytes"))
+        quant = dict(quant, bitsandbytes_version=adapter.record.environment.get("libraries", {}).get("bitsandbytes"))
     device = nf4_device(quant, inexact_nf4) if base_weights == "nf4" else "cpu"
     with output_folder(out, force=force, what="merged model folder") as tmp:
         streamed = stream(shards, adapter, tmp, base_weights=base_weights, dtype=dtype, quant=quant, device=device,
@@ -445,37 +445,30 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
         if adapter.record:  # the merged folder carries its lineage, so exports need nothing else
             write_training_record(tmp, adapter.record)
         if heldout_file:
-            report["heldout"] = heldout_comparison(tmp, heldout_file, adapter.record)
+            report = replace(report, heldout=heldout_comparison(tmp, heldout_file, adapter.record))
         (tmp / "README.md").write_text(model_card(base, adapter, report))
         write_merge_report(tmp, report)
     return report
 
 
 def merge_report(base: Path, base_files: dict, adapter: Adapter, streamed: Streamed, check: dict, *, base_weights: str,
-                 dtype: str, device: str, inexact_nf4: bool, started: float) -> dict:
+                 dtype: str, device: str, inexact_nf4: bool, started: float) -> MergeReport:
     layers = streamed.layers
     overall_kept = (sum(v["delta_norm"] * v["delta_kept"][dtype] for v in layers.values())
                     / sum(v["delta_norm"] for v in layers.values()))
-    return {
-        "tool": {"name": "qlora-bridge", "version": __version__},
-        "base": {"path": str(base.resolve()), "files": base_files},
-        "adapter": {"path": str(adapter.path.resolve()), "sha256": sha256_file(adapter.path / "adapter_model.safetensors"),
-                    "rank": adapter.config.get("r"), "alpha": adapter.config.get("lora_alpha")},
-        "base_weights": base_weights, "dtype": dtype,
-        "fingerprint_verified": base_weights == "nf4" and not inexact_nf4,
-        "nf4_rebuilt_on": device if base_weights == "nf4" else None,
-        "delta_kept_overall": overall_kept,
-        "layers": layers,
-        "check": check,
-        "wall_seconds": round(time.time() - started, 2),
-        "seconds": streamed.seconds,
-        "peak_rss_mib": round(streamed.peak_rss_mib, 1),
-        "peak_rss_mib_with_check": round(peak_rss_mib(), 1),
-        "bytes_read": streamed.bytes_read, "bytes_written": streamed.bytes_written,
-        "weights": streamed.digests,  # what an export's reference checks the merged folder against
-        "threads": torch.get_num_threads(),
-        "environment": environment(),
-    }
+    return MergeReport(
+        base={"path": str(base.resolve()), "files": base_files},
+        adapter={"path": str(adapter.path.resolve()), "sha256": sha256_file(adapter.path / "adapter_model.safetensors"),
+                 "rank": adapter.config.get("r"), "alpha": adapter.config.get("lora_alpha")},
+        base_weights=base_weights, dtype=dtype,
+        fingerprint_verified=base_weights == "nf4" and not inexact_nf4,
+        nf4_rebuilt_on=device if base_weights == "nf4" else None,
+        delta_kept_overall=overall_kept, layers=layers, check=check,
+        wall_seconds=round(time.time() - started, 2), seconds=streamed.seconds,
+        peak_rss_mib=round(streamed.peak_rss_mib, 1), peak_rss_mib_with_check=round(peak_rss_mib(), 1),
+        bytes_read=streamed.bytes_read, bytes_written=streamed.bytes_written,
+        weights=streamed.digests,  # what an export's reference checks the merged folder against
+        threads=torch.get_num_threads(), environment=environment())
 
 
 def lap(totals: dict, key: str, since: float) -> float:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .records import Lineage
+
 CARD = "README.md"
 
 
@@ -23,11 +25,10 @@ def merged_license(merged: Path | None) -> str | None:
 
 def render(name: str, manifest: dict, license: str | None = None, library: str | None = None) -> str:
     """The card; `library` is the exporter's (Exporter.library), the Hugging Face library that loads the files."""
-    inputs, export = manifest.get("inputs") or {}, manifest["export"]
-    merge = inputs.get("merge") or {}
-    record = inputs.get("training_record") or {}
-    base = (inputs.get("base") or {}).get("path") or "unknown"
-    license = license or merged_license(Path((inputs.get("merged") or {}).get("path", "")) or None) or "other"
+    lin, export = Lineage.from_json(manifest.get("inputs")), manifest["export"]
+    merge, record = lin.merge, lin.training_record
+    base = (lin.base or {}).get("path") or "unknown"
+    license = license or merged_license(Path(lin.merged.get("path", "")) or None) or "other"
     quant = export.get("quant") or ""
     front = ["---", f"base_model: {Path(base).name}", f"license: {license}",
              *([f"library_name: {library}"] if library else []),
@@ -35,17 +36,17 @@ def render(name: str, manifest: dict, license: str | None = None, library: str |
              "quantized_by: qlora-bridge", "---", ""]
     body = [f"# {name}", "",
             f"{Path(base).name} fine-tuned with QLoRA, merged into its "
-            f"{merge.get('base_weights', '?')} base weights ({merge.get('dtype', '?')}) and exported as "
+            f"{merge.base_weights if merge else '?'} base weights ({merge.dtype if merge else '?'}) and exported as "
             f"**{export['target']} {quant}** by qlora-bridge {manifest['tool']['version']}.", ""]
-    heldout = record.get("heldout") or {}
+    heldout = record.heldout if record else {}
     if heldout:
         body.append(f"- held-out exact match: {heldout['before']['exact_match']:.0%} before training, "
                     f"{heldout['after']['exact_match']:.0%} after ({heldout['after']['n']} prompts)")
-    adapter = inputs.get("adapter") or {}
+    adapter = lin.adapter or {}
     if adapter.get("sha256"):
         body.append(f"- adapter sha256: `{adapter['sha256']}`")
-    if record.get("dataset"):
-        body.append(f"- training data sha256: `{record['dataset']['sha256']}`")
+    if record and record.dataset:
+        body.append(f"- training data sha256: `{record.dataset['sha256']}`")
     settings = export.get("settings") or {}
     shown = {k: v for k, v in settings.items() if not isinstance(v, (dict, list)) and v is not None}
     body += ["", "## Export settings", "", *(f"- {k}: {v}" for k, v in shown.items())]

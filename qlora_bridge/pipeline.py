@@ -129,8 +129,7 @@ class Pipeline:
         from .merge import merge
 
         adapter = self.adapter()
-        record = read_training_record(adapter)
-        base = Path(record["base"]["path"])
+        base = read_training_record(adapter).base_path
         settings = {"base_weights": base_weights or self.project.merge.get("base_weights", "nf4"),
                     "dtype": self.project.merge.get("dtype", "float32"), **({} if gate else {"gate": False})}
         name = merge_stage(settings["base_weights"])

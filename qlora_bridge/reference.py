@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import BridgeError
+from .records import Lineage
 
 VERSION = 1  # of what is cached: bump when the sequences, the rows or the sparsity change
 
@@ -38,14 +39,14 @@ class Reference:
 
 def reference_for(manifest: dict, merged: Path | None) -> Reference:
     """The merged model where its merge check proved it equal to the trained model, else the trained model."""
-    inputs = manifest.get("inputs") or {}
-    report, record = inputs.get("merge") or {}, inputs.get("training_record") or {}
-    check = report.get("check") or {}
-    trained_answers = ((record.get("heldout") or {}).get("after") or {}).get("answers") or []
-    merged_answers = (report.get("heldout") or {}).get("answers") or []
-    proven = bool(check.get("passed")) and check.get("limit") is not None and report.get("base_weights") == "nf4"
-    files = (inputs.get("merged") or {}).get("files") or {}
-    written = report.get("weights") or {}
+    lin = Lineage.from_json(manifest.get("inputs"))
+    report, record = lin.merge, lin.training_record
+    check = report.check if report else {}
+    trained_answers = record.heldout_answers if record else []
+    merged_answers = report.heldout_answers if report else []
+    proven = bool(check.get("passed")) and check.get("limit") is not None and report.base_weights == "nf4"
+    files = lin.merged.get("files") or {}
+    written = report.weights if report else {}
     shards = {name: digest for name, digest in files.items() if name.endswith(".safetensors")}
     if merged is not None and proven and written and shards == written:
         from .logits import load_float32
@@ -53,7 +54,7 @@ def reference_for(manifest: dict, merged: Path | None) -> Reference:
         return Reference(f"the merged model {merged} (its merge check proved it equal to the trained model: "
                          f"relative logits error {check['rel_error']:.1e})", merged_answers or trained_answers,
                          lambda: load_float32(merged), {"merged": files}, lambda: verify_files(merged, files))
-    base, adapter = Path((record.get("base") or {}).get("path") or "-"), inputs.get("adapter") or {}
+    base, adapter = record.base_path if record else Path("-"), lin.adapter or {}
     adapter_dir = Path(adapter.get("path") or "-")
     if (base / "config.json").is_file() and (adapter_dir / "adapter_config.json").is_file():
         from .merge import trained_model
@@ -62,8 +63,8 @@ def reference_for(manifest: dict, merged: Path | None) -> Reference:
                else "its merge was not proven equal to it" if not proven
                else "the merged weights the export read are not the ones its merge wrote" if written
                else "its merge report predates recording the merged weights' digests")
-        identity = {"base": (record.get("base") or {}).get("files"), "adapter": adapter.get("sha256"),
-                    "quantization": record.get("quantization")}
+        identity = {"base": record.base.get("files") if record else None, "adapter": adapter.get("sha256"),
+                    "quantization": record.quantization if record else None}
         return Reference(f"the trained model (4-bit base {base} + adapter {adapter_dir}, float32 compute): {why}",
                          trained_answers, lambda: trained_model(base, adapter_dir, record), identity)
     raise BridgeError("no reference to measure this export against: the merged model it came from is not "

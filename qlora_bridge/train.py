@@ -14,25 +14,23 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from . import __version__
 from .data import IGNORE_INDEX, Dataset, collate, load_dataset, load_heldout
 from .errors import BridgeError
 from .files import digest_folder, output_folder, sha256_file
 from .manifest import environment
 from .models import check_base, load_model, load_tokenizer, peak_rss_mib
 from .quant import BLOCKSIZE, assert_standard_layout, fingerprint
-from .records import TRAINING_RECORD as RECORD  # noqa: F401 (where train writes it)
-from .records import read_training_record, write_training_record
+from .records import TrainingRecord, read_training_record, write_training_record
 from .train_settings import TrainSettings
 
 
 @dataclass
 class TrainResult:
     adapter: Path
-    record: dict = field(repr=False)
+    record: TrainingRecord | None = field(repr=False)  # None in the ranks other than 0, which write nothing
 
 
 def make_optimizer(params, s: TrainSettings):
@@ -141,40 +139,39 @@ def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_fil
         peak_rss = peak.item()
         if rank != 0:
             acc.wait_for_everyone()
-            return TrainResult(out, {})
+            return TrainResult(out, None)
     if heldout:
         evals["after"] = answer(model, tok, heldout, "after", progress)
     if s.quant != "none":
         assert_standard_layout(model)
 
-    record = {
-        "tool": {"name": "qlora-bridge", "version": __version__}, "settings": asdict(s),
-        **({"quantization": quantization} if quantization else {}),
-        "base": {"path": str(base.resolve()), "files": digest_folder(base)},
-        "dataset": {"path": str(Path(dataset).resolve()), "sha256": sha256_file(dataset), "shape": ds.shape,
-                    "records": len(ds.examples), "answer_tokens": ds.answer_tokens,
-                    "truncated_lines": ds.truncated, "dropped_lines": ds.dropped, "warnings": ds.warnings},
-        "optimizer": opt_name,
-        "steps": total_steps,
-        "loss_curve": losses,
-        "heldout": {k: v.to_dict() for k, v in evals.items()} | (
+    record = TrainingRecord(
+        settings=asdict(s), quantization=quantization, base={"path": str(base.resolve()), "files": digest_folder(base)},
+        dataset=dataset_entry(dataset, ds), optimizer=opt_name, steps=total_steps, loss_curve=losses,
+        heldout={k: v.to_dict() for k, v in evals.items()} | (
             {"path": str(Path(heldout_file).resolve())} if heldout_file else {}),
-        "peak_rss_mib": round(peak_rss, 1),
-        "distributed": {"world_size": world, "strategy": s.strategy if acc else None,
-                        "backend": acc.state.backend if acc else None, "launcher": s.launcher if acc else None},
-        "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
-        "train_seconds": round(train_seconds, 2),
-        "wall_seconds": None,
-        "environment": environment(),
-    }
+        peak_rss_mib=round(peak_rss, 1), distributed=distributed_entry(world, s, acc),
+        peak_cuda_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
+        train_seconds=round(train_seconds, 2), environment=environment())
     with output_folder(out, force=force, what="adapter folder") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        record["wall_seconds"] = round(time.time() - started, 2)
+        record = replace(record, wall_seconds=round(time.time() - started, 2))
         write_training_record(tmp, record)  # last: an adapter folder without its record is not finished
     if acc:
         acc.wait_for_everyone()
     return TrainResult(out, record)
+
+
+def dataset_entry(dataset: Path, ds: Dataset) -> dict:
+    return {"path": str(Path(dataset).resolve()), "sha256": sha256_file(dataset), "shape": ds.shape,
+            "records": len(ds.examples), "answer_tokens": ds.answer_tokens, "truncated_lines": ds.truncated,
+            "dropped_lines": ds.dropped, "warnings": ds.warnings}
+
+
+def distributed_entry(world: int, s: TrainSettings, acc) -> dict:
+    return {"world_size": world, "strategy": s.strategy if acc else None,
+            "backend": acc.state.backend if acc else None, "launcher": s.launcher if acc else None}
 
 
 def lora_model(base: Path, s: TrainSettings):

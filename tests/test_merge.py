@@ -8,14 +8,15 @@ import sys
 
 import pytest
 import torch
+from conftest import chat, write_jsonl
 
 from qlora_bridge.errors import BridgeError, CheckFailed
 from qlora_bridge.files import digest_folder
-from qlora_bridge.merge import REPORT, merge
+from qlora_bridge.merge import merge
+from qlora_bridge.records import MERGE_REPORT as REPORT
+from qlora_bridge.records import TRAINING_RECORD as RECORD
 from qlora_bridge.tinymodel import build_tiny_model
-from qlora_bridge.train import RECORD, TrainSettings, train
-
-from conftest import chat, write_jsonl
+from qlora_bridge.train import TrainSettings, train
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_nf4_merge_is_exact_and_original_is_not(tiny_model, adapter, tmp_path):
     rep = merge(tiny_model, adapter, tmp_path / "nf4", progress=False)
     # fp32 summation order (fused weight vs factored adapter) gives ~1e-6; the limit is 1e-4.
     assert rel(logits_plain(tmp_path / "nf4", IDS), ref) <= 1e-4
-    assert rep["check"]["passed"] and rep["check"]["rel_error"] <= 1e-4 and rep["fingerprint_verified"]
+    assert rep.check["passed"] and rep.check["rel_error"] <= 1e-4 and rep.fingerprint_verified
     merge(tiny_model, adapter, tmp_path / "orig", base_weights="original", progress=False)
     # merging into the original weights gives a different model from the one trained (~0.2 here)
     assert rel(logits_plain(tmp_path / "orig", IDS), ref) > 1e-2
@@ -87,13 +88,13 @@ def test_merged_folder_is_plain_transformers(tiny_model, adapter, tmp_path):
 
 def test_dtype_report(tiny_model, adapter, tmp_path):
     rep = merge(tiny_model, adapter, tmp_path / "bf16", dtype="bfloat16", progress=False)
-    layer = next(iter(rep["layers"].values()))
+    layer = next(iter(rep.layers.values()))
     assert layer["delta_kept"]["float32"] == 1.0
     assert layer["delta_kept"]["bfloat16"] < layer["delta_kept"]["float16"] < 1.0
-    assert rep["delta_kept_overall"] == pytest.approx(
-        sum(v["delta_norm"] * v["delta_kept"]["bfloat16"] for v in rep["layers"].values())
-        / sum(v["delta_norm"] for v in rep["layers"].values()))
-    assert rep["check"]["limit"] is None and rep["check"]["fine_tune_retained"] > 0.9
+    assert rep.delta_kept_overall == pytest.approx(
+        sum(v["delta_norm"] * v["delta_kept"]["bfloat16"] for v in rep.layers.values())
+        / sum(v["delta_norm"] for v in rep.layers.values()))
+    assert rep.check["limit"] is None and rep.check["fine_tune_retained"] > 0.9
 
 
 def scaled_adapter(adapter, tmp_path, factor):
@@ -219,7 +220,7 @@ def test_bf16_base_fingerprint_and_exactness(tmp_path):
     adapter = train(base, data, tmp_path / "ad", TrainSettings(steps=3, batch_size=4, learning_rate=3e-3),
                     progress=False).adapter
     rep = merge(base, adapter, tmp_path / "m", progress=False)
-    assert rep["check"]["rel_error"] <= 1e-4
+    assert rep.check["rel_error"] <= 1e-4
 
 
 def test_gpu_trained_adapter_needs_a_gpu_or_an_explicit_inexact_rebuild(tiny_model, adapter, tmp_path):
@@ -234,4 +235,4 @@ def test_gpu_trained_adapter_needs_a_gpu_or_an_explicit_inexact_rebuild(tiny_mod
     with pytest.raises(CheckFailed, match="trained on a CUDA GPU.*needs a CUDA GPU"):
         merge(tiny_model, gpu, tmp_path / "m", progress=False)
     rep = merge(tiny_model, gpu, tmp_path / "m", inexact_nf4=True, progress=False)
-    assert rep["fingerprint_verified"] is False and rep["nf4_rebuilt_on"] == "cpu"
+    assert rep.fingerprint_verified is False and rep.nf4_rebuilt_on == "cpu"

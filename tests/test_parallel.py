@@ -28,19 +28,19 @@ def test_two_processes_train_the_curve_of_one_with_the_same_global_batch(tiny_mo
     one = train(tiny_model, data, tmp_path / "one", TrainSettings(batch_size=8, **SAME), progress=False).record
     two = train(tiny_model, data, tmp_path / "two", TrainSettings(batch_size=4, processes=2, **SAME),
                 progress=False).record
-    print("one process:  ", one["loss_curve"])
-    print("two processes:", two["loss_curve"])
-    assert two["distributed"] == {"world_size": 2, "strategy": "ddp", "backend": "gloo", "launcher": "torchrun"}
-    assert one["distributed"]["world_size"] == 1
+    print("one process:  ", one.loss_curve)
+    print("two processes:", two.loss_curve)
+    assert two.distributed == {"world_size": 2, "strategy": "ddp", "backend": "gloo", "launcher": "torchrun"}
+    assert one.distributed["world_size"] == 1
     # Same records, same token-weighted loss, gradients all-reduced: only the order of float32 sums differs
     # (two partial sums instead of one, ~1e-7 relative per step); 1e-4 leaves room for Adam carrying that over 6
     # steps, while a wrong split (each process a mean over its own tokens) is off by ~1e-2 here.
-    assert two["loss_curve"] == pytest.approx(one["loss_curve"], rel=1e-4)
-    assert one["loss_curve"][-1] < one["loss_curve"][0] * 0.8, "the run must learn for the comparison to mean much"
-    assert two["quantization"]["fingerprint"] == one["quantization"]["fingerprint"]
+    assert two.loss_curve == pytest.approx(one.loss_curve, rel=1e-4)
+    assert one.loss_curve[-1] < one.loss_curve[0] * 0.8, "the run must learn for the comparison to mean much"
+    assert two.quantization["fingerprint"] == one.quantization["fingerprint"]
     report = merge(tiny_model, tmp_path / "two", tmp_path / "merged", check="full", progress=False)
-    assert report["fingerprint_verified"] and report["check"]["passed"]
-    assert report["check"]["rel_error"] < 1e-5
+    assert report.fingerprint_verified and report.check["passed"]
+    assert report.check["rel_error"] < 1e-5
 
 
 @pytest.mark.parametrize("flags, field", [(["--processes", "0"], "processes"),

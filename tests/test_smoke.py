@@ -134,12 +134,12 @@ def test_a_folder_with_a_copied_merge_report_cannot_vouch_for_itself(tiny_model,
     from qlora_bridge.records import lineage
     from qlora_bridge.reference import reference_for
 
-    assert reference_for({"inputs": lineage(tiny_release)}, tiny_release).label.startswith("the merged model")
+    assert reference_for({"inputs": lineage(tiny_release).to_json()}, tiny_release).label.startswith("the merged model")
     impostor = tmp_path / "impostor"
     shutil.copytree(tiny_model, impostor)
     for name in ("merge_report.json", "training_record.json"):
         shutil.copy2(tiny_release / name, impostor / name)
-    reference = reference_for({"inputs": lineage(impostor)}, impostor)
+    reference = reference_for({"inputs": lineage(impostor).to_json()}, impostor)
     assert reference.label.startswith("the trained model (4-bit base")
     assert "not the ones its merge wrote" in reference.label
 

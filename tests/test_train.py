@@ -3,12 +3,13 @@
 import json
 
 import pytest
+from conftest import DEMO, chat, write_jsonl
 
 from qlora_bridge.data import load_heldout
 from qlora_bridge.errors import BridgeError
-from qlora_bridge.train import RECORD, TrainSettings, train
-
-from conftest import DEMO, chat, write_jsonl
+from qlora_bridge.records import TRAINING_RECORD as RECORD
+from qlora_bridge.records import read_training_record
+from qlora_bridge.train import TrainSettings, train
 
 FAST = dict(steps=2, batch_size=2, max_seq_len=128)
 
@@ -26,7 +27,7 @@ def chat_data(tmp_path_factory):
 def test_each_shape_trains(tiny_model, tmp_path, rows):
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     rec = train(tiny_model, data, tmp_path / "ad", TrainSettings(**FAST), progress=False).record
-    assert rec["dataset"]["records"] == 4 and len(rec["loss_curve"]) == 2
+    assert rec.dataset["records"] == 4 and len(rec.loss_curve) == 2
 
 
 def test_adapter_folder_and_training_record(tiny_model, chat_data, tmp_path):
@@ -38,14 +39,15 @@ def test_adapter_folder_and_training_record(tiny_model, chat_data, tmp_path):
     cfg = PeftConfig.from_pretrained(res.adapter)
     assert (cfg.r, cfg.lora_alpha) == (4, 8)
     assert {m.rsplit(".", 1)[-1] for m in cfg.target_modules} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    rec = json.loads((res.adapter / RECORD).read_text())
-    q = rec["quantization"]
+    rec = read_training_record(res.adapter)
+    assert rec == res.record  # what train returned is what it wrote
+    q = rec.quantization
     assert (q["quant_type"], q["double_quant"], q["blocksize"]) == ("nf4", True, 64)
-    assert rec["environment"]["libraries"]["bitsandbytes"] == "0.50.2"
+    assert rec.environment["libraries"]["bitsandbytes"] == "0.50.2"
     assert len(q["fingerprint"]["layers"]) == 2 * 7  # every linear layer of both blocks
-    assert set(rec["base"]["files"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
-    assert rec["dataset"]["shape"] == "chat" and rec["dataset"]["answer_tokens"] > 0
-    assert len(rec["loss_curve"]) == 2 and rec["peak_rss_mib"] > 0 and rec["settings"]["rank"] == 4
+    assert set(rec.base["files"]) >= {"config.json", "model.safetensors", "tokenizer.json"}
+    assert rec.dataset["shape"] == "chat" and rec.dataset["answer_tokens"] > 0
+    assert len(rec.loss_curve) == 2 and rec.peak_rss_mib > 0 and rec.settings["rank"] == 4
 
 
 def test_fingerprint_is_reproduced_from_the_checkpoint(tiny_model, chat_data, tmp_path):
@@ -57,7 +59,7 @@ def test_fingerprint_is_reproduced_from_the_checkpoint(tiny_model, chat_data, tm
     from qlora_bridge.quant import state_digest
 
     rec = train(tiny_model, chat_data, tmp_path / "ad", TrainSettings(**FAST), progress=False).record
-    layers = rec["quantization"]["fingerprint"]["layers"]
+    layers = rec.quantization["fingerprint"]["layers"]
     with safe_open(tiny_model / "model.safetensors", "pt") as f:
         for name, fp in layers.items():
             w = f.get_tensor(name).to(getattr(torch, fp["source_dtype"]))
@@ -69,7 +71,7 @@ def test_fingerprint_is_reproduced_from_the_checkpoint(tiny_model, chat_data, tm
 
 def test_plain_lora_baseline_has_no_quantization(tiny_model, chat_data, tmp_path):
     rec = train(tiny_model, chat_data, tmp_path / "ad", TrainSettings(**FAST, quant="none"), progress=False).record
-    assert "quantization" not in rec and rec["settings"]["quant"] == "none"
+    assert rec.quantization is None and "quantization" not in rec.to_json() and rec.settings["quant"] == "none"
 
 
 def test_heldout_is_scored_before_and_after(tiny_model, tmp_path):
@@ -77,10 +79,10 @@ def test_heldout_is_scored_before_and_after(tiny_model, tmp_path):
     heldout = write_jsonl(tmp_path / "h.jsonl", [chat("ping", "pong")])
     rec = train(tiny_model, data, tmp_path / "ad", TrainSettings(steps=25, batch_size=4, learning_rate=3e-3),
                 heldout_file=heldout, progress=False).record
-    assert rec["heldout"]["path"] == str(heldout)
-    assert rec["heldout"]["before"]["exact_match"] == 0.0  # random weights do not say "pong"
-    assert rec["heldout"]["after"]["exact_match"] == 1.0
-    assert rec["loss_curve"][-1] < rec["loss_curve"][0] / 2
+    assert rec.heldout["path"] == str(heldout)
+    assert rec.heldout["before"]["exact_match"] == 0.0  # random weights do not say "pong"
+    assert rec.heldout["after"]["exact_match"] == 1.0
+    assert rec.loss_curve[-1] < rec.loss_curve[0] / 2
 
 
 def test_existing_output_is_refused_unless_forced(tiny_model, chat_data, tmp_path):

@@ -10,7 +10,8 @@
 
 types.py holds the registrations and what they receive, hookspecs.py the hooks; the helpers below are the core's
 own, shared with plugins (tokenized datasets, reference texts, logits, calibration data); `qlora_bridge.api.safetensors`
-is the streaming safetensors I/O (it imports torch).
+is the streaming safetensors I/O (it imports torch). `Lineage.from_json(req.lineage)` reads an ExportRequest's lineage
+as the typed records the core writes.
 """
 
 from .. import __version__
@@ -21,6 +22,7 @@ from ..errors import BridgeError, CheckFailed
 from ..files import cache_dir, engine_log
 from ..logits import folder_logits, model_logits
 from ..modelcard import merged_license
+from ..records import Lineage
 from .hookspecs import hookimpl
 from .types import (
                     CUDA_CONTEXT,
@@ -46,11 +48,11 @@ __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult"
            "LaunchRequest", "TokenScores", "SmokeCheck", "SmokeContext", "Golden", "Client", "Server", "BridgeError",
            "CheckFailed", "PARITY_CORPUS", "REFERENCE_TEXT", "calibration", "calibration_text", "reference_document",
            "engine_log", "cache_dir", "http_json", "adds_bos", "token_sequences", "folder_logits", "model_logits",
-           "merged_license", "check_options", "ModelShape", "Need", "CUDA_CONTEXT", "__version__"]
+           "merged_license", "check_options", "ModelShape", "Need", "CUDA_CONTEXT", "Lineage", "__version__"]
 
-# bump when a hook or a registration type changes. 4: Exporter and ServingAdapter gained memory (for
-# `plan`), Exporter recognizes; 3: Exporter gained path_options, library and bits_per_weight;
-# 2: ServingAdapter.prompt_logprobs became ServingAdapter.logprobs and Exporter gained bounds. Plugins written for
-# 1 to 3 work unchanged.
-PLUGIN_API = 4
-SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4)
+# bump when a hook, a registration type or what this module offers changes. 5: Lineage (the typed reader of
+# ExportRequest.lineage) and CUDA_CONTEXT; 4: Exporter and ServingAdapter gained memory (for `plan`), Exporter
+# recognizes; 3: Exporter gained path_options, library and bits_per_weight; 2: ServingAdapter.prompt_logprobs became
+# ServingAdapter.logprobs and Exporter gained bounds. Plugins written for 1 to 4 work unchanged.
+PLUGIN_API = 5
+SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4, 5)

@@ -8,10 +8,10 @@ import json
 import shutil
 from pathlib import Path
 
-from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, ModelShape,
-                              Need, folder_logits, hookimpl)
+from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, Lineage,
+                              ModelShape, Need, folder_logits, hookimpl)
 
-PLUGIN_API = 4  # the plugin API this module was written for
+PLUGIN_API = 5  # the plugin API this module was written for
 # The smoke gate's bounds. float32 served by vLLM measured a KL of 8e-11 on the demo's reference text (a copy);
 # float16 holds what llama.cpp's F16 of the demo measured, 5.7e-6, to 2e-4. bfloat16 keeps 8 bits of mantissa,
 # what Q8_0 keeps, and erases small LoRA deltas (research notes): Q8_0's bounds.
@@ -72,7 +72,8 @@ def export(req: ExportRequest) -> ExportResult:
                               fix="check the disk; nothing was kept")
     checks = {"read_back": "every tensor equals the merged tensor cast to the dtype", "tensors": len(shards),
               "worst_rel_rounding_error": worst}
-    layers = ((req.lineage.get("merge") or {}).get("layers")) or {}
+    merge = Lineage.from_json(req.lineage).merge
+    layers = merge.layers if merge else {}
     if layers:  # how much of the LoRA delta this dtype keeps, from the merge report's per-layer figures
         total = sum(v["delta_norm"] for v in layers.values()) or 1.0
         checks["delta_kept"] = sum(v["delta_norm"] * v["delta_kept"][req.quant] for v in layers.values()) / total

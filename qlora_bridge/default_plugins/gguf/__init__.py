@@ -11,10 +11,10 @@ import os
 import time
 from pathlib import Path
 
-from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, ModelShape,
-                              Need, engine_log, hookimpl, merged_license)
+from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, Lineage,
+                              ModelShape, Need, engine_log, hookimpl, merged_license)
 
-PLUGIN_API = 4  # the plugin API this module was written for
+PLUGIN_API = 5  # the plugin API this module was written for
 FLOATS = ("F16", "F32", "BF16")
 
 # The smoke gate's bounds. Measured on the demo fine-tune (SmolLM2-135M, 200 held-out answers, 8.2k tokens of
@@ -54,21 +54,20 @@ def quant_types():
 def lineage_metadata(req: ExportRequest) -> dict:
     from qlora_bridge.api import __version__
 
-    lin = req.lineage
-    merge = lin.get("merge") or {}
-    base = (lin.get("base") or {}).get("path")
+    lin = Lineage.from_json(req.lineage)
     return {"name": req.merged.name,
             "qlora_bridge.version": __version__,
-            "qlora_bridge.base_model": base,
-            "qlora_bridge.adapter_sha256": (lin.get("adapter") or {}).get("sha256"),
-            "qlora_bridge.merge_base_weights": merge.get("base_weights"),
-            "qlora_bridge.merge_dtype": merge.get("dtype"),
+            "qlora_bridge.base_model": (lin.base or {}).get("path"),
+            "qlora_bridge.adapter_sha256": (lin.adapter or {}).get("sha256"),
+            "qlora_bridge.merge_base_weights": lin.merge.base_weights if lin.merge else None,
+            "qlora_bridge.merge_dtype": lin.merge.dtype if lin.merge else None,
             "general.license": merged_license(req.merged)}
 
 
 def trained_system_prompt(lineage: dict) -> str | None:
     """The system prompt of the held-out prompts, when they all share one: the fine-tune expects it."""
-    answers = (((lineage.get("merge") or {}).get("heldout") or {}).get("answers")) or []
+    merge = Lineage.from_json(lineage).merge
+    answers = merge.heldout_answers if merge else []
     prompts = {a["prompt"][0]["content"] if isinstance(a.get("prompt"), list) and a["prompt"]
                and a["prompt"][0].get("role") == "system" else None for a in answers}
     return prompts.pop() if len(prompts) == 1 else None

@@ -11,10 +11,10 @@ import json
 import tarfile
 from pathlib import Path
 
-from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, ModelShape, Need,
-                              hookimpl)
+from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, Lineage,
+                              ModelShape, Need, hookimpl)
 
-PLUGIN_API = 4  # the qlora-bridge plugin API this plugin was written for
+PLUGIN_API = 5  # the qlora-bridge plugin API this plugin was written for
 __version__ = "1.2.0"
 COMPRESSIONS = ("none", "gz")
 # what the smoke gate allows a served bundle: it holds the merged files byte for byte, so a float32 copy's bounds
@@ -44,13 +44,14 @@ def export(req: ExportRequest) -> ExportResult:
     with tarfile.open(bundle) as tar:  # read back before anyone relies on it
         if sorted(tar.getnames()) != sorted([p.name for p in files] + (["OWNERS"] if owners else [])):
             raise CheckFailed("the bundle does not hold every merged file", file=bundle, fix="check the disk")
-    merge = req.lineage.get("merge") or {}
+    lineage = Lineage.from_json(req.lineage)
+    dtype = lineage.merge.dtype if lineage.merge else None
     registry = {"team": team, "bundle": bundle.name,
                 "bundle_sha256": hashlib.sha256(bundle.read_bytes()).hexdigest(),
-                "base_weights": merge.get("base_weights"), "dtype": merge.get("dtype"),
-                "adapter_sha256": (req.lineage.get("adapter") or {}).get("sha256")}
+                "base_weights": lineage.merge.base_weights if lineage.merge else None, "dtype": dtype,
+                "adapter_sha256": (lineage.adapter or {}).get("sha256")}
     (req.out / "registry.json").write_text(json.dumps(registry, indent=2) + "\n")
-    return ExportResult(settings={"team": team, "compression": req.quant, "dtype": merge.get("dtype")},
+    return ExportResult(settings={"team": team, "compression": req.quant, "dtype": dtype},
                         checks={"bundle_members": len(files)})
 
 
