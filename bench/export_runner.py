@@ -24,7 +24,7 @@ def child(base: Path, out: Path, target: str, quant: str, options: dict) -> None
         os.sync()
         settings = {}
     else:
-        from qlora_bridge.export import export
+        from qlora_bridge.stages.export import export
         from qlora_bridge.host import load_plugins
 
         settings = export(load_plugins(), target, base, out, quant=quant, options=options,

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from damage import permute_layer, scale_rope, with_base_weights  # noqa: E402
 
 from qlora_bridge import manifest as mf  # noqa: E402
-from qlora_bridge.export import export  # noqa: E402
+from qlora_bridge.stages.export import export  # noqa: E402
 from qlora_bridge.host import load_plugins  # noqa: E402
 from qlora_bridge.records import read_merge_report  # noqa: E402
-from qlora_bridge.smoke import gate_bounds, measure, merged_folder, reference_for, smoke  # noqa: E402
+from qlora_bridge.stages.smoke import gate_bounds, measure, merged_folder, reference_for, smoke  # noqa: E402
 
 # name, target, quant, damage, expected verdict
 CASES = [
@@ -57,7 +57,7 @@ def build(registry, case, merged: Path, out: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     source = merged
     if damage == "original":  # the adapter added to the original weights; its merge check fails, kept anyway
-        from qlora_bridge.merge import merge
+        from qlora_bridge.stages.merge import merge
 
         report = read_merge_report(merged)
         source = out / "merged-original"
@@ -84,7 +84,7 @@ def judged(registry, folder: Path, logits) -> dict:
     the export in `folder`."""
     from transformers import AutoTokenizer
 
-    from qlora_bridge.divergence import full_scores
+    from qlora_bridge.measure.divergence import full_scores
 
     manifest = mf.read(folder)
     merged = merged_folder(manifest, None)
@@ -112,9 +112,9 @@ def estimators(registry, folder: Path) -> dict:
     from transformers import AutoTokenizer
 
     from qlora_bridge.api import TokenScores
-    from qlora_bridge.divergence import compare_rows, full_scores, rows_from, sparse, summary
-    from qlora_bridge.logits import model_logits
-    from qlora_bridge.reference import reference_scores
+    from qlora_bridge.measure.divergence import compare_rows, full_scores, rows_from, sparse, summary
+    from qlora_bridge.measure.logits import model_logits
+    from qlora_bridge.measure.reference import reference_scores
 
     manifest = mf.read(folder)
     exporter, _ = registry.exporter(manifest["export"]["target"])

@@ -65,11 +65,11 @@ class GpuPeak:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'stage':<28}{'plan GPU MiB':>14}{'measured':>10}{'ratio':>8}  {'seconds':>8}"]
+    lines = [f"{'stage':<28}{'plan GPU MiB':>14}{'nvidia-smi':>12}{'ratio':>8}{'torch reserved':>16}  {'seconds':>8}"]
     for r in rows:
         ratio = f"{r['predicted_mib'] / r['measured_mib']:.2f}" if r["measured_mib"] else "-"
-        lines.append(f"{r['stage']:<28}{r['predicted_mib']:>14.0f}{r['measured_mib']:>10.0f}{ratio:>8}  "
-                     f"{r['seconds']:>8.0f}")
+        lines.append(f"{r['stage']:<28}{r['predicted_mib']:>14.0f}{r['measured_mib']:>12.0f}{ratio:>8}"
+                     f"{r['torch_reserved_mib']:>16.0f}  {r['seconds']:>8.0f}")
     return "\n".join(lines)
 
 

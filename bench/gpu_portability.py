@@ -24,11 +24,11 @@ def main() -> None:
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
     from qlora_bridge.errors import BridgeError
-    from qlora_bridge.merge import merge
+    from qlora_bridge.stages.merge import merge
     from qlora_bridge.quant import state_digest
     from qlora_bridge.safetensors_io import SafetensorsReader
     from qlora_bridge.tinymodel import build_tiny_model
-    from qlora_bridge.train import TrainSettings, train
+    from qlora_bridge.stages.train import TrainSettings, train
 
     import bitsandbytes
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gate import judged  # noqa: E402
 
-from qlora_bridge.export import export  # noqa: E402
+from qlora_bridge.stages.export import export  # noqa: E402
 from qlora_bridge.host import load_plugins  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def tap(registry, folder: Path, ref, sums: dict):
     (in `sums`, by answers/text) as the gate's measurement passes through it: one llama.cpp run for both."""
     import torch
 
-    from qlora_bridge.divergence import compare_rows, full_scores, rows_from
+    from qlora_bridge.measure.divergence import compare_rows, full_scores, rows_from
 
     exporter, _ = registry.exporter("gguf")
     kept = {tuple(t.kept) for t in ref.scorer.teachers}
@@ -64,8 +64,8 @@ def paired_ratio(on: list, off: list, draws: int = 2000) -> tuple[float, float, 
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from qlora_bridge.reference import reference_scores
-    from qlora_bridge.smoke import reference_for
+    from qlora_bridge.measure.reference import reference_scores
+    from qlora_bridge.stages.smoke import reference_for
 
     ap = argparse.ArgumentParser()
     ap.add_argument("merged", type=Path)

@@ -27,7 +27,7 @@ def route(name: str, base: Path, adapter: Path, out: Path, dtype: str) -> None:
     import torch
 
     if name == "qlora-bridge":
-        from qlora_bridge.merge import merge
+        from qlora_bridge.stages.merge import merge
 
         merge(base, adapter, out, dtype=dtype, check="layer", force=True, progress=False)
     elif name == "peft":  # what a peft user does: 4-bit load, dequantize, merge_and_unload, save_pretrained

@@ -80,18 +80,18 @@ def child(argv: list[str]) -> None:
     kind, *rest = argv
     extra = {}
     if kind == "train":
-        from qlora_bridge.train import TrainSettings, train
+        from qlora_bridge.stages.train import TrainSettings, train
 
         base, data, heldout, out, settings = rest
         train(Path(base), Path(data), Path(out), TrainSettings(**json.loads(settings)),
               heldout_file=Path(heldout) if heldout != "-" else None, force=True, progress=False)
     elif kind == "merge":
-        from qlora_bridge.merge import merge
+        from qlora_bridge.stages.merge import merge
 
         base, adapter, out, check = rest
         merge(Path(base), Path(adapter), Path(out), check=check, force=True, progress=False)
     elif kind == "export":
-        from qlora_bridge.export import export
+        from qlora_bridge.stages.export import export
         from qlora_bridge.host import load_plugins
 
         target, quant, merged, out = rest
@@ -99,7 +99,7 @@ def child(argv: list[str]) -> None:
                progress=False)
     elif kind == "serve":
         from qlora_bridge.host import load_plugins
-        from qlora_bridge.serve import serving
+        from qlora_bridge.stages.serve import serving
         from qlora_bridge.api import http_json
 
         backend, folder, prompt = rest

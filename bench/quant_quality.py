@@ -44,7 +44,7 @@ CASES = [
 
 
 def exported(target: str, merged: str, out: str, options: dict, answer) -> None:
-    from qlora_bridge.export import export
+    from qlora_bridge.stages.export import export
     from qlora_bridge.host import load_plugins
 
     t0 = time.time()
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--vllm-python", default=".venv-vllm/bin/python")
     a = ap.parse_args()
     from qlora_bridge.host import load_plugins
-    from qlora_bridge.smoke import smoke
+    from qlora_bridge.stages.smoke import smoke
 
     registry = load_plugins()
     vllm = importlib.import_module("qlora_bridge.default_plugins.vllm_server")

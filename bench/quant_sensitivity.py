@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM
 
 from qlora_bridge import manifest as mf
 from qlora_bridge.host import load_plugins
-from qlora_bridge.logits import model_logits
-from qlora_bridge.smoke import merged_folder
+from qlora_bridge.measure.logits import model_logits
+from qlora_bridge.stages.smoke import merged_folder
 
 
 def main() -> None:

@@ -234,7 +234,7 @@ def run_train(a) -> Outcome:
     from .default_model import resolve_base
     from .models import check_base
     from .pipeline import Pipeline
-    from .train import train
+    from .stages.train import train
 
     project = project_of(a)
     settings, values = train_settings(a, project, own_data=a.data is not None)
@@ -313,7 +313,7 @@ def add_merge(sub) -> None:
 
 def run_merge(a) -> Outcome:
     from .default_model import resolve_base
-    from .merge import merge, read_adapter
+    from .stages.merge import merge, read_adapter
     from .pipeline import Pipeline, merge_stage
 
     project = project_of(a)
@@ -343,7 +343,7 @@ def run_merge(a) -> Outcome:
 
 
 def merge_outcome(out: Path, report: MergeReport) -> Outcome:
-    from .merge import KEPT_WARNING
+    from .stages.merge import KEPT_WARNING
 
     warnings_ = []
     if report.delta_kept_overall < KEPT_WARNING:
@@ -439,7 +439,7 @@ def add_export(sub) -> None:
 
 def run_export(a) -> Outcome:
     from .api import check_options
-    from .export import export, export_log, resolve_quant
+    from .stages.export import export, export_log, resolve_quant
     from .host import load_plugins
     from .pipeline import Pipeline
     from .project import ExportSpec
@@ -499,7 +499,7 @@ def add_served_export_options(p) -> None:
 def chosen_backend(a):
     """The plugin registry, the export folder, and the backend asked for or the first that serves its format."""
     from .host import load_plugins
-    from .serve import artifact_format
+    from .stages.serve import artifact_format
 
     reg = load_plugins(a.plugin)
     folder = Path(a.dir)
@@ -511,8 +511,8 @@ def run_serve(a) -> Outcome:
     import threading
 
     from . import manifest as mf
-    from .serve import serving
-    from .smoke import check_unchanged
+    from .stages.serve import serving
+    from .stages.smoke import check_unchanged
 
     reg, folder, backend = chosen_backend(a)
     if (folder / mf.MANIFEST).is_file():  # a folder made elsewhere has no digests to hold it to
@@ -551,7 +551,7 @@ def add_smoke(sub) -> None:
 
 def run_smoke(a) -> Outcome:
     from .modelcard import figures
-    from .smoke import smoke
+    from .stages.smoke import smoke
 
     project = project_of(a)
     reg, folder, backend = chosen_backend(a)

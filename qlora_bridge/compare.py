@@ -7,7 +7,7 @@ prompts, teacher-forced along the trained model's own answers (its greedy answer
 
 - KL divergence (nats per answer token) of the trained model's next-token distribution to the artifact's (the
   trained model's kept as its 128 most likely tokens per position: exact on those, grouped beyond; see
-  qlora_bridge.divergence);
+  qlora_bridge.measure.divergence);
 - answers kept: records where the artifact's top-1 token is the trained model's at every answer position (and
   at the end of turn), i.e. greedy decoding would give the trained model's answer;
 - exact match: the same along the expected answer, i.e. greedy decoding would give the expected answer.
@@ -21,12 +21,12 @@ from __future__ import annotations
 import sys
 import time
 
-from .divergence import AnswerScorer, full_scores, teacher_sequences
+from .measure.divergence import AnswerScorer, full_scores, teacher_sequences
 from .errors import BridgeError
-from .export import resolve_quant
+from .stages.export import resolve_quant
 from .files import write_json
-from .logits import folder_logits, model_logits
-from .merge import MODES, trained_model
+from .measure.logits import folder_logits, model_logits
+from .stages.merge import MODES, trained_model
 from .pipeline import Pipeline
 from .project import Project
 from .records import read_merge_report, read_training_record

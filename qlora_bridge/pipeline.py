@@ -104,7 +104,7 @@ class Pipeline:
         from .data import check_data
         from .default_model import resolve_base
         from .models import check_base
-        from .train import TrainSettings, train
+        from .stages.train import TrainSettings, train
 
         p, settings = self.project, TrainSettings(**self.project.train)
         settings.validate()
@@ -126,7 +126,7 @@ class Pipeline:
 
     def merged(self, base_weights: str | None = None, *, gate: bool = True) -> Path:
         """gate=False keeps a merge whose equivalence check failed (its report says so), for `compare`."""
-        from .merge import merge
+        from .stages.merge import merge
 
         adapter = self.adapter()
         base = read_training_record(adapter).base_path
@@ -142,7 +142,7 @@ class Pipeline:
 
     def export(self, spec: ExportSpec, merged: Path | None = None, under: str = "") -> Path:
         """Export into OUT/[under/]export-TARGET-QUANT (or the spec's name)."""
-        from .export import export, resolve_quant
+        from .stages.export import export, resolve_quant
 
         merged = merged or self.merged()
         exporter, plugin = self.registry.exporter(spec.target)

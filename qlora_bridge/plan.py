@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .api.types import CUDA_CONTEXT, ModelShape, Need
 from .errors import BridgeError
-from .export import resolve_quant
+from .stages.export import resolve_quant
 from .project import ExportSpec
 from .train_settings import TrainSettings
 
@@ -254,7 +254,7 @@ def merge_need(shape: ModelShape, dtype: str, check: str, hw: Hardware) -> tuple
     """Peak memory of `merge` and the check `auto` picks. The merge streams: one tensor at a time is read (the
     checkpoint's dtype), copied to float32, rebuilt through NF4 (packed codes, then float32 again), merged and
     cast to the stored dtype. The full check then loads the 4-bit base + adapter and the merged model in float32;
-    `auto` does so only when 3x the float32 model fits in free memory (merge.py), else it samples each layer."""
+    `auto` does so only when 3x the float32 model fits in free memory (stages/merge.py), else it samples each layer."""
     out = DTYPE_BYTES[dtype]
     biggest_linear = shape.largest_linear
     embedding = shape.vocab * shape.hidden

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 from . import __version__
 from .errors import BridgeError
@@ -35,8 +36,30 @@ def _answers(heldout: dict | None, *keys: str) -> list[dict]:
     return (heldout or {}).get("answers") or []
 
 
+class _Record:
+    """JSON in and out; a field named in OMITTED is left out when None (no such section), as readers expect."""
+    FILE: ClassVar[str]
+    OMITTED: ClassVar[tuple[str, ...]] = ()
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if not (k in self.OMITTED and v is None)}
+
+    @classmethod
+    def from_json(cls, data: dict, where: Path | None = None):
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise BridgeError(f"{cls.FILE} lacks {', '.join(missing)}", file=where, field=missing[0],
+                              fix="re-run the stage that wrote it with this version of qlora-bridge")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
 @dataclass(frozen=True, kw_only=True)
-class TrainingRecord:
+class TrainingRecord(_Record):
+    FILE: ClassVar[str] = TRAINING_RECORD
+    OMITTED: ClassVar[tuple[str, ...]] = ("quantization",)  # trained without quantization: no NF4 to rebuild
+
     tool: dict = field(default_factory=_tool)
     settings: dict = field(default_factory=dict)  # TrainSettings as trained
     quantization: dict | None = None  # quant_type, double_quant, blocksize, compute_dtype, fingerprint, device
@@ -63,19 +86,13 @@ class TrainingRecord:
         set)."""
         return _answers(self.heldout, "after")
 
-    def to_json(self) -> dict:
-        data = asdict(self)
-        if data["quantization"] is None:  # trained without quantization: no NF4 to rebuild
-            del data["quantization"]
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict, where: Path | None = None) -> TrainingRecord:
-        return _from_json(cls, data, where, TRAINING_RECORD)
 
 
 @dataclass(frozen=True, kw_only=True)
-class MergeReport:
+class MergeReport(_Record):
+    FILE: ClassVar[str] = MERGE_REPORT
+    OMITTED: ClassVar[tuple[str, ...]] = ("heldout",)
+
     tool: dict = field(default_factory=_tool)
     base: dict  # path, files
     adapter: dict = field(default_factory=dict)  # path, sha256, rank, alpha
@@ -101,16 +118,6 @@ class MergeReport:
     def heldout_answers(self) -> list[dict]:
         return _answers(self.heldout)
 
-    def to_json(self) -> dict:
-        data = asdict(self)
-        if data["heldout"] is None:
-            del data["heldout"]
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict, where: Path | None = None) -> MergeReport:
-        return _from_json(cls, data, where, MERGE_REPORT)
-
 
 @dataclass(frozen=True, kw_only=True)
 class Lineage:
@@ -135,32 +142,22 @@ class Lineage:
                    training_record=TrainingRecord.from_json(record) if record else None)
 
 
-def _from_json(cls, data: dict, where: Path | None, name: str):
-    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise BridgeError(f"{name} lacks {', '.join(missing)}", file=where, field=missing[0],
-                          fix="re-run the stage that wrote it with this version of qlora-bridge")
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def _read(folder: Path, name: str, required: bool) -> dict | None:
-    path = Path(folder) / name
+def _read(cls, folder: Path, required: bool):
+    path = Path(folder) / cls.FILE
     if not path.is_file():
         if required:
-            raise BridgeError(f"no {name} here", file=path, fix="pass a folder written by qlora-bridge (train "
+            raise BridgeError(f"no {cls.FILE} here", file=path, fix="pass a folder written by qlora-bridge (train "
                               "writes the adapter's record, merge the merged folder's report)")
         return None
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BridgeError(f"not valid JSON ({e})", file=path, fix="re-run the stage that wrote it") from None
+    return cls.from_json(data, path)
 
 
 def read_training_record(folder: Path, required: bool = True) -> TrainingRecord | None:
-    data = _read(folder, TRAINING_RECORD, required)
-    return None if data is None else TrainingRecord.from_json(data, Path(folder) / TRAINING_RECORD)
+    return _read(TrainingRecord, folder, required)
 
 
 def write_training_record(folder: Path, record: TrainingRecord) -> None:
@@ -168,8 +165,7 @@ def write_training_record(folder: Path, record: TrainingRecord) -> None:
 
 
 def read_merge_report(folder: Path, required: bool = True) -> MergeReport | None:
-    data = _read(folder, MERGE_REPORT, required)
-    return None if data is None else MergeReport.from_json(data, Path(folder) / MERGE_REPORT)
+    return _read(MergeReport, folder, required)
 
 
 def write_merge_report(folder: Path, report: MergeReport) -> None:

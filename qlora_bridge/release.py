@@ -79,7 +79,7 @@ def markdown(rows: list[dict], stages: list[dict], seconds: float) -> str:
 
 
 def release(project: Project, registry, *, progress: bool = True, passphrase: bytes | None = None) -> dict:
-    from .smoke import smoke
+    from .stages.smoke import smoke
 
     if not project.exports:
         raise BridgeError("the project has no export targets", file=project.path, field="[[export]]",

@@ -107,7 +107,7 @@ def chat(user: str, answer: str, system: str | None = None) -> dict:
 @pytest.fixture(scope="session")
 def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
     """A QLoRA adapter trained for 10 steps on the tiny model (large enough deltas to measure)."""
-    from qlora_bridge.train import TrainSettings, train
+    from qlora_bridge.stages.train import TrainSettings, train
 
     d = tmp_path_factory.mktemp("adapter")
     data = write_jsonl(d / "d.jsonl", [chat(f"request {i}", f'{{"n": {i}}}') for i in range(16)])
@@ -117,7 +117,7 @@ def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_merged(tiny_model, tiny_adapter, tmp_path_factory) -> Path:
-    from qlora_bridge.merge import merge
+    from qlora_bridge.stages.merge import merge
 
     out = tmp_path_factory.mktemp("merged") / "merged"
     merge(tiny_model, tiny_adapter, out, progress=False)
@@ -127,8 +127,8 @@ def tiny_merged(tiny_model, tiny_adapter, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_release(tiny_model, tmp_path_factory) -> Path:
     """A tiny merged model that learned a skill, with held-out answers in its lineage (for smoke tests)."""
-    from qlora_bridge.merge import merge
-    from qlora_bridge.train import TrainSettings, train
+    from qlora_bridge.stages.merge import merge
+    from qlora_bridge.stages.train import TrainSettings, train
 
     d = tmp_path_factory.mktemp("release")
     pairs = [("ping", "pong"), ("day one", "Monday"), ("day two", "Tuesday"), ("colour", "blue")]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qlora_bridge.cli import main
-from qlora_bridge.divergence import AnswerScorer, Teacher, full_scores
+from qlora_bridge.measure.divergence import AnswerScorer, Teacher, full_scores
 from test_project import project_file
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from qlora_bridge.api import Bounds, TokenScores
-from qlora_bridge.divergence import Q_REST_FLOOR, compare_rows, full_scores, sparse, text_windows
+from qlora_bridge.measure.divergence import Q_REST_FLOOR, compare_rows, full_scores, sparse, text_windows
 from qlora_bridge.host import load_plugins
-from qlora_bridge.smoke import STRICT, gate_bounds
-from qlora_bridge.stats import mcnemar_drop, paired_interval
+from qlora_bridge.stages.smoke import STRICT, gate_bounds
+from qlora_bridge.measure.stats import mcnemar_drop, paired_interval
 
 
 def test_identical_distributions_give_zero_and_known_ones_their_kl():
@@ -85,7 +85,7 @@ def test_text_windows_cover_the_text_once_and_start_with_bos_where_the_tokenizer
 
 
 def test_an_answer_is_scored_up_to_the_token_that_ends_its_turn():
-    from qlora_bridge.divergence import teacher_sequences
+    from qlora_bridge.measure.divergence import teacher_sequences
     from qlora_bridge.tinymodel import SPM_CHAT_TEMPLATE, build_sentencepiece_tokenizer
 
     tok = build_sentencepiece_tokenizer()

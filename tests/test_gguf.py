@@ -9,7 +9,7 @@ import torch
 from conftest import FULL_PARITY, modelfile_fields
 
 from qlora_bridge.errors import BridgeError, CheckFailed
-from qlora_bridge.export import export
+from qlora_bridge.stages.export import export
 from qlora_bridge.host import load_plugins
 from qlora_bridge.tinymodel import build_tiny_model
 

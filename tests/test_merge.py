@@ -12,11 +12,11 @@ from conftest import chat, write_jsonl
 
 from qlora_bridge.errors import BridgeError, CheckFailed
 from qlora_bridge.files import digest_folder
-from qlora_bridge.merge import merge
+from qlora_bridge.stages.merge import merge
 from qlora_bridge.records import MERGE_REPORT as REPORT
 from qlora_bridge.records import TRAINING_RECORD as RECORD
 from qlora_bridge.tinymodel import build_tiny_model
-from qlora_bridge.train import TrainSettings, train
+from qlora_bridge.stages.train import TrainSettings, train
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import pytest
 from conftest import chat, write_jsonl
 
 from qlora_bridge.cli import main
-from qlora_bridge.merge import merge
-from qlora_bridge.train import TrainSettings, train
+from qlora_bridge.stages.merge import merge
+from qlora_bridge.stages.train import TrainSettings, train
 
 # No dropout: its masks come from each process's own random stream, so with dropout two processes train on
 # different noise than one and the curves part by the noise, not by a bug.

@@ -11,9 +11,9 @@ import pytest
 
 from qlora_bridge.cli import main
 from qlora_bridge.errors import BridgeError
-from qlora_bridge.export import PluginFailed, export
+from qlora_bridge.stages.export import PluginFailed, export
 from qlora_bridge.host import load_plugins
-from qlora_bridge.smoke import gate_bounds
+from qlora_bridge.stages.smoke import gate_bounds
 
 ROOT = Path(__file__).resolve().parent.parent
 

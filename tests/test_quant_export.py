@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qlora_bridge.errors import BridgeError
-from qlora_bridge.export import export
+from qlora_bridge.stages.export import export
 from qlora_bridge.host import load_plugins
 from qlora_bridge.tinymodel import build_tiny_model
 

@@ -15,10 +15,10 @@ from damage import permute_layer, scale_rope, with_base_weights
 
 from qlora_bridge.cli import main
 from qlora_bridge.errors import BridgeError
-from qlora_bridge.export import export
+from qlora_bridge.stages.export import export
 from qlora_bridge.host import load_plugins
-from qlora_bridge.serve import ServerFailed, serving
-from qlora_bridge.smoke import smoke
+from qlora_bridge.stages.serve import ServerFailed, serving
+from qlora_bridge.stages.smoke import smoke
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF extra: pip install '.[gguf]'")
 pytestmark = pytest.mark.slow  # starts real servers
@@ -115,7 +115,7 @@ def test_damaged_ggufs_fail_the_divergence_check(gguf_f16, tmp_path, damage, ins
 def test_an_export_of_an_unproven_merge_is_held_against_the_trained_model(registry, tiny_release, tmp_path):
     """The adapter merged into the original weights: its merge check fails, so the reference is the 4-bit base +
     adapter itself, and the export is measurably not the model that was trained."""
-    from qlora_bridge.merge import merge
+    from qlora_bridge.stages.merge import merge
 
     report = json.loads((tiny_release / "merge_report.json").read_text())
     original = tmp_path / "merged-original"
@@ -132,7 +132,7 @@ def test_a_folder_with_a_copied_merge_report_cannot_vouch_for_itself(tiny_model,
     """The base model with the fine-tune's merge report and training record copied in: were it its own reference,
     every export of it would measure KL 0. Its shards are not the ones the report says merge wrote."""
     from qlora_bridge.records import lineage
-    from qlora_bridge.reference import reference_for
+    from qlora_bridge.measure.reference import reference_for
 
     assert reference_for({"inputs": lineage(tiny_release).to_json()}, tiny_release).label.startswith("the merged model")
     impostor = tmp_path / "impostor"

@@ -9,7 +9,7 @@ from qlora_bridge.data import load_heldout
 from qlora_bridge.errors import BridgeError
 from qlora_bridge.records import TRAINING_RECORD as RECORD
 from qlora_bridge.records import read_training_record
-from qlora_bridge.train import TrainSettings, train
+from qlora_bridge.stages.train import TrainSettings, train
 
 FAST = dict(steps=2, batch_size=2, max_seq_len=128)
 

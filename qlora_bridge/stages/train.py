@@ -17,14 +17,14 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .data import IGNORE_INDEX, Dataset, collate, load_dataset, load_heldout
-from .errors import BridgeError
-from .files import digest_folder, output_folder, sha256_file
-from .manifest import environment
-from .models import check_base, load_model, load_tokenizer, peak_rss_mib
-from .quant import BLOCKSIZE, assert_standard_layout, fingerprint
-from .records import TrainingRecord, read_training_record, write_training_record
-from .train_settings import TrainSettings
+from ..data import IGNORE_INDEX, Dataset, collate, load_dataset, load_heldout
+from ..errors import BridgeError
+from ..files import digest_folder, output_folder, sha256_file
+from ..manifest import environment
+from ..models import check_base, load_model, load_tokenizer, peak_rss_mib
+from ..quant import BLOCKSIZE, assert_standard_layout, fingerprint
+from ..records import TrainingRecord, read_training_record, write_training_record
+from ..train_settings import TrainSettings
 
 
 @dataclass
@@ -81,7 +81,7 @@ def launch(base: Path, dataset: Path, out: Path, s: TrainSettings, heldout_file:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // s.processes))}
     if s.strategy == "fsdp":  # transformers then loads the weights on rank 0 only; FSDP sends each rank its shard
         env.update(ACCELERATE_USE_FSDP="1", FSDP_CPU_RAM_EFFICIENT_LOADING="1")
-    rc = subprocess.run([*start, "-m", "qlora_bridge.train", job], env=env).returncode
+    rc = subprocess.run([*start, "-m", "qlora_bridge.stages.train", job], env=env).returncode
     if rc != 0:
         raise RuntimeError(f"{s.processes} training processes ({s.launcher}, {s.strategy}) failed with exit code {rc}; "
                            "their output is above")
@@ -202,7 +202,7 @@ def lora_model(base: Path, s: TrainSettings):
 def answer(model, tok, heldout, when: str, progress: bool):
     from tqdm import tqdm
 
-    from .evaluate import exact_match
+    from ..measure.evaluate import exact_match
 
     with tqdm(total=len(heldout), desc=f"held-out {when}", disable=not progress, mininterval=1.0, leave=False) as pb:
         return exact_match(model, tok, heldout, progress=pb.update)

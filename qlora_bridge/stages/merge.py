@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .corpus import REFERENCE_TEXT
-from .errors import BridgeError, CheckFailed
-from .files import digest_folder, output_folder, sha256_file, write_json
-from .manifest import environment
-from .models import check_base, load_model, peak_rss_mib
-from .quant import state_digest
-from .records import MergeReport, TrainingRecord, read_training_record, write_merge_report, write_training_record
-from .safetensors_io import SafetensorsReader, ShardWriter, model_shards
-from .train_settings import TrainSettings
+from .. import __version__
+from ..corpus import REFERENCE_TEXT
+from ..errors import BridgeError, CheckFailed
+from ..files import digest_folder, output_folder, sha256_file, write_json
+from ..manifest import environment
+from ..models import check_base, load_model, peak_rss_mib
+from ..quant import state_digest
+from ..records import MergeReport, TrainingRecord, read_training_record, write_merge_report, write_training_record
+from ..safetensors_io import SafetensorsReader, ShardWriter, model_shards
+from ..train_settings import TrainSettings
 
 MODES = ("nf4", "original")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -312,8 +312,8 @@ def heldout_comparison(merged_dir: Path, heldout_file: Path, record: TrainingRec
     """The merged model's held-out answers beside the 4-bit + adapter model's answers from training."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .data import load_heldout
-    from .evaluate import exact_match
+    from ..data import load_heldout
+    from ..measure.evaluate import exact_match
 
     tok = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)

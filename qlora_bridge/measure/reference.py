@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import BridgeError
-from .records import Lineage
+from ..errors import BridgeError
+from ..records import Lineage
 
 VERSION = 1  # of what is cached: bump when the sequences, the rows or the sparsity change
 
@@ -57,7 +57,7 @@ def reference_for(manifest: dict, merged: Path | None) -> Reference:
     base, adapter = record.base_path if record else Path("-"), lin.adapter or {}
     adapter_dir = Path(adapter.get("path") or "-")
     if (base / "config.json").is_file() and (adapter_dir / "adapter_config.json").is_file():
-        from .merge import trained_model
+        from ..stages.merge import trained_model
 
         why = ("the export's lineage has no merge report" if not report
                else "its merge was not proven equal to it" if not proven
@@ -74,7 +74,7 @@ def reference_for(manifest: dict, merged: Path | None) -> Reference:
 
 
 def verify_files(folder: Path, files: dict[str, str]) -> None:
-    from .files import sha256_file
+    from ..files import sha256_file
 
     changed = [name for name, digest in files.items() if sha256_file(folder / name) != digest]
     if changed:
@@ -97,10 +97,10 @@ def reference_scores(reference: Reference, tok, *, progress: bool = True) -> Ref
     import torch
     from safetensors.torch import load_file, save_file
 
-    from .api import TokenScores
-    from .corpus import reference_document
+    from ..api import TokenScores
+    from ..corpus import reference_document
     from .divergence import TOP_K, WINDOW, AnswerScorer, teacher_sequences, text_reference, text_windows
-    from .files import cache_dir
+    from ..files import cache_dir
     from .logits import model_logits
 
     if not reference.answers:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .data import HeldOut
+from ..data import HeldOut
 
 
 @dataclass

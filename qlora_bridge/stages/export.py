@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import manifest as mf
-from .api import Exporter, ExportRequest, ExportResult, check_options
-from .errors import BridgeError
-from .files import output_folder
-from .host import Registry
-from .modelcard import CARD, render
-from .records import lineage
-from .signing import sign
+from .. import manifest as mf
+from ..api import Exporter, ExportRequest, ExportResult, check_options
+from ..errors import BridgeError
+from ..files import output_folder
+from ..host import Registry
+from ..modelcard import CARD, render
+from ..records import lineage
+from ..signing import sign
 
 
 class PluginFailed(BridgeError):

@@ -4,7 +4,7 @@ PASSED must mean the fine-tune survived the export. The reference is the model t
 + adapter), or the merged model when its merge check proved it equal to that (an exact nf4 float32 merge); an
 export of a merge that was not proven equal is measured against the trained model itself. The served model is
 measured through the engine that serves it (ServingAdapter.logprobs), teacher-forced along the reference's own
-held-out answers and over an 8k-token reference text (qlora_bridge.divergence): KL divergence, same top-1 share,
+held-out answers and over an 8k-token reference text (qlora_bridge.measure.divergence): KL divergence, same top-1 share,
 perplexity ratio, and the held-out task score beside the reference's on the same prompts with an exact McNemar
 test. The bounds come from the exporter's registration for the export's quant type (Exporter.bounds); a quant
 type it declares none for is gated by STRICT, and the results say which bounds were used and why.
@@ -22,15 +22,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import manifest as mf
-from .api import Bounds, Client, Exporter, Golden, SmokeContext, TokenScores
-from .errors import BridgeError, CheckFailed
-from .files import read_text
-from .host import Registry
-from .modelcard import CARD, figures, render
-from .reference import Reference, reference_for
+from .. import manifest as mf
+from ..api import Bounds, Client, Exporter, Golden, SmokeContext, TokenScores
+from ..errors import BridgeError, CheckFailed
+from ..files import read_text
+from ..host import Registry
+from ..modelcard import CARD, figures, render
+from ..measure.reference import Reference, reference_for
 from .serve import serving
-from .signing import sign
+from ..signing import sign
 
 # Bounds for a quant type no exporter vouches for: a float copy's. On the demo an F16 GGUF measured 3.4e-7
 # nats/token along the held-out answers and 5.7e-6 on the text (perplexity x0.99995); Q8_0 4.9e-4 and 4.6e-3.
@@ -105,9 +105,9 @@ def measure(reference: Reference, tok, scores: Callable[[list[list[int]]], Itera
     """An export against the reference: along the reference's held-out answers (KL, top-1, answers kept, the
     paired task score) and over the reference document (KL, top-1, perplexity ratio). scores: the export's
     next-token distributions for token sequences (a serving engine's, or an exporter's logits hook's)."""
-    from .divergence import text_divergence
-    from .reference import reference_scores
-    from .stats import mcnemar_drop, paired_interval
+    from ..measure.divergence import text_divergence
+    from ..measure.reference import reference_scores
+    from ..measure.stats import mcnemar_drop, paired_interval
 
     ref = reference_scores(reference, tok)
     started = time.time()

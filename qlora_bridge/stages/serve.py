@@ -18,10 +18,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from . import manifest as mf
-from .api import LaunchRequest, Server, check_options
-from .errors import BridgeError, CheckFailed
-from .host import Registry
+from .. import manifest as mf
+from ..api import LaunchRequest, Server, check_options
+from ..errors import BridgeError, CheckFailed
+from ..host import Registry
 
 
 class ServerFailed(CheckFailed):

@@ -11,7 +11,7 @@ Everything is teacher-forced, so one forward pass per sequence measures what gre
 
 Distributions come in two shapes (api.TokenScores): the full vocabulary (llama.cpp in process, an exporter's
 logits hook, a reference model just run) or listed tokens: vLLM's prompt log-probabilities (its 20 most likely
-tokens plus the actual one) and the cached reference (qlora_bridge.reference: its TOP_K most likely plus the
+tokens plus the actual one) and the cached reference (qlora_bridge.measure.reference: its TOP_K most likely plus the
 actual one). With both full, the KL(P || Q) is exact (P the reference, Q the export). Otherwise the vocabulary is
 grouped into the tokens both sides list and one bucket for the rest. By the log-sum inequality that never exceeds
 the true KL; what it misses is exactly p_rest * KL(P_rest || Q_rest), the reference's probability outside the
@@ -28,8 +28,8 @@ from typing import Iterable
 
 import torch
 
-from .api import TokenScores
-from .errors import BridgeError
+from ..api import TokenScores
+from ..errors import BridgeError
 
 WINDOW = 512  # tokens per window of the reference text: within every supported model's context
 TOP_K = 128  # tokens of the reference's distributions kept per position (with the actual next token)
@@ -47,7 +47,7 @@ class Teacher:
 
 def teacher_sequences(tok, answers: list[dict]) -> list[Teacher]:
     """answers: the reference model's greedy answers to the held-out prompts ({line, prompt, expected, got})."""
-    from .data import HeldOut
+    from ..data import HeldOut
     from .evaluate import render_prompt
 
     out = []
@@ -75,7 +75,7 @@ def answer_end(tok, prompt) -> list[int]:
 
 def text_windows(tok, text: str, size: int = WINDOW) -> list[list[int]]:
     """The text's tokens in windows of `size`, each starting with BOS where the tokenizer adds one."""
-    from .data import adds_bos
+    from ..data import adds_bos
 
     ids = tok(text, add_special_tokens=False)["input_ids"]
     bos = [tok.bos_token_id] if adds_bos(tok) else []
