@@ -134,8 +134,9 @@ def test_the_gpu_script_says_when_there_is_no_gpu_and_changes_nothing():
     sys.path.insert(0, str(root / "bench"))
     from gpu_e2e import table
 
-    text = table([{"stage": "train", "predicted_mib": 5000.0, "measured_mib": 4000.0, "seconds": 61.0}])
-    assert "train" in text and "1.25" in text
+    text = table([{"stage": "train", "predicted_mib": 5000.0, "measured_mib": 4000.0, "torch_reserved_mib": 3210.0,
+                   "seconds": 61.0}])
+    assert "train" in text and "1.25" in text and "3210" in text
 
 
 def test_a_bad_serving_option_in_the_project_is_exit_2_not_a_traceback(tmp_path, capsys):
