@@ -313,8 +313,8 @@ def add_merge(sub) -> None:
 
 def run_merge(a) -> Outcome:
     from .default_model import resolve_base
-    from .stages.merge import merge, read_adapter
     from .pipeline import Pipeline, merge_stage
+    from .stages.merge import merge, read_adapter
 
     project = project_of(a)
     a.base_weights = a.base_weights or project.merge.get("base_weights", "nf4")
@@ -439,10 +439,10 @@ def add_export(sub) -> None:
 
 def run_export(a) -> Outcome:
     from .api import check_options
-    from .stages.export import export, export_log, resolve_quant
     from .host import load_plugins
     from .pipeline import Pipeline
     from .project import ExportSpec
+    from .stages.export import export, export_log, resolve_quant
 
     project = project_of(a)
     reg = load_plugins(a.plugin)

@@ -21,15 +21,15 @@ from __future__ import annotations
 import sys
 import time
 
-from .measure.divergence import AnswerScorer, full_scores, teacher_sequences
 from .errors import BridgeError
-from .stages.export import resolve_quant
 from .files import write_json
+from .measure.divergence import AnswerScorer, full_scores, teacher_sequences
 from .measure.logits import folder_logits, model_logits
-from .stages.merge import MODES, trained_model
 from .pipeline import Pipeline
 from .project import Project
 from .records import read_merge_report, read_training_record
+from .stages.export import resolve_quant
+from .stages.merge import MODES, trained_model
 
 REPORT = "compare-report"
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from .api.types import CUDA_CONTEXT, ModelShape, Need
 from .errors import BridgeError
-from .stages.export import resolve_quant
 from .project import ExportSpec
+from .stages.export import resolve_quant
 from .train_settings import TrainSettings
 
 MiB, GiB = 2**20, 2**30

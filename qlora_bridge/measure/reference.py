@@ -99,8 +99,8 @@ def reference_scores(reference: Reference, tok, *, progress: bool = True) -> Ref
 
     from ..api import TokenScores
     from ..corpus import reference_document
-    from .divergence import TOP_K, WINDOW, AnswerScorer, teacher_sequences, text_reference, text_windows
     from ..files import cache_dir
+    from .divergence import TOP_K, WINDOW, AnswerScorer, teacher_sequences, text_reference, text_windows
     from .logits import model_logits
 
     if not reference.answers:

@@ -27,10 +27,10 @@ from ..api import Bounds, Client, Exporter, Golden, SmokeContext, TokenScores
 from ..errors import BridgeError, CheckFailed
 from ..files import read_text
 from ..host import Registry
-from ..modelcard import CARD, figures, render
 from ..measure.reference import Reference, reference_for
-from .serve import serving
+from ..modelcard import CARD, figures, render
 from ..signing import sign
+from .serve import serving
 
 # Bounds for a quant type no exporter vouches for: a float copy's. On the demo an F16 GGUF measured 3.4e-7
 # nats/token along the held-out answers and 5.7e-6 on the text (perplexity x0.99995); Q8_0 4.9e-4 and 4.6e-3.

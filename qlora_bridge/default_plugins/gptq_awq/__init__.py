@@ -277,7 +277,8 @@ def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
     work = {"one layer": layer_params * 4, "Hessians of its inputs": hessians, "calibration activations": activations}
     host = {"runtime": RUNTIME, "merged model loaded": weights, **({} if gpu else work)}
     packed = int(shape.linear_params * (bits + 16 / 32) / 8 + shape.dense_params * 2)  # codes + group scales
-    return Need(gpu={"CUDA context": CUDA_CONTEXT, **work} if gpu else {}, host=host, disk={f"{quant} checkpoint": packed}, output=packed)
+    return Need(gpu={"CUDA context": CUDA_CONTEXT, **work} if gpu else {}, host=host,
+                disk={f"{quant} checkpoint": packed}, output=packed)
 
 
 def quant_method(folder) -> str | None:
