@@ -2,8 +2,9 @@
 
 Three sources, one manager: the built-in plugins (qlora_bridge.default_plugins, imported by name), installed
 packages exposing the entry-point group `qlora_bridge`, and local modules named by QLORA_BRIDGE_PLUGINS or
---plugin (module names or .py paths, separated by os.pathsep). A plugin that fails to import or to register is recorded with its error and
-the others keep working; two plugins claiming one target or backend make that name unusable until one goes.
+--plugin (module names or .py paths, separated by os.pathsep). A plugin that fails to import or to register is
+recorded with its error and the others keep working; two plugins claiming one target or backend make that name
+unusable until one goes.
 """
 
 from __future__ import annotations

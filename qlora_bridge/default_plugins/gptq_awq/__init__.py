@@ -299,5 +299,5 @@ def register_exporters(register):
     register(Exporter(target="awq", export=lambda req: export(req, "awq"), format="awq", quant_types=("int4",),
                       logits=logits, bounds={"int4": INT4}, options=OPTIONS, path_options=("calibration",),
                       library="transformers", bits_per_weight=bits_per_weight, memory=memory,
-                      recognizes=lambda folder: quant_method(folder) == "awq", description="AWQ GEMM (4-bit, zero point) for vLLM and transformers, via GPTQModel or "
-                                  "AutoRound"))
+                      recognizes=lambda folder: quant_method(folder) == "awq",
+                      description="AWQ GEMM (4-bit, zero point) for vLLM and transformers, via GPTQModel or AutoRound"))
