@@ -14,12 +14,18 @@ demo: $(STAMP) $(VLLM_STAMP)
 test: $(STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)
 
-# torch goes first, pinned, so pip takes the local CPU build instead of resolving a CUDA one.
-$(STAMP): pyproject.toml
+# torch goes first, pinned, so pip takes the local CPU build instead of resolving a CUDA one. llama-cpp-python is
+# compiled for this CPU's vector extensions and never its AMX kernels, which fault on many Intel Xeons
+# (qlora_bridge/default_plugins/llamacpp_build.py), into a wheel cached under those flags; the second install
+# replaces a llama-cpp-python of the same version that pip built natively before.
+LLAMA_BUILD := qlora_bridge/default_plugins/llamacpp_build.py
+$(STAMP): pyproject.toml $(LLAMA_BUILD)
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
 	$(VENV)/bin/pip install -q torch==2.13.0
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip install -q -e '.[test,gguf,quant]'
+	wheel=$$($(VENV)/bin/python $(LLAMA_BUILD) wheel) && \
+		$(VENV)/bin/pip install -q -e '.[test,gguf,quant]' "$$wheel" && \
+		$(VENV)/bin/pip install -q --no-deps --force-reinstall "$$wheel"
 	touch $(STAMP)
 
 # vLLM in its own environment: it pins its own torch and transformers. On a CPU machine the third-party

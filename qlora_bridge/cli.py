@@ -511,7 +511,7 @@ def run_serve(a) -> Outcome:
     import threading
 
     from . import manifest as mf
-    from .stages.serve import serving
+    from .stages.serve import ServerFailed, failure, serving
     from .stages.smoke import check_unchanged
 
     reg, folder, backend = chosen_backend(a)
@@ -527,7 +527,8 @@ def run_serve(a) -> Outcome:
             print(json.dumps(ready) if a.json else f"serving {folder} at {server.base_url}/v1 ({backend}; log "
                   f"{log}); Ctrl-C stops it", flush=True)
             while not stop.wait(0.5):
-                pass
+                if server.process.poll() is not None:  # died under its users: say so, exit 3
+                    raise ServerFailed(failure(server, hang_wait=0), file=folder, fix="read the log above")
         except KeyboardInterrupt:
             pass
     return Outcome({**ready, "stopped": True}, "stopped", quiet=True)
@@ -562,6 +563,8 @@ def run_smoke(a) -> Outcome:
                    timeout=project.smoke_timeout, license=project.license)
     lines = [f"smoke {folder} on {backend}: {'PASSED' if result['passed'] else 'FAILED'} "
              f"(bounds {result['bounds_source']})", f"  against {result['reference']}"]
+    if result["server_failure"]:
+        lines.append("  " + result["server_failure"].replace("\n", "\n    "))
     for name, r in result["checks"].items():
         lines.append(f"  {'ok  ' if r['passed'] else 'FAIL'} {name}{'' if r['gate'] else ' (not gating)'}: {figures(r)}")
     lines.append(f"signature: {result['signature']}")

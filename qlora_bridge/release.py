@@ -107,7 +107,9 @@ def release(project: Project, registry, *, progress: bool = True, passphrase: by
                            timeout=project.smoke_timeout, license=project.license)
             manifest = mf.read(folder)
             passed = result["passed"]
-            if not passed:
+            if result["server_failure"]:  # one cause, not every check's network error
+                note = "failed: " + result["server_failure"].partition("\n")[0]
+            elif not passed:
                 note = "failed: " + "; ".join(f"{k} ({r.get('why') or r.get('error') or 'see smoke-report.md'})"
                                               for k, r in result["checks"].items() if r["gate"] and not r["passed"])
         except BridgeError as e:  # could not be served here: not verified, so not releasable

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -127,8 +128,6 @@ def test_a_result_that_is_not_the_requested_quantization_fails(registry, tmp_pat
 
 
 def test_unsupported_architecture_names_the_supported_ones(registry, tiny_merged, tmp_path):
-    import shutil
-
     other = tmp_path / "other"
     shutil.copytree(tiny_merged, other)
     config = json.loads((other / "config.json").read_text())
@@ -177,9 +176,12 @@ def test_k_quants_use_an_importance_matrix_of_the_training_data(registry, tiny_m
 def test_a_users_importance_matrix_is_used_as_given(registry, tiny_merged, tmp_path):
     import subprocess
 
-    from qlora_bridge.default_plugins.gguf.tools import tools
+    from qlora_bridge.default_plugins.gguf.tools import TARGETS, tools
+    from qlora_bridge.default_plugins.llamacpp_build import amx_instructions
 
     bin_dir, _ = tools(None, progress=False)
+    if shutil.which("objdump"):  # built with the library's flags: no AMX kernel (llamacpp_build)
+        assert all(amx_instructions(bin_dir / t) == [] for t in TARGETS)
     export(registry, "gguf", tiny_merged, tmp_path / "f16", quant="F16", progress=False)
     (tmp_path / "text.txt").write_text("def f(x):\n    return x * 2  # the quick brown fox\n" * 200)
     subprocess.run([bin_dir / "llama-imatrix", "-m", tmp_path / "f16" / "model-F16.gguf", "-f", tmp_path / "text.txt",

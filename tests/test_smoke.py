@@ -248,3 +248,59 @@ def test_suite_file_with_match_rules(registry, gguf_f16, tmp_path):
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(BridgeError, match="entry 1 needs 'prompt' and 'expected'"):
         smoke(registry, folder, "llamacpp", suite_file=bad)
+
+
+def with_check_before(registry, name: str, before):
+    """The registry with `before(server)` run at the start of check `name`, inside the real check."""
+    from qlora_bridge.api import SmokeCheck
+
+    checks = registry.items["register_smoke_checks"]
+    check, plugin = checks[name]
+
+    def run(ctx):
+        before(ctx.server)
+        return check.run(ctx)
+    checks[name] = (SmokeCheck(check.name, run, check.gate, check.description), plugin)
+    return registry
+
+
+def test_a_server_that_dies_during_the_smoke_test_is_named_once_with_signal_and_log(gguf_f16, tmp_path):
+    """What an AMX fault in llama.cpp looks like from outside (signal 11 at the first 4-bit product), made here
+    with a real SIGSEGV to the real server in the middle of the golden check."""
+    folder = tmp_path / gguf_f16.name
+    shutil.copytree(gguf_f16, folder)
+
+    def segfault(server):
+        server.process.send_signal(signal.SIGSEGV)
+        server.process.wait(10)
+    registry = with_check_before(load_plugins(), "golden", segfault)
+    started = time.time()
+    out = smoke(registry, folder, "llamacpp")
+    died = out["server_failure"]
+    assert not out["passed"] and died.startswith("the llamacpp server died: killed by signal SIGSEGV (11); CPU flags:")
+    log_lines = (folder.parent / f"{folder.name}.llamacpp.log").read_text().splitlines()
+    assert log_lines and log_lines[-1] in died  # the log's last lines, in the report
+    checks = out["checks"]
+    assert checks["serves"]["passed"] and checks["tokenization"]["passed"]  # before the crash: measured as usual
+    assert checks["golden"]["error"] == "the server died during this check"
+    assert all(checks[c]["not_run"] == "the server died" for c in ("divergence", "task-score", "speed"))
+    assert time.time() - started < 60  # no check waited on a dead server
+    report = (folder / "smoke-report.md").read_text()
+    assert "**the llamacpp server died: killed by signal SIGSEGV (11)" in report and log_lines[-1] in report
+    assert not servers_for(folder)
+
+
+def test_a_server_that_stops_answering_is_stopped_and_named(gguf_f16, tmp_path, monkeypatch):
+    from qlora_bridge.stages import serve
+
+    folder = tmp_path / gguf_f16.name
+    shutil.copytree(gguf_f16, folder)
+    monkeypatch.setattr(serve, "HANG_WAIT", 3.0)
+    registry = with_check_before(load_plugins(), "golden", lambda server: server.process.send_signal(signal.SIGSTOP))
+    out = smoke(registry, folder, "llamacpp", request_timeout=5)
+    assert not out["passed"]
+    assert out["server_failure"].startswith("the llamacpp server stopped answering (/v1/models unanswered for 3 s; "
+                                            "stopped); CPU flags:")
+    assert out["checks"]["golden"]["error"] == "the server died during this check"
+    assert out["checks"]["divergence"]["not_run"] == "the server died"
+    assert not servers_for(folder)

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from ..errors import BridgeError
 
 if TYPE_CHECKING:
+    import subprocess
+
     import torch
 
 
@@ -255,6 +257,7 @@ class Server:
     log: Path
     artifact: Path
     seconds_to_ready: float
+    process: subprocess.Popen | None = None  # for the serve stage to tell a server that died or hung
 
 
 @dataclass

@@ -7,6 +7,8 @@ from pathlib import Path
 from qlora_bridge.api import (REFERENCE_TEXT, BridgeError, LaunchRequest, ModelShape, Need, ServingAdapter,
                               TokenScores, hookimpl, http_json)
 
+from .llamacpp_build import refuse_faulting_build
+
 PLUGIN_API = 4  # the plugin API this module was written for
 
 
@@ -28,6 +30,7 @@ def command(req: LaunchRequest) -> list[str]:
     except ImportError:
         raise BridgeError("the llamacpp backend needs llama-cpp-python with its server extra",
                           fix="pip install 'qlora-bridge[gguf]'") from None
+    refuse_faulting_build()  # the server and this process's scorer (logprobs) run the same library
     threads = req.options.get("threads", str(os.cpu_count() or 1))
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_file(req.artifact)),
             "--host", "127.0.0.1", "--port", str(req.port), "--n_ctx", req.options.get("n_ctx", "2048"),

@@ -2,7 +2,9 @@
 
 The server runs in its own process group, so stopping it stops everything it started, and asks the kernel for
 SIGTERM when the process that started it dies (even by kill -9), so it cannot outlive the CLI. A server that dies
-or never becomes ready is reported with the tail of its log, and nothing outlives the `with` block.
+or never becomes ready is reported with the tail of its log, and nothing outlives the `with` block. Once it is up,
+`failure(server)` tells a server that died (its exit code or signal) or stopped answering (stopped, then) from
+one that answered an error, with the CPU flags an engine's kernels depend on and its log's last lines.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,10 +57,54 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def cpu_features() -> str:
+    """The CPU flags engines choose kernels by (AVX2, AVX-512, AMX): what a crash report needs to name."""
+    try:
+        flags = re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split()
+    except (OSError, AttributeError):
+        return "unknown"
+    return " ".join(sorted({f for f in flags if re.fullmatch(r"avx2|avx512\w*|amx\w*", f)})) or "no AVX2"
+
+
+def exit_status(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by signal {signal.Signals(-code).name} ({-code})"
+        return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+# seconds a live server may leave its ready path unanswered after a request failed before it counts as hung:
+# between requests both engines answer it at once; a request still running (llama.cpp serves one at a time)
+# holds it for as long as that request takes, seconds for the models a smoke test serves
+HANG_WAIT = 60.0
+
+
+def failure(server: Server, hang_wait: float | None = None) -> str | None:
+    """None while the server is alive and answers its ready path; else what happened to it, in one report. A
+    server that stays silent for `hang_wait` seconds (HANG_WAIT) is stopped and reported as hung; 0 only looks."""
+    proc = server.process
+    hang_wait = HANG_WAIT if hang_wait is None else hang_wait
+    deadline = time.time() + hang_wait
+    while proc.poll() is None:
+        if _ready(server.base_url + server.adapter.ready_path):
+            return None
+        if time.time() >= deadline:
+            _stop(proc, hung=True)
+            what = f"stopped answering ({server.adapter.ready_path} unanswered for {hang_wait:.0f} s; stopped)"
+            break
+        time.sleep(1)
+    else:
+        what = f"died: {exit_status(proc.returncode)}"
+    return (f"the {server.backend} server {what}; CPU flags: {cpu_features()}; last lines of {server.log}:\n"
+            f"{log_tail(server.log, 15)}")
+
+
+def _stop(proc: subprocess.Popen, hung: bool = False) -> None:
     if proc.poll() is not None:
         return
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+    # a hung (or stopped) server may never act on SIGTERM
+    for sig, wait in ((signal.SIGKILL, 5),) if hung else ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -113,13 +160,13 @@ def serving(registry: Registry, backend: str, artifact: Path, *, log: Path, opti
     try:
         while not _ready(base_url + adapter.ready_path):
             if proc.poll() is not None:
-                raise ServerFailed(f"the {backend} server exited with code {proc.returncode} before it was ready; "
-                                   f"last lines of {log}:\n{log_tail(log)}", file=artifact, field="--backend",
-                                   fix="read the log above")
+                raise ServerFailed(f"the {backend} server {exit_status(proc.returncode)} before it was ready "
+                                   f"(CPU flags: {cpu_features()}); last lines of {log}:\n{log_tail(log)}",
+                                   file=artifact, field="--backend", fix="read the log above")
             if time.time() - started > timeout:
                 raise ServerFailed(f"the {backend} server was not ready after {timeout:.0f} s; last lines of "
                                    f"{log}:\n{log_tail(log)}", file=artifact, fix="read the log above")
             time.sleep(0.25)
-        yield Server(adapter, backend, base_url, proc.pid, log, artifact, round(time.time() - started, 2))
+        yield Server(adapter, backend, base_url, proc.pid, log, artifact, round(time.time() - started, 2), proc)
     finally:
         _stop(proc)

@@ -30,7 +30,7 @@ from ..host import Registry
 from ..measure.reference import Reference, reference_for
 from ..modelcard import CARD, figures, render
 from ..signing import sign
-from .serve import serving
+from .serve import failure, serving
 
 # Bounds for a quant type no exporter vouches for: a float copy's. On the demo an F16 GGUF measured 3.4e-7
 # nats/token along the held-out answers and 5.7e-6 on the text (perplexity x0.99995); Q8_0 4.9e-4 and 4.6e-3.
@@ -134,8 +134,11 @@ def report_markdown(artifact: Path, result: dict) -> str:
              f"- backend: {result['backend']}; server ready in {result['seconds_to_ready']} s",
              f"- result: **{'PASSED' if result['passed'] else 'FAILED'}**",
              f"- reference: {result['reference']}",
-             f"- bounds ({result['bounds_source']}): {figures(result['bounds'])}", "",
-             "| check | gate | passed | figures |", "|---|---|---|---|"]
+             f"- bounds ({result['bounds_source']}): {figures(result['bounds'])}", ""]
+    if result["server_failure"]:
+        cause, _, tail = result["server_failure"].partition("\n")
+        lines += [f"**{cause}**", "", "```", tail, "```", ""]
+    lines += ["| check | gate | passed | figures |", "|---|---|---|---|"]
     for name, r in result["checks"].items():
         lines.append(f"| {name} | {'yes' if r['gate'] else 'no'} | {'yes' if r['passed'] else '**no**'} | {figures(r)} |")
     return "\n".join(lines) + "\n"
@@ -152,7 +155,8 @@ def check_unchanged(artifact: Path, manifest: dict) -> None:
 
 def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path | None = None,
           merged: Path | None = None, sign_key: Path | None = None, passphrase: bytes | None = None,
-          options: dict | None = None, timeout: float = 300.0, license: str | None = None) -> dict:
+          options: dict | None = None, timeout: float = 300.0, license: str | None = None,
+          request_timeout: float = 300.0) -> dict:
     artifact = Path(artifact)
     manifest = mf.read(artifact)
     check_unchanged(artifact, manifest)  # results must describe the files the manifest describes
@@ -168,20 +172,26 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
     was_signed = (artifact / mf.SIGNATURE).is_file()
     log = artifact.parent / f"{artifact.name}.{backend}.log"
     started = time.time()
-    checks = {}
+    checks, died = {}, None
     with serving(registry, backend, artifact, log=log, options=options, timeout=timeout) as server:
-        ctx = SmokeContext(Client(server.base_url), server, artifact, manifest, merged, suite, min_rate, heldout,
-                           reference, bounds, bounds_source, measure)
+        ctx = SmokeContext(Client(server.base_url, request_timeout), server, artifact, manifest, merged, suite,
+                           min_rate, heldout, reference, bounds, bounds_source, measure)
         for check, plugin in registry.smoke_checks():
             began = time.time()
-            try:
-                result = dict(check.run(ctx))
-            except Exception as e:  # a check that crashes has failed, and says why
-                result = {"passed": False, "error": f"{type(e).__name__}: {e}"}
+            died = died or failure(server, hang_wait=0)
+            if died:  # one cause, said once: not a network error per check
+                result = {"passed": False, "not_run": "the server died"}
+            else:
+                try:
+                    result = dict(check.run(ctx))
+                except Exception as e:  # a check that crashes has failed, and says why
+                    died = failure(server)
+                    result = {"passed": False, "error": "the server died during this check" if died
+                              else f"{type(e).__name__}: {e}"}
             result.update(gate=check.gate, plugin=plugin.name, check_seconds=round(time.time() - began, 1))
             checks[check.name] = result
-    outcome = {"backend": backend, "passed": all(r["passed"] for r in checks.values() if r["gate"]),
-               "quant": quant, "bounds": asdict(bounds), "bounds_source": bounds_source,
+    outcome = {"backend": backend, "passed": not died and all(r["passed"] for r in checks.values() if r["gate"]),
+               "server_failure": died, "quant": quant, "bounds": asdict(bounds), "bounds_source": bounds_source,
                "reference": reference.label, "seconds_to_ready": server.seconds_to_ready,
                "seconds": round(time.time() - started, 1), "server_log": log.name,
                "suite": str(suite_file) if suite_file else "lineage (held-out examples)", "checks": checks}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from qlora_bridge.api import BridgeError, CheckFailed
 
+from ..llamacpp_build import refuse_faulting_build
+
 # --quant name -> (llama.cpp file type, the tensor types it aims for, its nominal bits per weight)
 QUANTS = {
     "Q8_0": ("MOSTLY_Q8_0", {"Q8_0"}, 8.5),
@@ -107,3 +109,4 @@ def require_llama_cpp() -> None:
     except ImportError:
         raise BridgeError("the GGUF exporter needs llama-cpp-python (a C++ build, ~4 min once)",
                           fix="pip install 'qlora-bridge[gguf]'") from None
+    refuse_faulting_build()  # its read-back evaluates the quantized file in this process

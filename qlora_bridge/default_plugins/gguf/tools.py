@@ -2,7 +2,8 @@
 
 llama-cpp-python passes an importance matrix to its quantizer only as an opaque C++ pointer, so quantizing with
 one takes llama.cpp's tools. They are built from the same llama-cpp-python release that is installed (same
-llama.cpp commit: the files they write are the ones the library reads), static, for this CPU, and cached:
+llama.cpp commit: the files they write are the ones the library reads), static, with the library's flags for
+this CPU (never the AMX kernels: see llamacpp_build), and cached under those flags' key:
 
     bin, built_from = tools(sdist=None, progress=True)  # ~3.5 min the first time
     subprocess.run([bin / "llama-quantize", "--imatrix", "m.imatrix", "in.gguf", "out.gguf", "Q4_K_M"])
@@ -11,7 +12,6 @@ llama.cpp commit: the files they write are the ones the library reads), static, 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import subprocess
@@ -22,19 +22,11 @@ from pathlib import Path
 
 from qlora_bridge.api import BridgeError, cache_dir
 
+from ..llamacpp_build import build_key, cmake_flags, cpu_flags
+
 TARGETS = ("llama-imatrix", "llama-quantize")
-CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-               "-DGGML_NATIVE=ON")
-
-
-def cpu_key() -> str:
-    """Native builds use this CPU's instructions: a cache shared by machines (a network home) keys on them."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = os.uname().machine
-    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF",
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF")
 
 
 def tools(sdist: str | None, progress: bool) -> tuple[Path, str]:
@@ -43,7 +35,7 @@ def tools(sdist: str | None, progress: bool) -> tuple[Path, str]:
     import llama_cpp
 
     version = llama_cpp.__version__
-    home = cache_dir() / "llama.cpp-tools" / f"{version}-{cpu_key()}"
+    home = cache_dir() / "llama.cpp-tools" / f"{version}-{build_key()}"
     if not all((home / t).is_file() for t in TARGETS):
         home.parent.mkdir(parents=True, exist_ok=True)
         with open(home.with_name(f"{home.name}.lock"), "w") as lock:
@@ -69,7 +61,8 @@ def build(home: Path, version: str, sdist: str | None, progress: bool) -> None:
         tmp = Path(tmp)
         source = unpack(Path(sdist) if sdist else download(version, tmp, log), tmp)
         ninja = ["-G", "Ninja"] if shutil.which("ninja") else []  # faster than make where present
-        run([cmake, "-S", str(source), "-B", str(tmp / "build"), *ninja, *CMAKE_FLAGS], log)
+        run([cmake, "-S", str(source), "-B", str(tmp / "build"), *ninja, *CMAKE_FLAGS,
+             *cmake_flags(cpu_flags())], log)
         run([cmake, "--build", str(tmp / "build"), "--target", *TARGETS, "-j", str(os.cpu_count() or 1)], log)
         staged = tmp / "bin"
         staged.mkdir()
