@@ -42,3 +42,53 @@ def load_float32(folder: Path):
 def folder_logits(folder: Path, sequences: list[list[int]]) -> Iterator:
     """model_logits of a Hugging Face model folder, loaded in float32."""
     yield from model_logits(load_float32(folder), sequences)
+
+
+def streamed_logits(folder: Path, weights, ids) -> "torch.Tensor":
+    """Logits [len, vocab] (float32) of the causal LM that `folder`'s config.json describes, for one token sequence,
+    with only one module's weights in memory at a time: every decoder layer, the embedding, the final norm and the
+    head get their tensors from weights(name) (the checkpoint's parameter name, in float32) just before they run
+    and drop them after, so the peak is one layer, the embedding or the head, and the activations, never the model
+    (a 70B read back in float32 would be 280 GB).
+
+        ref = streamed_logits(merged, lambda name: reader.get(name).float(), ids)
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    if hasattr(config, "quantization_config"):  # the weights come dequantized
+        del config.quantization_config
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) computed as usual
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    tied = {}
+    if getattr(config, "tie_word_embeddings", False):  # the head reads the embedding's tensor
+        names = {id(m): n for n, m in model.named_modules()}
+        tied = {f"{names[id(model.get_output_embeddings())]}.weight":
+                f"{names[id(model.get_input_embeddings())]}.weight"}
+    units = []  # a decoder layer, or a module outside the layers that holds parameters of its own
+    for name, module in model.named_modules():
+        inside = any(name.startswith(u + ".") for u, _ in units)
+        layer = isinstance(model.get_submodule(name.rpartition(".")[0]), torch.nn.ModuleList) if name else False
+        if not inside and (layer or any(True for _ in module.parameters(recurse=False))):
+            units.append((name, module))
+
+    def hooks(prefix, module):
+        params = [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
+
+        def load(*_):
+            for full in params:
+                set_module_tensor_to_device(model, full, "cpu", value=weights(tied.get(full, full)).float())
+
+        def drop(*_):
+            for full in params:
+                set_module_tensor_to_device(model, full, "meta")
+        module.register_forward_pre_hook(load)
+        module.register_forward_hook(drop)
+
+    for prefix, module in units:
+        hooks(prefix, module)
+    with torch.no_grad():
+        return model(torch.as_tensor(ids).reshape(1, -1)).logits[0].float()

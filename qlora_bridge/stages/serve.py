@@ -82,12 +82,13 @@ HANG_WAIT = 60.0
 
 def failure(server: Server, hang_wait: float | None = None) -> str | None:
     """None while the server is alive and answers its ready path; else what happened to it, in one report. A
-    server that stays silent for `hang_wait` seconds (HANG_WAIT) is stopped and reported as hung; 0 only looks."""
+    server that stays silent for `hang_wait` seconds (HANG_WAIT) is stopped and reported as hung; with 0, only
+    whether it died is looked at."""
     proc = server.process
     hang_wait = HANG_WAIT if hang_wait is None else hang_wait
     deadline = time.time() + hang_wait
     while proc.poll() is None:
-        if _ready(server.base_url + server.adapter.ready_path):
+        if not hang_wait or _ready(server.base_url + server.adapter.ready_path):
             return None
         if time.time() >= deadline:
             _stop(proc, hung=True)
