@@ -126,7 +126,8 @@ def wheel(cache: Path, version: str, pip: list[str]) -> Path:
           file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix=f".{home.name}.partial-", dir=home.parent) as tmp:
         subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python",
-                        "-w", tmp, f"llama-cpp-python=={version}"], env=env, check=True)
+                        "-w", tmp, f"llama-cpp-python=={version}"], env=env, check=True,
+                       stdout=sys.stderr)  # stdout carries the wheel's path to the Makefile
         os.rename(tmp, home)  # complete or absent
         os.mkdir(tmp)  # for TemporaryDirectory's cleanup
     return next(home.glob("llama_cpp_python-*.whl"))
