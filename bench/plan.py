@@ -157,7 +157,8 @@ def main() -> None:
             out = work / f"{model}-{target}-{quant}"
             m = measure(["export", target, quant, str(merged), str(out)])
             exporter, _ = reg.exporter(target)
-            row(model, f"export {target} {quant}", exporter.memory(shape, quant, False).total("host"), m)
+            need = exporter.memory(shape, quant, False)  # measured: all resident pages, mapped ones too
+            row(model, f"export {target} {quant}", need.total("host") + need.total("mapped"), m)
         return shape
 
     tiny = build_tiny_model(work / "tiny", layers=2, hidden=256, intermediate=768)

@@ -36,10 +36,13 @@ CASES = [
     ("GPTQModel GPTQ g32", "gptq", {"engine": "gptqmodel", "group_size": "32"}, False),
     ("AutoRound SignRound", "gptq", {"engine": "autoround", "iters": "50"}, False),
     ("AutoRound AWQ + RTN", "awq", {"engine": "autoround", "algorithm": "awq"}, False),
-    ("GPTQModel GPTQ asym, repacked as AWQ", "awq", {"engine": "gptqmodel", "algorithm": "gptq", "text_tokens": "0"},
+    ("GPTQModel GPTQ asym repacked as AWQ", "awq", {"engine": "gptqmodel", "algorithm": "gptq", "text_tokens": "0"},
      False),
-    ("GPTQModel GPTQ asym, repacked as AWQ, + 2048 tokens of general text (default)", "awq", {}, False),
+    ("GPTQModel GPTQ asym repacked as AWQ + 2048 tokens of general text (default)", "awq", {}, False),
     ("GPTQModel AWQ (clip search)", "awq", {"engine": "gptqmodel", "algorithm": "awq"}, True),
+    # ours, one decoder layer in memory at a time: the same settings as the two targets' defaults above
+    ("streamed GPTQ (gptq target's defaults)", "gptq", {"engine": "streamed"}, False),
+    ("streamed GPTQ asym as AWQ (awq target's defaults)", "awq", {"engine": "streamed"}, False),
 ]
 
 
@@ -69,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("merged", type=Path)
     ap.add_argument("--out", type=Path, default=Path("quant-bench"))
-    ap.add_argument("--only", help="comma-separated case-name prefixes")
+    ap.add_argument("--only", help="comma-separated case-name prefixes, or =NAME for that case alone")
     ap.add_argument("--slow", action="store_true", help="include GPTQModel's AWQ (30+ minutes on 2 CPU cores)")
     ap.add_argument("--vllm-python", default=".venv-vllm/bin/python")
     a = ap.parse_args()
@@ -82,7 +85,9 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, target, options, slow in CASES:
-        if (a.only and not any(name.startswith(p) for p in a.only.split(","))) or (slow and not a.slow):
+        wanted = a.only.split(",") if a.only else []
+        if (wanted and not any(name == p[1:] if p.startswith("=") else name.startswith(p) for p in wanted)) \
+                or (slow and not a.slow):
             continue
         folder = a.out / name.split(" (")[0].replace(" ", "-").replace(",", "").replace("+", "plus")
         shutil.rmtree(folder, ignore_errors=True)

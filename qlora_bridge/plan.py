@@ -302,7 +302,7 @@ class StagePlan:
     def to_dict(self) -> dict:
         n = self.need
         return {"fits": self.fits, "short": self.short, "fixes": self.fixes, "notes": list(n.notes),
-                **{w: {"total": n.total(w), "terms": getattr(n, w)} for w in ("gpu", "host", "disk")}}
+                **{w: {"total": n.total(w), "terms": getattr(n, w)} for w in ("gpu", "host", "disk", "mapped")}}
 
 
 def stage(name: str, need: Need, hw: Hardware, fixes=lambda: []) -> StagePlan:
@@ -329,7 +329,8 @@ def plan(shape: ModelShape, s: TrainSettings, hw: Hardware, registry, exports: l
             unplanned.append(f"export {name}: the exporter does not declare its memory (Exporter.memory)")
             continue
         need = exporter.memory(merged, quant, gpu)
-        stages.append(stage(f"export {name}", need, hw, lambda e=exporter, q=quant: smaller_quants(e, q, merged, hw)))
+        stages.append(stage(f"export {name}", need, hw, lambda e=exporter, q=quant, n=need:
+                            lighter(n, hw) or smaller_quants(e, q, merged, hw)))
         try:
             backend = spec.backend or registry.backend_for(exporter.format)
         except BridgeError:  # release reports such an export as not verified; nothing to plan here
@@ -365,6 +366,15 @@ def shortfall(report: dict) -> tuple[str, str]:
     return f"{what} ({report['hardware']})", "; ".join(f"{n}: {', '.join(p['fixes'])}" for n, p in bad.items())
 
 
+def lighter(need: Need, hw: Hardware) -> list[str]:
+    """The first setting the stage declares (Need.lighter) under which it fits, with what it then needs."""
+    for setting, other in need.lighter:
+        if fits(other, hw):
+            where = ", ".join(f"{w} {other.total(w) / GiB:.1f} GiB" for w in ("gpu", "host") if getattr(other, w))
+            return [f"{setting} ({where})"]
+    return []
+
+
 def smaller_quants(exporter, quant: str | None, shape: ModelShape, hw: Hardware) -> list[str]:
     others = [q for q in exporter.quant_types if q != quant and fits(exporter.memory(shape, q, hw.gpus > 0), hw)]
     return [f"--quant {q}" for q in others[:3]] or ["more RAM or disk"]
@@ -374,6 +384,8 @@ def render(report: dict) -> str:
     lines = [f"plan for a {report['model']['params'] / 1e9:.2f}B-parameter model on {report['hardware']}"]
     for name, p in report["stages"].items():
         where = "  ".join(f"{w} {p[w]['total'] / GiB:.1f} GiB" for w in ("gpu", "host", "disk") if p[w]["terms"])
+        if p["mapped"]["terms"]:
+            where += f"  (+{p['mapped']['total'] / GiB:.1f} GiB mapped, reclaimable)"
         lines.append(f"  {'fits' if p['fits'] else 'DOES NOT FIT':<13}{name:<30}{where}")
         if not p["fits"]:
             lines.append(f"{'':15}short of {', '.join(p['short'])}; try: {'; '.join(p['fixes'])}")

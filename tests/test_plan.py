@@ -6,6 +6,7 @@ GB; Unsloth's table: 70B in 41 GB) but not on 24 GB, and a 13B model on a 24 GB 
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,3 +167,21 @@ def test_on_a_gpu_merge_and_gptq_plan_the_cuda_context_and_the_checks_4bit_model
     code, out = plan_json(capsys, "--config", config(tmp_path, LLAMA2_13B), *ROOMY_HOST, "--target", "gptq")
     assert out["stages"]["merge"]["gpu"]["total"] == 0 and "check: 4-bit base + adapter" in \
         out["stages"]["merge"]["host"]["terms"]
+
+
+def test_a_70b_fine_tune_exports_on_one_48gb_gpu_and_a_64gb_host(tmp_path, capsys):
+    """The seed's scale (issue 32): Llama-3.1-70B's shape (128k vocabulary). GPTQModel, the 4-bit default, loads
+    the whole float32 merge (282 GB), and the plan names the setting that fits: the streamed engine, one decoder
+    layer at a time. llama.cpp's tools map the F16 file (reclaimable, reported beside host memory)."""
+    llama31 = {**LLAMA2_70B, "vocab_size": 128256, "torch_dtype": "bfloat16"}
+    code, out = plan_json(capsys, "--config", config(tmp_path, llama31), "--gpu", "48GB", "--ram", "64GB",
+                          "--disk", "400GB", "--target", "awq", "--target", "gptq", "--target", "gguf:Q4_K_M")
+    stages = out["stages"]
+    assert stages["merge"]["fits"] and stages["export gguf-Q4_K_M"]["fits"]
+    for name in ("export awq-int4", "export gptq-int4"):
+        export = stages[name]
+        assert not export["fits"] and export["short"] == ["host"] and export["host"]["total"] > 250 * 2**30
+        fix = re.fullmatch(r"--option engine=streamed \(gpu ([\d.]+) GiB, host ([\d.]+) GiB\)", export["fixes"][0])
+        assert fix and float(fix[1]) < 24 and float(fix[2]) < 32, export["fixes"]
+    gguf = stages["export gguf-Q4_K_M"]
+    assert gguf["mapped"]["total"] > 130 * 2**30 > gguf["host"]["total"]  # the F16 file, mapped

@@ -130,10 +130,17 @@ class Need:
              disk={"output": 4 * 6_738_415_616}, notes=("streams tensor by tensor",))
     """
     gpu: dict[str, int] = field(default_factory=dict)
-    host: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)  # anonymous memory: what must fit in RAM
     disk: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     output: int = 0  # bytes of what the stage hands on: an export's artifact, which serving loads
+    # clean file-backed pages of an input a tool maps and reads once (llama.cpp's quantizer over its F16 file):
+    # resident while there is room, dropped by the kernel under pressure and read again, so reported beside
+    # host memory, not counted in it
+    mapped: dict[str, int] = field(default_factory=dict)
+    # the same stage under another setting that needs less, as (the setting, its Need): where the stage does not
+    # fit, the plan names the first that does, e.g. (("--option engine=streamed", Need(host=...)),)
+    lighter: tuple = ()
 
     def total(self, where: str) -> int:
         return sum(getattr(self, where).values())

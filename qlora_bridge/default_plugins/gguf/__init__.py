@@ -204,8 +204,9 @@ TOOL_RUNTIME = 60 * 2**20
 
 def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
     """The conversion streams one tensor at a time (read from the merged model, cast, written). A quantized type then
-    runs llama.cpp's tools on the F16 intermediate, which they map: every page of it is resident by the end (the
-    importance matrix's run reads all of it too), while this process waits, holding the heap its peak left."""
+    runs llama.cpp's tools on the F16 intermediate, which they map: its pages are file-backed and clean, resident
+    while there is room and dropped under pressure (Need.mapped, not host), while this process waits, holding the
+    heap its peak left."""
     from .quantize import QUANTS
 
     floats = quant in FLOATS
@@ -214,13 +215,15 @@ def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
     widen = 4 if shape.dtype_bytes != 4 else 0
     host = {"runtime": RUNTIME, "one tensor converted": shape.largest_matrix * (shape.dtype_bytes + widen + 2)}
     disk = {f"{quant} file": int(shape.params * bits / 8)}
+    mapped = {}
     if not floats:
-        host["llama.cpp tools: the F16 intermediate, mapped"] = shape.params * 2
+        # read once through a memory map: clean pages the kernel drops under pressure (Need.mapped)
+        mapped["llama.cpp tools: the F16 intermediate"] = shape.params * 2
         # the tool's own code and, for the importance matrix, a 512-token chunk's float32 logits three times over: in
         # the compute graph, in the output buffer, and as llama-imatrix's softmax for the chunk's perplexity
         host["llama.cpp tools: runtime, compute buffers"] = TOOL_RUNTIME + 3 * 512 * shape.vocab * 4
         disk["F16 intermediate (removed after)"] = shape.params * 2
-    return Need(host=host, disk=disk, output=disk[f"{quant} file"])
+    return Need(host=host, disk=disk, output=disk[f"{quant} file"], mapped=mapped)
 
 
 @hookimpl

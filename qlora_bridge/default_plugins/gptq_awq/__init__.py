@@ -54,6 +54,7 @@ LAYER_KINDS = (".self_attn.", ".mlp.")  # the quantizers pack the decoder layers
 #   decoder's weights, they bought the most per bit. The gptq target keeps nothing: symmetric 4-bit (the only
 #   kind vLLM's GPTQ kernels take) stayed over the perplexity bound even with q/k/v and down_proj kept (README).
 DEFAULTS = {"gptq": {"engine": "gptqmodel"}, "awq": {"engine": "gptqmodel", "algorithm": "gptq"}}
+GPTQ_ENGINES = ("gptqmodel", "streamed")  # those whose GPTQ takes damp, true_sequential and keep
 SETTINGS = {  # by (target, algorithm)
     ("gptq", "gptq"): {"samples": 8, "text_tokens": 0, "true_sequential": 1, "keep": ""},
     ("awq", "gptq"): {"samples": 8, "text_tokens": 2048, "true_sequential": 0, "keep": "q_proj,k_proj,v_proj"},
@@ -69,7 +70,7 @@ GPTQ_TOKENS_PER_INPUT = 2
 
 
 OPTIONS = {
-    "engine": "gptqmodel or autoround",
+    "engine": "gptqmodel, autoround, or streamed (qlora-bridge's GPTQ, one decoder layer in memory at a time)",
     "algorithm": "awq target only: gptq (GPTQModel's asymmetric GPTQ, repacked exactly into AWQ GEMM; default) or "
                  "awq (AWQ's activation-aware scale search)",
     "group_size": "32, 64 or 128 input channels per scale (default 32)",
@@ -169,15 +170,15 @@ def export(req: ExportRequest, method: str) -> ExportResult:
     engine = option(req, "engine", defaults["engine"], parse=str, allowed=tuple(ENGINES))
     algorithm = method
     if method == "awq":
-        algorithm = option(req, "algorithm", defaults["algorithm"] if engine == "gptqmodel" else "awq", parse=str,
-                           allowed=("awq", "gptq"))
-        if algorithm == "gptq" and engine != "gptqmodel":
-            raise BridgeError(f"algorithm=gptq for AWQ is GPTQModel's GPTQ, repacked; {engine} has no such setting",
+        algorithm = option(req, "algorithm", defaults["algorithm"] if engine in GPTQ_ENGINES else "awq",
+                           parse=str, allowed=("awq", "gptq"))
+        if algorithm == "gptq" and engine not in GPTQ_ENGINES:
+            raise BridgeError(f"algorithm=gptq for AWQ is GPTQ's rounding, asymmetric; {engine} has no such setting",
                               field="--option algorithm", fix="add --option engine=gptqmodel, or drop algorithm")
     elif "algorithm" in req.options:
         raise BridgeError("algorithm chooses how an AWQ export's weights are rounded; the gptq target is GPTQ's own",
                           field="--option algorithm", fix="drop algorithm, or export --target awq")
-    gptq = engine == "gptqmodel" and algorithm == "gptq"
+    gptq = engine in GPTQ_ENGINES and algorithm == "gptq"
     settings = SETTINGS[method, algorithm]
     seq_len = option(req, "seq_len", 512)
     floor = -(-GPTQ_TOKENS_PER_INPUT * max(widths.values()) // seq_len) if gptq else 0
@@ -259,26 +260,83 @@ def bits_per_weight(export: dict) -> float:
 
 # torch, transformers and GPTQModel imported (GPTQModel pulls torchao and its kernels): measured on the demo
 RUNTIME = 900 * 2**20
-CALIBRATION_TOKENS = 8 * 512  # DEFAULTS: 8 blocks of 512 tokens
+# the streamed engine's process: torch and transformers imported, the tokenizer, calibration and the model skeleton
+# built (no quantization library), measured by bench/scale.py
+RUNTIME_STREAMED = 400 * 2**20
+SEQ_LEN = 512  # the default calibration block
+TEXT_TOKENS = 1200  # the read-back's reference text, in tokens (1173 with the tiny model's tokenizer)
+
+
+def calibration_tokens(shape: ModelShape) -> int:
+    """The default calibration: enough 512-token blocks for twice the widest layer input (at least 8), and the awq
+    target's 2048 tokens of general text."""
+    widest = max(a for a, _ in shape.linears().values())
+    blocks = max(8, -(-GPTQ_TOKENS_PER_INPUT * widest // SEQ_LEN))
+    return blocks * SEQ_LEN + SETTINGS["awq", "gptq"]["text_tokens"]
+
+
+def readback_need(shape: ModelShape) -> dict[str, int]:
+    """The read-back's whole-model check (streamed_logits): the largest module in float32 as it is read, and the
+    reference text's logits, three times over (the merged model's, the export's, a softmax)."""
+    module = max(shape.vocab * shape.hidden, sum(a * b for a, b in shape.linears().values()))
+    return {"read-back: the largest module in float32, as read": module * (4 + shape.dtype_bytes),
+            "read-back: logits of the reference text": 3 * TEXT_TOKENS * shape.vocab * 4}
 
 
 def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
-    """GPTQModel loads the whole merged model on the host (float32 on a CPU, where GPTQ computes in float32; the
-    merged dtype on a GPU), then quantizes one layer at a time on the device: that layer, a float32 Hessian per
-    linear input (in x in) and the calibration activations entering and leaving it (float32 on the CPU). The read-back
-    loads the export beside the merged model's layers, one layer at a time. On an H200 (bench/gpu_e2e.py, the demo's
-    135M model) torch reserved 320 MiB (GPTQ) and 314 MiB (AWQ) beside these terms' 78 MiB: GPTQModel keeps more on
-    the device than the layer at work, not yet broken down; the plan's GPU figure is a floor there."""
+    """The default engine, GPTQModel, loads the whole merged model on the host (float32 on a CPU, where GPTQ
+    computes in float32; the merged dtype on a GPU), then quantizes one layer at a time on the device: that layer,
+    a float32 Hessian per linear input (in x in) and the calibration activations entering and leaving it (float32
+    on the CPU). The read-back streams (readback_need). On an H200 (bench/gpu_e2e.py, the demo's 135M model) torch
+    reserved 320 MiB (GPTQ) and 314 MiB (AWQ) beside these terms' 78 MiB: GPTQModel keeps more on the device than
+    the layer at work, not yet broken down; the plan's GPU figure is a floor there. Where that does not fit, the
+    streamed engine (streamed_memory) is the plan's fix."""
     bits = 8 if quant == "int8" else 4
     weights = shape.params * (4 if not gpu else shape.dtype_bytes)
     layer_params = sum(a * b for a, b in shape.linears().values())
     hessians = 4 * sum(a * a for a, _ in shape.linears().values())
-    activations = 2 * CALIBRATION_TOKENS * max(shape.hidden, shape.intermediate) * 4
+    activations = 2 * calibration_tokens(shape) * max(shape.hidden, shape.intermediate) * 4
     work = {"one layer": layer_params * 4, "Hessians of its inputs": hessians, "calibration activations": activations}
-    host = {"runtime": RUNTIME, "merged model loaded": weights, **({} if gpu else work)}
+    quantizing = {"runtime": RUNTIME, "merged model loaded": weights, **({} if gpu else work)}
+    host = max(quantizing, {"runtime": RUNTIME, **readback_need(shape)}, key=lambda t: sum(t.values()))
     packed = int(shape.linear_params * (bits + 16 / 32) / 8 + shape.dense_params * 2)  # codes + group scales
     return Need(gpu={"CUDA context": CUDA_CONTEXT, **work} if gpu else {}, host=host,
-                disk={f"{quant} checkpoint": packed}, output=packed)
+                disk={f"{quant} checkpoint": packed}, output=packed,
+                lighter=(("--option engine=streamed", streamed_memory(shape, quant, gpu)),))
+
+
+def streamed_memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
+    """The streamed engine (streamed.py) holds one decoder layer at a time; its peak is the runtime, the calibration
+    activations (a layer's inputs and outputs, float32) and the largest of three phases: the embedding as stored
+    (first), one layer at work (its float32 weights, the widest input's Hessian and its group-aware permuted copy,
+    the weight and what GPTQ makes of it, a forward batch), and the read-back (streamed_logits: the largest module
+    in float32 and the reference text's logits, three times over). On a GPU the layer phase lives there; the host
+    reads one tensor at a time and runs the read-back."""
+    from .streamed import BATCH_TOKENS
+
+    bits = 8 if quant == "int8" else 4
+    linears = shape.linears()
+    widest = max(a for a, _ in linears.values())
+    largest = shape.largest_linear
+    activations = 2 * calibration_tokens(shape) * shape.hidden * 4
+    layer = {"one layer, float32": sum(a * b for a, b in linears.values()) * 4,
+             "Hessian of its widest input and its permuted copy": 2 * widest * widest * 4,
+             "the weight at work, its dequantized and packed forms": largest * (4 + 4 + 1 + 1),
+             "a forward batch": BATCH_TOKENS * (3 * shape.intermediate + 4 * shape.hidden) * 4}
+    embedding = {"the embedding as stored (first)": shape.vocab * shape.hidden * shape.dtype_bytes}
+    readback = readback_need(shape)
+    device = {"calibration activations": activations}
+    host = {"runtime": RUNTIME_STREAMED}
+    if gpu:
+        device.update({"CUDA context": CUDA_CONTEXT, **max(layer, embedding, key=lambda t: sum(t.values()))})
+        host.update({"one tensor read": shape.largest_matrix * shape.dtype_bytes * 2, **readback})
+    else:
+        host.update(device)
+        device = {}
+        host.update(max(layer, embedding, readback, key=lambda t: sum(t.values())))
+    packed = int(shape.linear_params * (bits + 16 / 32) / 8 + shape.dense_params * 2)  # codes + group scales
+    return Need(gpu=device, host=host, disk={f"{quant} checkpoint": packed}, output=packed,
+                notes=(f"calibration {calibration_tokens(shape)} tokens",))
 
 
 def quant_method(folder) -> str | None:

@@ -1,4 +1,4 @@
-"""The two libraries that write our GPTQ and AWQ checkpoints: GPTQModel and AutoRound.
+"""What writes our GPTQ and AWQ checkpoints: GPTQModel, AutoRound, or our own layer-by-layer GPTQ (streamed.py).
 
 Each engine quantizes a merged model on calibration token sequences and saves a checkpoint into `out`, in the
 target's one on-disk format whichever engine wrote it (GPTQ checkpoint format v1, AWQ GEMM); it returns the
@@ -155,7 +155,23 @@ def autoround(job: Job) -> dict:
             "compute_dtype": "float32"}
 
 
-ENGINES = {"gptqmodel": gptqmodel, "autoround": autoround}
+def streamed(job: Job) -> dict:
+    """Ours: GPTQ one decoder layer at a time from the merged shards (streamed.py); memory is one layer."""
+    import torch
+
+    from .streamed import quantize
+
+    if job.algorithm != "gptq":
+        raise BridgeError("the streamed engine rounds with GPTQ only", field="--option algorithm",
+                          fix="drop algorithm (awq: GPTQ's rounding, asymmetric, written as AWQ GEMM), or use "
+                              "--option engine=autoround for AWQ's scale search")
+    job.out.mkdir(parents=True, exist_ok=True)
+    return quantize(job.merged, job.out, method=job.method, bits=job.bits, group=job.group, sequences=job.sequences,
+                    dtype=getattr(torch, job.dtype), damp=job.damp, sequential=job.sequential, keep=job.keep,
+                    progress=job.progress)
+
+
+ENGINES = {"gptqmodel": gptqmodel, "autoround": autoround, "streamed": streamed}
 
 
 def repack_as_awq(folder: Path, group: int, quantizer: str, dtype, keep=()) -> None:
@@ -186,7 +202,7 @@ def repack_as_awq(folder: Path, group: int, quantizer: str, dtype, keep=()) -> N
 def version(package: str) -> str:
     from importlib.metadata import version
 
-    return version({"autoround": "auto-round"}.get(package, package))
+    return version({"autoround": "auto-round", "streamed": "qlora-bridge"}.get(package, package))
 
 
 def fast_bf16() -> bool:

@@ -30,9 +30,11 @@ def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes [..., M, 32 // bits] -> int32 words [..., M] (the inverse of unpack)."""
-    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-    words = (codes.to(torch.int64) << shifts).sum(-1)
+    """Unsigned codes [..., M, 32 // bits] -> int32 words [..., M] (the inverse of unpack). One code slot at a
+    time: a 70B layer's codes widened to int64 all at once would take 8 bytes a weight."""
+    words = torch.zeros(codes.shape[:-1], dtype=torch.int64)
+    for i in range(codes.shape[-1]):
+        words |= codes[..., i].to(torch.int64) << (i * bits)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 

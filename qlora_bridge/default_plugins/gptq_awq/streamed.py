@@ -1,0 +1,355 @@
+"""Engine `streamed`: GPTQ one decoder layer at a time, read from the merged shards, so memory is one layer.
+
+GPTQModel and AutoRound load the whole merged model before they quantize (GPTQModel then keeps every layer it has
+finished: 17 GB for a 1.1B model with our old read-back, issue 32). GPTQ itself needs one layer at a time:
+
+    hidden = embed(calibration)                          # the embedding, read from the shards, then dropped
+    for each decoder layer:                              # read from the shards in float32
+        H[input] = sum of x xᵀ over the calibration      # one forward of the layer, hooks on its Linears
+        W -> codes, zero points, scales by GPTQ (H)      # gptq() below; the layer then computes with them
+        hidden = layer(hidden)                           # the next layer's calibration inputs
+        write the packed layer; drop it
+    norm, head: copied
+
+The layer is called with the arguments the model itself passes it (captured once from a forward pass that
+stops at the first layer: attention mask, rotary position embeddings...), so nothing here knows an architecture.
+With true_sequential, a layer's Linears are quantized in the order they run, in groups that share an input
+(q/k/v, o, gate/up, down), each group's Hessian taken with the groups before it already quantized.
+
+On a GPU the layer, its Hessians and the calibration activations live on the device, the rest on the host.
+Written straight into the target's format (formats.py): GPTQ v1 symmetric, or AWQ GEMM from asymmetric GPTQ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .formats import awq_pack, gptq_pack
+
+BLOCK = 128  # GPTQ's lazy-update block: columns whose updates are batched (the reference implementation's)
+BATCH_TOKENS = 2048  # calibration positions a forward takes at once: bounds the attention's working memory
+
+
+def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of one group of columns, w [N, group], as GPTQ's quantizer sets them: the range
+    always includes 0, symmetric ranges are centred on the middle code (a row with no negative weight keeps
+    [0, max]: the reference's rule, which GPTQModel keeps)."""
+    top = (1 << bits) - 1
+    lo, hi = w.min(1).values.clamp(max=0), w.max(1).values.clamp(min=0)
+    if sym:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = torch.where(lo < 0, -hi, lo)
+    flat = (lo == 0) & (hi == 0)
+    lo, hi = torch.where(flat, -1.0, lo), torch.where(flat, 1.0, hi)
+    scale = (hi - lo) / top
+    zero = torch.full_like(scale, (top + 1) // 2) if sym else (-lo / scale).round()
+    return scale, zero
+
+
+def group_aware_order(diag: torch.Tensor, group: int) -> torch.Tensor:
+    """GPTQModel's act_group_aware column order (GAR, Gafni et al. 2025): groups by their most active input,
+    and within each group its inputs by activity, both descending. Groups stay whole, so the file's layout and
+    g_idx are those of the natural order; only the order of GPTQ's error propagation changes."""
+    per_group = diag.reshape(-1, group)
+    values, local = torch.sort(per_group, dim=1, descending=True)
+    order = torch.argsort(values[:, 0], descending=True, stable=True)
+    base = torch.arange(per_group.shape[0], device=diag.device).unsqueeze(1) * group
+    return (local + base)[order].reshape(-1)
+
+
+def gptq(weight: torch.Tensor, hessian: list[torch.Tensor], bits: int, group: int, sym: bool, damp: float):
+    """GPTQ (Frantar et al. 2022) of W [N, K] against the Hessian H [K, K] of its inputs, groups in the natural
+    layout, processed in GPTQModel's group-aware order: codes q [K, N], zero points z [G, N], scales s [G, N],
+    and the dequantized weight it leaves. `hessian` is a one-item list this empties: H is permuted, then turned
+    into its inverse's Cholesky factor in place, so no reference of the caller's keeps a second K x K matrix
+    alive (down_proj of a 70B: 3.3 GB each)."""
+    h = hessian.pop()
+    n, k = weight.shape
+    dead = torch.diag(h) == 0  # inputs the calibration never moved: their weights cannot matter to it
+    h[dead, dead] = 1
+    perm = group_aware_order(torch.diag(h), group)
+    h = h[perm]
+    h = h[:, perm]
+    w = weight.float()[:, perm]
+    w[:, dead[perm]] = 0
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
+    torch.linalg.cholesky(h, out=h)
+    torch.cholesky_inverse(h, out=h)
+    hinv = torch.linalg.cholesky(h, upper=True, out=h)
+    top = (1 << bits) - 1
+    q = torch.zeros(k, n, dtype=torch.uint8, device=w.device)  # codes of at most 8 bits, in GAR order
+    scales = torch.zeros(k // group, n, device=w.device)  # by position in GAR order
+    zeros = torch.zeros(k // group, n, dtype=torch.int64, device=w.device)
+    for i1 in range(0, k, BLOCK):
+        i2 = min(i1 + BLOCK, k)
+        w1, err = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, device=w.device)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % group == 0:  # the range as of the block's start, as GPTQModel (and the reference) set it
+                s, z = group_params(w[:, col: col + group], bits, sym)
+                scales[col // group], zeros[col // group] = s, z.long()
+            s, z = scales[col // group], zeros[col // group].float()
+            codes = (w1[:, i] / s + z).round().clamp(0, top)
+            q[col] = codes.to(torch.uint8)
+            e = (w1[:, i] - (codes - z) * s) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err[:, i] = e
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    del hinv, h, w
+    # back to the natural layout: position j of the GAR order is input perm[j], of group perm[j] // group
+    natural = torch.empty_like(q)
+    natural[perm] = q
+    groups = perm.reshape(-1, group)[:, 0] // group
+    scales[groups], zeros[groups] = scales.clone(), zeros.clone()
+    g = torch.arange(k, device=q.device) // group
+    dequantized = ((natural.float() - zeros[g]) * scales[g]).T.contiguous()
+    return natural, zeros, scales, dequantized
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers: its ModuleList as long as config.num_hidden_layers."""
+    n = model.config.num_hidden_layers
+    found = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
+    if len(found) != 1:
+        raise ValueError(f"cannot tell the decoder layers of {type(model).__name__} ({len(found)} candidates)")
+    return found[0]
+
+
+class _Captured(Exception):
+    pass
+
+
+def layer_inputs(model, layers, sequences, device) -> list[tuple[torch.Tensor, dict]]:
+    """The first decoder layer's hidden states and keyword arguments for every calibration batch, from a forward
+    pass that stops there (only what runs before the layers is loaded)."""
+    captured = []
+
+    def stop(_, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        for batch in batches(sequences):
+            with torch.no_grad():
+                try:
+                    model(torch.tensor(batch, device=device), use_cache=False)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def batches(sequences: list[list[int]]) -> list[list[list[int]]]:
+    """Equal-length runs of sequences, at most BATCH_TOKENS positions each (the model needs no padding then)."""
+    out = []
+    for s in sequences:
+        if out and len(out[-1][0]) == len(s) and len(s) * (len(out[-1]) + 1) <= BATCH_TOKENS:
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return out
+
+
+def linears_in_order(layer, inputs) -> list[list[str]]:
+    """The layer's Linears in the order they run, grouped by the input they share (q/k/v, o, gate/up, down)."""
+    order, seen = [], {}
+
+    def record(name):
+        def hook(_, args):
+            key = args[0].data_ptr()
+            if key in seen and seen[key] is order[-1]:
+                order[-1].append(name)
+            else:
+                seen[key] = [name]
+                order.append(seen[key])
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in layer.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    hidden, kwargs = inputs[0]
+    with torch.no_grad():
+        layer(hidden, **kwargs)
+    for h in handles:
+        h.remove()
+    return order
+
+
+def hessians(layer, inputs, groups: list[list[str]]) -> list[torch.Tensor]:
+    """H = 2/n Σ x xᵀ over the calibration positions of each group's shared input (one forward of the layer)."""
+    modules = dict(layer.named_modules())
+    sums, count = [None] * len(groups), [0] * len(groups)
+
+    def accumulate(i):
+        def hook(_, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[i] = x.T @ x if sums[i] is None else sums[i].addmm_(x.T, x)
+            count[i] += x.shape[0]
+        return hook
+
+    handles = [modules[g[0]].register_forward_pre_hook(accumulate(i)) for i, g in enumerate(groups)]
+    with torch.no_grad():
+        for hidden, kwargs in inputs:
+            layer(hidden, **kwargs)
+    for h in handles:
+        h.remove()
+    return [s.mul_(2 / n) for s, n in zip(sums, count)]
+
+
+def parts(method: str, bits: int, group: int, n: int, k: int, dtype: torch.dtype) -> list[tuple[str, object, tuple]]:
+    """The tensors a packed Linear W [n, k] is stored as, with their dtypes and shapes (formats.py)."""
+    g = k // group
+    if method == "awq":
+        return [("qweight", torch.int32, (k, n // 8)), ("qzeros", torch.int32, (g, n // 8)), ("scales", dtype, (g, n))]
+    per = 32 // bits
+    return [("qweight", torch.int32, (k // per, n)), ("qzeros", torch.int32, (g, n // per)),
+            ("scales", dtype, (g, n)), ("g_idx", torch.int32, (k,))]
+
+
+def encoded(method: str, bits: int, group: int, q, z, s, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """Codes q [K, N], zero points and scales as the tensors of parts(), in its order."""
+    if method == "awq":
+        qweight, qzeros = awq_pack(q.cpu(), z.cpu())
+        return [("qweight", qweight), ("qzeros", qzeros), ("scales", s.cpu().to(dtype))]
+    qweight, qzeros = gptq_pack(q.cpu(), z.cpu(), bits)
+    return [("qweight", qweight), ("qzeros", qzeros), ("scales", s.cpu().to(dtype)),
+            ("g_idx", (torch.arange(q.shape[0]) // group).to(torch.int32))]
+
+
+def quantization_config(method: str, bits: int, group: int, keep: tuple[str, ...]) -> dict:
+    """config.json's quantization_config, as vLLM and transformers read each format (GPTQModel's and AutoAWQ's)."""
+    kinds = sorted({name.rpartition(".")[2] for name in keep})
+    if method == "awq":
+        return {"quant_method": "awq", "version": "gemm", "bits": bits, "group_size": group, "zero_point": True,
+                "modules_to_not_convert": ["lm_head", *keep], "quantizer": "qlora-bridge: GPTQ, asymmetric, layer "
+                "by layer"}
+    return {"quant_method": "gptq", "checkpoint_format": "gptq", "format": "gptq", "bits": bits, "group_size": group,
+            "desc_act": False, "sym": True, "lm_head": False, "pack_dtype": "int32",
+            # a negative `dynamic` match leaves a module out of quantization; vLLM's GPTQ reads the same rule
+            **({"dynamic": {rf"-:.*\.(?:{'|'.join(kinds)})$": {}}} if kinds else {}),
+            "quantizer": ["qlora-bridge: GPTQ, layer by layer"]}
+
+
+def quantize(merged: Path, out: Path, *, method: str, bits: int, group: int, sequences: list[list[int]],
+             dtype: torch.dtype, damp: float, sequential: bool, keep: tuple[str, ...], progress: bool) -> dict:
+    """Write `method`'s checkpoint of the merged model into `out` (config, shards, index); returns the settings."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_bridge.api.safetensors import ShardWriter
+
+    from .readback import Reader
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = AutoConfig.from_pretrained(merged, trust_remote_code=False)
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) computed as usual
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    for owner in model.modules():
+        for name, b in list(owner.named_buffers(recurse=False)):
+            owner._buffers[name] = b.to(device)
+    reader = Reader(merged)
+    layers = decoder_layers(model)
+    stack = next(n for n, m in model.named_modules() if m is layers)
+
+    def names(module, prefix):
+        return [f"{prefix}.{n}" for n, _ in module.named_parameters()]
+
+    def load(module, prefix):
+        for full in names(module, prefix):
+            set_module_tensor_to_device(model, full, device, value=reader.get(full).float())
+
+    def drop(module, prefix):
+        for full in names(module, prefix):
+            set_module_tensor_to_device(model, full, "meta")
+
+    def shape(name):
+        f, key = reader.index[name]
+        with safe_open(f, "pt") as h:
+            return tuple(h.get_slice(key).get_shape())
+
+    # the plan, in writing order: each layer's tensors as it is finished, then those outside the layers
+    writer, packed = ShardWriter(out), set()
+    for i, layer in enumerate(layers):
+        for full in names(layer, f"{stack}.{i}"):
+            prefix = full.removesuffix(".weight")
+            if full.endswith(".weight") and len(shape(full)) == 2 and prefix not in keep:
+                packed.add(prefix)
+                for part, dt, shp in parts(method, bits, group, *shape(full), dtype):
+                    writer.plan(f"{prefix}.{part}", dt, shp)
+            else:
+                writer.plan(full, dtype, shape(full))
+    rest = [n for n in reader.index if not n.startswith(stack + ".")]
+    for name in rest:
+        writer.plan(name, dtype, shape(name))
+
+    # the embedding as stored, its rows cast as they are looked up: a float32 copy of a 128k vocabulary is 2 GiB (8B)
+    embed = model.get_input_embeddings()
+    embed_name = next(n for n, m in model.named_modules() if m is embed)
+    table = reader.get(f"{embed_name}.weight")
+    set_module_tensor_to_device(model, f"{embed_name}.weight", device, value=table, dtype=table.dtype)
+    del table
+    cast = embed.register_forward_hook(lambda _module, _args, out: out.float())
+    inputs = layer_inputs(model, layers, sequences, device)
+    cast.remove()
+    drop(embed, embed_name)
+
+    errors = {}
+    for i, layer in enumerate(tqdm(layers, desc="quantizing (GPTQ, one layer at a time)", unit="layer",
+                                   disable=not progress)):
+        prefix = f"{stack}.{i}"
+        load(layer, prefix)
+        modules = dict(layer.named_modules())
+        groups = [[n for n in g if f"{prefix}.{n}" in packed] for g in linears_in_order(layer, inputs)]
+        groups = [g for g in groups if g]
+        done = {}
+        for step in [[g] for g in groups] if sequential else [groups]:
+            hs = hessians(layer, inputs, step)
+            for names_ in step:
+                h = [hs.pop(0)]
+                for name in names_:  # the group's Linears share one Hessian; gptq() consumes it
+                    w = modules[name].weight.data
+                    q, z, s, deq = gptq(w, [h[0].clone()] if name != names_[-1] else h, bits, group,
+                                        method == "gptq", damp)
+                    errors[f"{prefix}.{name}"] = (torch.linalg.vector_norm(deq - w)
+                                                  / torch.linalg.vector_norm(w)).item()
+                    done[f"{prefix}.{name}"] = encoded(method, bits, group, q, z, s, dtype)
+                    set_module_tensor_to_device(model, f"{prefix}.{name}.weight", device, value=deq)
+                del h
+        with torch.no_grad():  # the next layer's calibration inputs, from this layer as quantized
+            inputs = [(first(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+        for full in names(layer, prefix):
+            module = full.removesuffix(".weight")
+            if module in done:
+                for part, tensor in done.pop(module):
+                    writer.write(f"{module}.{part}", tensor)
+            else:
+                writer.write(full, reader.get(full).to(dtype))
+        drop(layer, prefix)
+    for name in rest:
+        writer.write(name, reader.get(name).to(dtype))
+    index = writer.close()
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=2))
+    config_dict = json.loads((merged / "config.json").read_text())
+    config_dict["dtype"] = str(dtype).removeprefix("torch.")
+    config_dict["quantization_config"] = quantization_config(method, bits, group, keep)
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    worst = max(errors, key=errors.get)
+    return {"algorithm": "gptq", "desc_act": False, "sym": method == "gptq", "damp_percent": damp,
+            "true_sequential": sequential, "kept_unquantized": sorted({k.rpartition(".")[2] for k in keep}),
+            "device": device, "compute_dtype": "float32", "layer_by_layer": True,
+            "worst_weight_error": {worst: round(errors[worst], 5)}}
+
+
+def first(out):
+    """A decoder layer's hidden states: some return them alone, some first in a tuple."""
+    return out[0] if isinstance(out, tuple) else out
