@@ -44,7 +44,8 @@ def route(name: str, folder: Path, out: Path) -> None:
 
     save_file({"logits": got.contiguous()}, out.with_suffix(".safetensors"))
     out.write_text(json.dumps({"seconds": time.time() - start, "cpu": time.process_time() - cpu,
-                               "peak_mib": peak_rss_mib(), "tokens": ids.shape[1]}))
+                               "peak_mib": peak_rss_mib(), "tokens": ids.shape[1],
+                               "both_sides_equal": torch.equal(ref, got)}))
 
 
 def main() -> None:

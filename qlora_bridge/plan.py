@@ -329,6 +329,8 @@ def plan(shape: ModelShape, s: TrainSettings, hw: Hardware, registry, exports: l
             unplanned.append(f"export {name}: the exporter does not declare its memory (Exporter.memory)")
             continue
         need = exporter.memory(merged, quant, gpu)
+        given = {f"--option {k}={v}" for k, v in spec.options.items()}  # a lighter setting the export already has
+        need = next((other for setting, other in need.lighter if setting in given), need)
         stages.append(stage(f"export {name}", need, hw, lambda e=exporter, q=quant, n=need:
                             lighter(n, hw) or smaller_quants(e, q, merged, hw)))
         try:

@@ -55,8 +55,8 @@ def test_the_instrument_finds_amx_code_where_there_is_some(tmp_path):
     src = tmp_path / "amx.c"
     src.write_text("#include <immintrin.h>\nvoid f(const void *cfg) { _tile_loadconfig(cfg); _tile_release(); }\n")
     subprocess.run(["gcc", "-O2", "-mamx-tile", "-c", str(src), "-o", str(tmp_path / "amx.o")], check=True)
-    subprocess.run(["gcc", "-O2", "-c", "-x", "c", "-", "-o", str(tmp_path / "plain.o")], input=b"int g(void){return 1;}\n",
-                   check=True)
+    subprocess.run(["gcc", "-O2", "-c", "-x", "c", "-", "-o", str(tmp_path / "plain.o")],
+                   input=b"int g(void){return 1;}\n", check=True)
     assert "ldtilecfg" in lb.amx_instructions(tmp_path / "amx.o")
     assert lb.amx_instructions(tmp_path / "plain.o") == []
 

@@ -185,3 +185,15 @@ def test_a_70b_fine_tune_exports_on_one_48gb_gpu_and_a_64gb_host(tmp_path, capsy
         assert fix and float(fix[1]) < 24 and float(fix[2]) < 32, export["fixes"]
     gguf = stages["export gguf-Q4_K_M"]
     assert gguf["mapped"]["total"] > 130 * 2**30 > gguf["host"]["total"]  # the F16 file, mapped
+
+
+def test_an_export_already_set_to_the_lighter_setting_is_planned_with_it(tmp_path):
+    from qlora_bridge.host import load_plugins
+    from qlora_bridge.plan import Hardware, plan
+    from qlora_bridge.project import ExportSpec
+    from qlora_bridge.train_settings import TrainSettings
+
+    shape = read_shape(Path(config(tmp_path, {**LLAMA2_70B, "vocab_size": 128256})))
+    hw = Hardware(ram=64 * 2**30, disk=400 * 2**30, gpus=1, gpu_memory=48 * 2**30)
+    report = plan(shape, TrainSettings(), hw, load_plugins(), [ExportSpec("awq", options={"engine": "streamed"})])
+    assert report["stages"]["export awq-int4"]["fits"]

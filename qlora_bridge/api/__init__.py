@@ -48,7 +48,8 @@ __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult"
            "LaunchRequest", "TokenScores", "SmokeCheck", "SmokeContext", "Golden", "Client", "Server", "BridgeError",
            "CheckFailed", "PARITY_CORPUS", "REFERENCE_TEXT", "calibration", "calibration_text", "reference_document",
            "engine_log", "cache_dir", "http_json", "adds_bos", "token_sequences", "folder_logits", "model_logits",
-           "streamed_logits", "merged_license", "check_options", "ModelShape", "Need", "CUDA_CONTEXT", "Lineage", "__version__"]
+           "streamed_logits", "merged_license", "check_options", "ModelShape", "Need", "CUDA_CONTEXT", "Lineage",
+           "__version__"]
 
 # bump when a hook, a registration type or what this module offers changes. 6: streamed_logits (a forward with one
 # layer in memory) and Server.process; 5: Lineage (the typed reader of ExportRequest.lineage) and CUDA_CONTEXT; 4:

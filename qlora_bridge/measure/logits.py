@@ -4,7 +4,10 @@ public API re-exports these)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 
 def model_logits(model, sequences: list[list[int]], batch_tokens: int = 2048) -> Iterator:
@@ -44,7 +47,7 @@ def folder_logits(folder: Path, sequences: list[list[int]]) -> Iterator:
     yield from model_logits(load_float32(folder), sequences)
 
 
-def streamed_logits(folder: Path, weights, ids) -> "torch.Tensor":
+def streamed_logits(folder: Path, weights, ids) -> torch.Tensor:
     """Logits [len, vocab] (float32) of the causal LM that `folder`'s config.json describes, for one token sequence,
     with only one module's weights in memory at a time: every decoder layer, the embedding, the final norm and the
     head get their tensors from weights(name) (the checkpoint's parameter name, in float32) just before they run

@@ -174,7 +174,8 @@ def export(req: ExportRequest, method: str) -> ExportResult:
                            parse=str, allowed=("awq", "gptq"))
         if algorithm == "gptq" and engine not in GPTQ_ENGINES:
             raise BridgeError(f"algorithm=gptq for AWQ is GPTQ's rounding, asymmetric; {engine} has no such setting",
-                              field="--option algorithm", fix="add --option engine=gptqmodel, or drop algorithm")
+                              field="--option algorithm",
+                              fix="add --option engine=gptqmodel (or streamed), or drop algorithm")
     elif "algorithm" in req.options:
         raise BridgeError("algorithm chooses how an AWQ export's weights are rounded; the gptq target is GPTQ's own",
                           field="--option algorithm", fix="drop algorithm, or export --target awq")

@@ -23,7 +23,6 @@ Written straight into the target's format (formats.py): GPTQ v1 symmetric, or AW
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
