@@ -14,6 +14,7 @@ blocks of English prose): the point is memory; quality is judged on the demo (be
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -93,8 +94,9 @@ def child(stage: str, args: list[str]) -> None:
         print(json.dumps({"engine": manifest["export"]["settings"].get("engine", "")}))
 
 
-def planned(folder: Path, dtype: str) -> dict[str, tuple[float, float]]:
-    """The plan's (host, disk) GiB for each stage of this shape, on this machine."""
+def planned(folder: Path, dtype: str, tokens: int) -> dict[str, tuple[float, float]]:
+    """The plan's (host, disk) GiB for each stage of this shape, on this machine; the 4-bit exports' calibration
+    activations scaled from the default calibration's tokens to the `tokens` this run used."""
     from qlora_bridge.host import load_plugins
     from qlora_bridge.plan import hardware, merge_need, read_shape
     from qlora_bridge.stages.export import resolve_quant
@@ -110,8 +112,12 @@ def planned(folder: Path, dtype: str) -> dict[str, tuple[float, float]]:
         need = exporter.memory(merged, resolve_quant(exporter, quant), False)
         if "engine" in options:  # planned as the setting the plan would name for it (Need.lighter)
             need = dict(need.lighter)[f"--option engine={options['engine']}"]
+        if "calibration activations" in need.host:
+            module = importlib.import_module(exporter.export.__module__)
+            need.host["calibration activations"] = int(need.host["calibration activations"] * tokens
+                                                       / module.calibration_tokens(merged))
         out[f"export {target}"] = (need.total("host") / GiB, need.total("disk") / GiB)
-    baseline = registry.exporter("awq")[0].memory(merged, "int4", False)
+    baseline = registry.exporter("awq")[0].memory(merged, "int4", False)  # (its activations at the default)
     out["export awq (GPTQModel, whole model)"] = (baseline.total("host") / GiB, baseline.total("disk") / GiB)
     return out
 
@@ -125,29 +131,32 @@ def main() -> None:
     p.add_argument("--seq-len", default="256")
     p.add_argument("--baseline", action="store_true", help="also the awq export through GPTQModel (whole model)")
     p.add_argument("--work", default="/tmp/qlora-bridge-scale")
+    p.add_argument("--targets", default="awq,gptq,gguf", help="the exports to run (default: all three)")
     a = p.parse_args()
     work = Path(a.work)
     base, adapter = build(a.shape, work / f"inputs-{a.shape}-{a.layers or 'all'}", layers=a.layers)
     from qlora_bridge.corpus import REFERENCE_TEXT
 
     calibration = work / "calibration.txt"
-    calibration.write_text((REFERENCE_TEXT + "\n") * 40)
+    calibration.write_text((REFERENCE_TEXT + "\n") * 2)  # ~2300 tokens: llama-imatrix wants two 512-token chunks
     quant_options = {"calibration": str(calibration), "samples": a.samples, "seq_len": a.seq_len}
     me = [sys.executable, __file__, "--child"]
     merged = work / f"merged-{a.shape}"
     rows = {"merge": measured([*me, "merge", str(base), str(adapter), str(merged), a.dtype])}
+    print(json.dumps({"merge": rows["merge"]}), flush=True)  # each stage as it ends: a long run keeps what it has
     jobs = [(f"export {t}", t, q, {**(quant_options if t != "gguf" else {"calibration": str(calibration),
                                                                          "text_tokens": "0"}), **o})
-            for t, q, o in EXPORTS]
+            for t, q, o in EXPORTS if t in a.targets.split(",")]
     if a.baseline:
         jobs.insert(1, ("export awq (GPTQModel, whole model)", "awq", None, {**quant_options, "engine": "gptqmodel"}))
     for name, target, quant, options in jobs:
         out = work / f"export-{target}"
         rows[name] = measured([*me, "export", target, quant or "", str(merged), str(out), json.dumps(options)])
         rows[name]["disk_gib"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / GiB
+        print(json.dumps({name: rows[name]}), flush=True)
         shutil.rmtree(out, ignore_errors=True)
     rows["merge"]["disk_gib"] = sum(f.stat().st_size for f in merged.rglob("*") if f.is_file()) / GiB
-    plan = planned(merged, a.dtype)
+    plan = planned(merged, a.dtype, int(a.samples) * int(a.seq_len))
     layers = a.layers or SHAPES[a.shape]["layers"]
     print(f"\n{a.shape} shape, {layers} of {SHAPES[a.shape]['layers']} decoder layers, merge in {a.dtype}, "
           f"{os.cpu_count()} cores; calibration {a.samples} x {a.seq_len} tokens")

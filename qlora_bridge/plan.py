@@ -258,9 +258,10 @@ def merge_need(shape: ModelShape, dtype: str, check: str, hw: Hardware) -> tuple
     out = DTYPE_BYTES[dtype]
     biggest_linear = shape.largest_linear
     embedding = shape.vocab * shape.hidden
-    # a tensor without LoRA is only cast, and a cast to its own dtype copies nothing
-    stream = max(biggest_linear * (shape.dtype_bytes + 4 + 0.5 + 4 + out),
-                 embedding * (shape.dtype_bytes + (out if out != shape.dtype_bytes else 0)))
+    # a tensor without LoRA is only cast, and a cast to its own dtype copies nothing; a float16 merge of a base of
+    # the same width is counted as a copy, since most bases are bfloat16 (8B shape: 2.5 GiB measured, bench/scale.py)
+    copy = out if out != shape.dtype_bytes or dtype == "float16" else 0
+    stream = max(biggest_linear * (shape.dtype_bytes + 4 + 0.5 + 4 + out), embedding * (shape.dtype_bytes + copy))
     fp32 = shape.params * 4
     method = check if check != "auto" else ("full" if 3 * fp32 < hw.ram else "layer")
     host = {"runtime": RUNTIME_MERGE, "one tensor in flight": int(stream)}

@@ -277,11 +277,12 @@ def calibration_tokens(shape: ModelShape) -> int:
 
 
 def readback_need(shape: ModelShape) -> dict[str, int]:
-    """The read-back's whole-model check (streamed_logits): the largest module in float32 as it is read, and the
-    reference text's logits, three times over (the merged model's, the export's, a softmax)."""
+    """The read-back's whole-model check (streamed_logits), at its peak: the second pass reading its largest module
+    (the head: float32 beside the stored copy it is made from) while the first pass's logits are kept (measured on
+    the 8B shape, bench/scale.py)."""
     module = max(shape.vocab * shape.hidden, sum(a * b for a, b in shape.linears().values()))
     return {"read-back: the largest module in float32, as read": module * (4 + shape.dtype_bytes),
-            "read-back: logits of the reference text": 3 * TEXT_TOKENS * shape.vocab * 4}
+            "read-back: logits of the reference text": TEXT_TOKENS * shape.vocab * 4}
 
 
 def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
@@ -310,9 +311,8 @@ def streamed_memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
     """The streamed engine (streamed.py) holds one decoder layer at a time; its peak is the runtime, the calibration
     activations (a layer's inputs and outputs, float32) and the largest of three phases: the embedding as stored
     (first), one layer at work (its float32 weights, the widest input's Hessian and its group-aware permuted copy,
-    the weight and what GPTQ makes of it, a forward batch), and the read-back (streamed_logits: the largest module
-    in float32 and the reference text's logits, three times over). On a GPU the layer phase lives there; the host
-    reads one tensor at a time and runs the read-back."""
+    the weight and what GPTQ makes of it, a forward batch), and the read-back (readback_need). On a GPU the layer
+    phase lives there; the host reads one tensor at a time and runs the read-back."""
     from .streamed import BATCH_TOKENS
 
     bits = 8 if quant == "int8" else 4
