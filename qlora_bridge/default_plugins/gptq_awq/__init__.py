@@ -1,8 +1,9 @@
 """Built-in exporters `gptq` and `awq`: 4-bit (GPTQ also 8-bit) checkpoints for vLLM.
 
 Each target has one on-disk format, GPTQ checkpoint format v1 (symmetric) and AWQ GEMM (zero points), whichever
-engine writes it (engines.py): GPTQModel 7.6 or AutoRound 0.16, both of which run on a CPU; the manifest names
-the engine, its version and every setting. Calibration defaults to the fine-tune's own training data, tokenized
+engine writes it (engines.py): GPTQModel 7.6 or AutoRound 0.16, both of which run on a CPU and load the whole
+model, or our own GPTQ one decoder layer at a time (streamed.py); the manifest names the engine, its version and
+every setting. Calibration defaults to the fine-tune's own training data, tokenized
 as it was trained. Every export is read back with our own format reader (formats.py) and compared with the
 merged weights layer by layer, then as a whole model; an export off the scale fails and nothing is kept.
 
