@@ -48,6 +48,8 @@ def gptqmodel(job: Job) -> dict:
     # GPTQModel sizes its CPU worker pools from this at import time; its default of (cores+1)//2 is below
     # the 2 workers its model loader insists on for machines with 2 cores (research notes).
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    from .formats import kept_rule
+
     try:
         import torch
         with quiet(job):
@@ -72,12 +74,10 @@ def gptqmodel(job: Job) -> dict:
         if gptq:
             # for the awq target: asymmetric, saved in format v2 (v1 cannot store a zero point of 0), then repacked
             sym = job.method == "gptq"
-            # a negative `dynamic` match leaves a module out of quantization; vLLM's GPTQ reads the same rule
             kinds = sorted({name.rpartition(".")[2] for name in job.keep})
-            dynamic = {rf"-:.*\.(?:{'|'.join(kinds)})$": {}} if kinds else None
             config = GPTQConfig(bits=job.bits, group_size=job.group, desc_act=False, sym=sym,
                                 damp_percent=job.damp, format=FORMAT.GPTQ if sym else FORMAT.GPTQ_V2,
-                                true_sequential=job.sequential, dynamic=dynamic)
+                                true_sequential=job.sequential, dynamic=kept_rule(job.keep))
             library = {"algorithm": "gptq", "desc_act": False, "sym": sym, "damp_percent": job.damp,
                        "true_sequential": job.sequential, "kept_unquantized": kinds}
             backend = {}
@@ -177,9 +177,8 @@ ENGINES = {"gptqmodel": gptqmodel, "autoround": autoround, "streamed": streamed}
 def repack_as_awq(folder: Path, group: int, quantizer: str, dtype, keep=()) -> None:
     """Rewrite an asymmetric 4-bit GPTQ checkpoint (format v2, no act-order) as AWQ GEMM with its floating tensors
     in `dtype`: the codes, zero points and scales stay as they are (formats.py), only the packing changes. The
-    modules in `keep` were left unquantized; AWQ's config names them, in full (vLLM and transformers match the
-    names as substrings of each module's)."""
-    from .formats import awq_pack, gptq_codes
+    modules in `keep` were left unquantized; AWQ's config names them (formats.awq_config)."""
+    from .formats import awq_config, awq_pack, gptq_codes
 
     def repack(state):
         for name in [k for k in state if k.endswith(".qweight")]:
@@ -192,9 +191,7 @@ def repack_as_awq(folder: Path, group: int, quantizer: str, dtype, keep=()) -> N
     rewrite_shards(folder, repack)
     config = json.loads((folder / "config.json").read_text())
     config["dtype"] = str(dtype).removeprefix("torch.")
-    config["quantization_config"] = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group,
-                                     "zero_point": True, "modules_to_not_convert": ["lm_head", *keep],
-                                     "quantizer": f"{quantizer}: GPTQ, asymmetric, repacked by qlora-bridge"}
+    config["quantization_config"] = awq_config(group, keep, f"{quantizer}: GPTQ, asymmetric, repacked by qlora-bridge")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "quantize_config.json").unlink(missing_ok=True)  # GPTQModel's, which would call it GPTQ
 

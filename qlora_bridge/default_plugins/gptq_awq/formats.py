@@ -94,3 +94,17 @@ def rtn(weight: torch.Tensor, bits: int, group: int, sym: bool):
         z = (-lo / s).round().clamp(0, top)
     q = (w / s.unsqueeze(-1) + z.unsqueeze(-1)).round().clamp(0, top)
     return q.reshape(n, k).T.long(), z.T.long().contiguous(), s.T.contiguous()
+
+
+def kept_rule(keep) -> dict | None:
+    """GPTQ's `dynamic` rule that leaves the kept modules (by name) unquantized: a negative match, which GPTQModel
+    writes and vLLM's GPTQ reads."""
+    kinds = sorted({name.rpartition(".")[2] for name in keep})
+    return {rf"-:.*\.(?:{'|'.join(kinds)})$": {}} if kinds else None
+
+
+def awq_config(group: int, keep, quantizer: str) -> dict:
+    """config.json's quantization_config of an AWQ GEMM checkpoint; the kept modules named in full (vLLM and
+    transformers match the names as substrings of each module's)."""
+    return {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group, "zero_point": True,
+            "modules_to_not_convert": ["lm_head", *keep], "quantizer": quantizer}

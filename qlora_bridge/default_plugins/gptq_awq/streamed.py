@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .formats import awq_pack, gptq_pack
+from .formats import awq_config, awq_pack, gptq_pack, kept_rule
 
 BLOCK = 128  # GPTQ's lazy-update block: columns whose updates are batched (the reference implementation's)
 BATCH_TOKENS = 2048  # calibration positions a forward takes at once: bounds the attention's working memory
@@ -224,16 +224,12 @@ def encoded(method: str, bits: int, group: int, q, z, s, dtype: torch.dtype) -> 
 
 def quantization_config(method: str, bits: int, group: int, keep: tuple[str, ...]) -> dict:
     """config.json's quantization_config, as vLLM and transformers read each format (GPTQModel's and AutoAWQ's)."""
-    kinds = sorted({name.rpartition(".")[2] for name in keep})
     if method == "awq":
-        return {"quant_method": "awq", "version": "gemm", "bits": bits, "group_size": group, "zero_point": True,
-                "modules_to_not_convert": ["lm_head", *keep], "quantizer": "qlora-bridge: GPTQ, asymmetric, layer "
-                "by layer"}
+        return awq_config(group, keep, "qlora-bridge: GPTQ, asymmetric, layer by layer")
+    rule = kept_rule(keep)
     return {"quant_method": "gptq", "checkpoint_format": "gptq", "format": "gptq", "bits": bits, "group_size": group,
             "desc_act": False, "sym": True, "lm_head": False, "pack_dtype": "int32",
-            # a negative `dynamic` match leaves a module out of quantization; vLLM's GPTQ reads the same rule
-            **({"dynamic": {rf"-:.*\.(?:{'|'.join(kinds)})$": {}}} if kinds else {}),
-            "quantizer": ["qlora-bridge: GPTQ, layer by layer"]}
+            **({"dynamic": rule} if rule else {}), "quantizer": ["qlora-bridge: GPTQ, layer by layer"]}
 
 
 def quantize(merged: Path, out: Path, *, method: str, bits: int, group: int, sequences: list[list[int]],
@@ -280,13 +276,13 @@ def quantize(merged: Path, out: Path, *, method: str, bits: int, group: int, seq
     writer, packed = ShardWriter(out), set()
     for i, layer in enumerate(layers):
         for full in names(layer, f"{stack}.{i}"):
-            prefix = full.removesuffix(".weight")
-            if full.endswith(".weight") and len(shape(full)) == 2 and prefix not in keep:
+            prefix, dims = full.removesuffix(".weight"), shape(full)
+            if full.endswith(".weight") and len(dims) == 2 and prefix not in keep:
                 packed.add(prefix)
-                for part, dt, shp in parts(method, bits, group, *shape(full), dtype):
+                for part, dt, shp in parts(method, bits, group, *dims, dtype):
                     writer.plan(f"{prefix}.{part}", dt, shp)
             else:
-                writer.plan(full, dtype, shape(full))
+                writer.plan(full, dtype, dims)
     rest = [n for n in reader.index if not n.startswith(stack + ".")]
     for name in rest:
         writer.plan(name, dtype, shape(name))
