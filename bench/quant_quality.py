@@ -31,18 +31,19 @@ from gate import through_logits  # noqa: E402
 # name, target, options (the rest are the target's defaults), slow
 CASES = [
     ("round to nearest, sym (floor)", "gptq", {"engine": "autoround", "iters": "0"}, False),
-    ("GPTQModel GPTQ", "gptq", {"engine": "gptqmodel"}, False),
+    ("GPTQModel GPTQ (the gptq target's settings)", "gptq", {"engine": "gptqmodel"}, False),
     ("GPTQModel GPTQ + general text", "gptq", {"engine": "gptqmodel", "text_tokens": "16384"}, False),
     ("GPTQModel GPTQ g32", "gptq", {"engine": "gptqmodel", "group_size": "32"}, False),
     ("AutoRound SignRound", "gptq", {"engine": "autoround", "iters": "50"}, False),
     ("AutoRound AWQ + RTN", "awq", {"engine": "autoround", "algorithm": "awq"}, False),
     ("GPTQModel GPTQ asym repacked as AWQ", "awq", {"engine": "gptqmodel", "algorithm": "gptq", "text_tokens": "0"},
      False),
-    ("GPTQModel GPTQ asym repacked as AWQ + 2048 tokens of general text (default)", "awq", {}, False),
+    ("GPTQModel GPTQ asym repacked as AWQ + 2048 tokens of general text (the awq target's settings)", "awq",
+     {"engine": "gptqmodel"}, False),
     ("GPTQModel AWQ (clip search)", "awq", {"engine": "gptqmodel", "algorithm": "awq"}, True),
-    # ours, one decoder layer in memory at a time: the same settings as the two targets' defaults above
-    ("streamed GPTQ (gptq target's defaults)", "gptq", {"engine": "streamed"}, False),
-    ("streamed GPTQ asym as AWQ (awq target's defaults)", "awq", {"engine": "streamed"}, False),
+    # ours, one decoder layer in memory at a time, the targets' defaults: the same settings as the two above
+    ("streamed GPTQ (the gptq target's default)", "gptq", {}, False),
+    ("streamed GPTQ asym as AWQ (the awq target's default)", "awq", {}, False),
 ]
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import SHAPES, build  # noqa: E402
 
 MiB, GiB = 2**20, 2**30
-EXPORTS = [("awq", None, {"engine": "streamed"}), ("gptq", None, {"engine": "streamed"}), ("gguf", "Q4_K_M", {})]
+EXPORTS = [("awq", None, {}), ("gptq", None, {}), ("gguf", "Q4_K_M", {})]  # the targets' defaults
 
 
 def tree_memory(pid: int) -> tuple[int, int]:
@@ -94,11 +94,11 @@ def child(stage: str, args: list[str]) -> None:
         print(json.dumps({"engine": manifest["export"]["settings"].get("engine", "")}))
 
 
-def planned(folder: Path, dtype: str, tokens: int) -> dict[str, tuple[float, float]]:
-    """The plan's (host, disk) GiB for each stage of this shape, on this machine; the 4-bit exports' calibration
-    activations scaled from the default calibration's tokens to the `tokens` this run used."""
+def planned(folder: Path, dtype: str, tokens: int, jobs: list) -> dict[str, tuple[float, float]]:
+    """The plan's (host, disk) GiB for the merge and each export job of this shape, on this machine; the 4-bit
+    exports' calibration activations scaled from the default calibration's tokens to the `tokens` this run used."""
     from qlora_bridge.host import load_plugins
-    from qlora_bridge.plan import hardware, merge_need, read_shape
+    from qlora_bridge.plan import export_need, hardware, merge_need, read_shape
     from qlora_bridge.stages.export import resolve_quant
 
     shape = read_shape(folder)
@@ -107,18 +107,14 @@ def planned(folder: Path, dtype: str, tokens: int) -> dict[str, tuple[float, flo
     merge, _ = merge_need(shape, dtype, "layer", hw)
     out = {"merge": (merge.total("host") / GiB, merge.total("disk") / GiB)}
     merged = replace(shape, dtype_bytes={"float32": 4}.get(dtype, 2))
-    for target, quant, options in EXPORTS:
+    for name, target, quant, options in jobs:
         exporter, _ = registry.exporter(target)
-        need = exporter.memory(merged, resolve_quant(exporter, quant), False)
-        if "engine" in options:  # planned as the setting the plan would name for it (Need.lighter)
-            need = dict(need.lighter)[f"--option engine={options['engine']}"]
+        need = export_need(exporter, merged, resolve_quant(exporter, quant), False, options)
         if "calibration activations" in need.host:
             module = importlib.import_module(exporter.export.__module__)
             need.host["calibration activations"] = int(need.host["calibration activations"] * tokens
                                                        / module.calibration_tokens(merged))
-        out[f"export {target}"] = (need.total("host") / GiB, need.total("disk") / GiB)
-    baseline = registry.exporter("awq")[0].memory(merged, "int4", False)  # (its activations at the default)
-    out["export awq (GPTQModel, whole model)"] = (baseline.total("host") / GiB, baseline.total("disk") / GiB)
+        out[name] = (need.total("host") / GiB, need.total("disk") / GiB)
     return out
 
 
@@ -156,7 +152,7 @@ def main() -> None:
         print(json.dumps({name: rows[name]}), flush=True)
         shutil.rmtree(out, ignore_errors=True)
     rows["merge"]["disk_gib"] = sum(f.stat().st_size for f in merged.rglob("*") if f.is_file()) / GiB
-    plan = planned(merged, a.dtype, int(a.samples) * int(a.seq_len))
+    plan = planned(merged, a.dtype, int(a.samples) * int(a.seq_len), jobs)
     layers = a.layers or SHAPES[a.shape]["layers"]
     print(f"\n{a.shape} shape, {layers} of {SHAPES[a.shape]['layers']} decoder layers, merge in {a.dtype}, "
           f"{os.cpu_count()} cores; calibration {a.samples} x {a.seq_len} tokens")

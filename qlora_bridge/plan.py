@@ -329,11 +329,9 @@ def plan(shape: ModelShape, s: TrainSettings, hw: Hardware, registry, exports: l
         if exporter.memory is None:
             unplanned.append(f"export {name}: the exporter does not declare its memory (Exporter.memory)")
             continue
-        need = exporter.memory(merged, quant, gpu)
-        given = {f"--option {k}={v}" for k, v in spec.options.items()}  # a lighter setting the export already has
-        need = next((other for setting, other in need.lighter if setting in given), need)
+        need = export_need(exporter, merged, quant, gpu, spec.options)
         stages.append(stage(f"export {name}", need, hw, lambda e=exporter, q=quant, n=need:
-                            lighter(n, hw) or smaller_quants(e, q, merged, hw)))
+                            fitting_variant(n, hw) or smaller_quants(e, q, merged, hw)))
         try:
             backend = spec.backend or registry.backend_for(exporter.format)
         except BridgeError:  # release reports such an export as not verified; nothing to plan here
@@ -369,9 +367,16 @@ def shortfall(report: dict) -> tuple[str, str]:
     return f"{what} ({report['hardware']})", "; ".join(f"{n}: {', '.join(p['fixes'])}" for n, p in bad.items())
 
 
-def lighter(need: Need, hw: Hardware) -> list[str]:
-    """The first setting the stage declares (Need.lighter) under which it fits, with what it then needs."""
-    for setting, other in need.lighter:
+def export_need(exporter, shape: ModelShape, quant: str | None, gpu: bool, options: dict) -> Need:
+    """What an export needs under its options: the variant they name (Need.variants), else the target's default."""
+    need = exporter.memory(shape, quant, gpu)
+    given = {f"--option {k}={v}" for k, v in options.items()}
+    return next((other for setting, other in need.variants if setting in given), need)
+
+
+def fitting_variant(need: Need, hw: Hardware) -> list[str]:
+    """The first setting the stage declares (Need.variants) under which it fits, with what it then needs."""
+    for setting, other in need.variants:
         if fits(other, hw):
             where = ", ".join(f"{w} {other.total(w) / GiB:.1f} GiB" for w in ("gpu", "host") if getattr(other, w))
             return [f"{setting} ({where})"]

@@ -170,24 +170,24 @@ def test_on_a_gpu_merge_and_gptq_plan_the_cuda_context_and_the_checks_4bit_model
 
 
 def test_a_70b_fine_tune_exports_on_one_48gb_gpu_and_a_64gb_host(tmp_path, capsys):
-    """The seed's scale (issue 32): Llama-3.1-70B's shape (128k vocabulary). GPTQModel, the 4-bit default, loads
-    the whole float32 merge (282 GB), and the plan names the setting that fits: the streamed engine, one decoder
-    layer at a time. llama.cpp's tools map the F16 file (reclaimable, reported beside host memory)."""
+    """The seed's scale (issue 32): Llama-3.1-70B's shape (128k vocabulary). The 4-bit default, the streamed engine,
+    holds one decoder layer at a time; llama.cpp's tools map the F16 file (reclaimable, reported beside host
+    memory). Every stage fits."""
     llama31 = {**LLAMA2_70B, "vocab_size": 128256, "torch_dtype": "bfloat16"}
     code, out = plan_json(capsys, "--config", config(tmp_path, llama31), "--gpu", "48GB", "--ram", "64GB",
                           "--disk", "400GB", "--target", "awq", "--target", "gptq", "--target", "gguf:Q4_K_M")
     stages = out["stages"]
-    assert stages["merge"]["fits"] and stages["export gguf-Q4_K_M"]["fits"]
+    for name in ("merge", "export awq-int4", "export gptq-int4", "export gguf-Q4_K_M"):
+        assert stages[name]["fits"], name
     for name in ("export awq-int4", "export gptq-int4"):
-        export = stages[name]
-        assert not export["fits"] and export["short"] == ["host"] and export["host"]["total"] > 250 * 2**30
-        fix = re.fullmatch(r"--option engine=streamed \(gpu ([\d.]+) GiB, host ([\d.]+) GiB\)", export["fixes"][0])
-        assert fix and float(fix[1]) < 24 and float(fix[2]) < 32, export["fixes"]
+        assert stages[name]["gpu"]["total"] < 24 * 2**30 and stages[name]["host"]["total"] < 32 * 2**30
     gguf = stages["export gguf-Q4_K_M"]
     assert gguf["mapped"]["total"] > 130 * 2**30 > gguf["host"]["total"]  # the F16 file, mapped
 
 
-def test_an_export_already_set_to_the_lighter_setting_is_planned_with_it(tmp_path):
+def test_an_export_that_names_an_engine_is_planned_with_it_and_told_the_one_that_fits(tmp_path):
+    """GPTQModel loads the whole float32 merge (282 GB for a 70B): planned as such when an export names it, with
+    the streamed engine as the fix."""
     from qlora_bridge.host import load_plugins
     from qlora_bridge.plan import Hardware, plan
     from qlora_bridge.project import ExportSpec
@@ -195,5 +195,8 @@ def test_an_export_already_set_to_the_lighter_setting_is_planned_with_it(tmp_pat
 
     shape = read_shape(Path(config(tmp_path, {**LLAMA2_70B, "vocab_size": 128256})))
     hw = Hardware(ram=64 * 2**30, disk=400 * 2**30, gpus=1, gpu_memory=48 * 2**30)
-    report = plan(shape, TrainSettings(), hw, load_plugins(), [ExportSpec("awq", options={"engine": "streamed"})])
-    assert report["stages"]["export awq-int4"]["fits"]
+    report = plan(shape, TrainSettings(), hw, load_plugins(), [ExportSpec("awq", options={"engine": "gptqmodel"})])
+    export = report["stages"]["export awq-int4"]
+    assert not export["fits"] and export["short"] == ["host"] and export["host"]["total"] > 250 * 2**30
+    fix = re.fullmatch(r"--option engine=streamed \(gpu ([\d.]+) GiB, host ([\d.]+) GiB\)", export["fixes"][0])
+    assert fix and float(fix[1]) < 24 and float(fix[2]) < 32, export["fixes"]

@@ -22,6 +22,7 @@ from ..errors import BridgeError, CheckFailed
 from ..files import cache_dir, engine_log
 from ..measure.logits import folder_logits, model_logits, streamed_logits
 from ..modelcard import merged_license
+from ..malloc import release_freed_memory
 from ..records import Lineage
 from .hookspecs import hookimpl
 from .types import (
@@ -48,13 +49,17 @@ __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult"
            "LaunchRequest", "TokenScores", "SmokeCheck", "SmokeContext", "Golden", "Client", "Server", "BridgeError",
            "CheckFailed", "PARITY_CORPUS", "REFERENCE_TEXT", "calibration", "calibration_text", "reference_document",
            "engine_log", "cache_dir", "http_json", "adds_bos", "token_sequences", "folder_logits", "model_logits",
-           "streamed_logits", "merged_license", "check_options", "ModelShape", "Need", "CUDA_CONTEXT", "Lineage",
+           "streamed_logits", "release_freed_memory", "merged_license", "check_options", "ModelShape", "Need",
+           "CUDA_CONTEXT", "Lineage",
            "__version__"]
 
-# bump when a hook, a registration type or what this module offers changes. 6: streamed_logits (a forward with one
-# layer in memory) and Server.process; 5: Lineage (the typed reader of ExportRequest.lineage) and CUDA_CONTEXT; 4:
-# Exporter and ServingAdapter gained memory (for `plan`), Exporter recognizes; 3: Exporter gained path_options,
-# library and bits_per_weight; 2: ServingAdapter.prompt_logprobs became ServingAdapter.logprobs and Exporter gained
-# bounds. Plugins written for 1 to 5 work unchanged.
-PLUGIN_API = 6
-SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4, 5, 6)
+# bump when a hook, a registration type or what this module offers changes. 7: Need.lighter became Need.variants
+# (the stage under other settings, lighter or not: the plan uses the one an export's options name), and
+# release_freed_memory (for loops that drop a layer and read the next); 6:
+# streamed_logits (a forward with one layer in memory), Server.process, Need.mapped and Need.lighter; 5: Lineage
+# (the typed reader of ExportRequest.lineage) and CUDA_CONTEXT; 4: Exporter and ServingAdapter gained memory (for
+# `plan`), Exporter recognizes; 3: Exporter gained path_options, library and bits_per_weight; 2:
+# ServingAdapter.prompt_logprobs became ServingAdapter.logprobs and Exporter gained bounds. Plugins written for 1
+# to 6 work unchanged, but for a 6 that declared Need.lighter.
+PLUGIN_API = 7
+SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4, 5, 6, 7)

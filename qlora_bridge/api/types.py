@@ -138,9 +138,9 @@ class Need:
     # resident while there is room, dropped by the kernel under pressure and read again, so reported beside
     # host memory, not counted in it
     mapped: dict[str, int] = field(default_factory=dict)
-    # the same stage under another setting that needs less, as (the setting, its Need): where the stage does not
-    # fit, the plan names the first that does, e.g. (("--option engine=streamed", Need(host=...)),)
-    lighter: tuple = ()
+    # the same stage under other settings, as (the setting, its Need): the plan uses the one an export's options
+    # name, and where the stage does not fit names the first that does, e.g. (("--option engine=x", Need(...)),)
+    variants: tuple = ()
 
     def total(self, where: str) -> int:
         return sum(getattr(self, where).values())

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from ..malloc import release_freed_memory
+
 if TYPE_CHECKING:
     import torch
 
@@ -88,6 +90,7 @@ def streamed_logits(folder: Path, weights, ids) -> torch.Tensor:
         def drop(*_):
             for full in params:
                 set_module_tensor_to_device(model, full, "meta")
+            release_freed_memory()
         module.register_forward_pre_hook(load)
         module.register_forward_hook(drop)
 

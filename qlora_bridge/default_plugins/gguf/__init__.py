@@ -14,7 +14,7 @@ from pathlib import Path
 from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, Lineage,
                               ModelShape, Need, engine_log, hookimpl, merged_license)
 
-PLUGIN_API = 5  # the plugin API this module was written for
+PLUGIN_API = 6  # the plugin API this module was written for
 FLOATS = ("F16", "F32", "BF16")
 
 # The smoke gate's bounds. Measured on the demo fine-tune (SmolLM2-135M, 200 held-out answers, 8.2k tokens of

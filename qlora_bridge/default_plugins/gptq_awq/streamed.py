@@ -30,7 +30,9 @@ import torch
 from .formats import awq_config, awq_pack, gptq_pack, kept_rule
 
 BLOCK = 128  # GPTQ's lazy-update block: columns whose updates are batched (the reference implementation's)
-BATCH_TOKENS = 2048  # calibration positions a forward takes at once: bounds the attention's working memory
+# calibration positions a forward takes at once: one default 512-token block, as GPTQModel's batch_size=1 (a
+# quarter of the working memory of 2048; the demo's gate figures moved within their run-to-run spread, README)
+BATCH_TOKENS = 512
 
 
 def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,46 +62,53 @@ def group_aware_order(diag: torch.Tensor, group: int) -> torch.Tensor:
     return (local + base)[order].reshape(-1)
 
 
-def gptq(weight: torch.Tensor, hessian: list[torch.Tensor], bits: int, group: int, sym: bool, damp: float):
-    """GPTQ (Frantar et al. 2022) of W [N, K] against the Hessian H [K, K] of its inputs, groups in the natural
-    layout, processed in GPTQModel's group-aware order: codes q [K, N], zero points z [G, N], scales s [G, N],
-    and the dequantized weight it leaves. `hessian` is a one-item list this empties: H is permuted, then turned
-    into its inverse's Cholesky factor in place, so no reference of the caller's keeps a second K x K matrix
-    alive (down_proj of a 70B: 3.3 GB each)."""
+def inverse_factor(hessian: list[torch.Tensor], group: int, damp: float):
+    """What GPTQ needs of the Hessian H [K, K] of a group of Linears' shared input: the group-aware column order,
+    which columns the calibration never moved, and the upper Cholesky factor of the dampened H⁻¹ in that order.
+    Computed once for q/k/v (and once for gate/up), as GPTQModel shares it. `hessian` is a one-item list this
+    empties: H is permuted, then turned into the factor in place, so no reference of the caller's keeps a second
+    K x K matrix alive (down_proj of a 70B: 3.3 GB each)."""
     h = hessian.pop()
-    n, k = weight.shape
     dead = torch.diag(h) == 0  # inputs the calibration never moved: their weights cannot matter to it
     h[dead, dead] = 1
     perm = group_aware_order(torch.diag(h), group)
     h = h[perm]
     h = h[:, perm]
-    w = weight.float()[:, perm]
-    w[:, dead[perm]] = 0
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     torch.linalg.cholesky(h, out=h)
     torch.cholesky_inverse(h, out=h)
-    hinv = torch.linalg.cholesky(h, upper=True, out=h)
+    return perm, dead[perm], torch.linalg.cholesky(h, upper=True, out=h)
+
+
+def gptq(weight: torch.Tensor, factor, bits: int, group: int, sym: bool):
+    """GPTQ (Frantar et al. 2022) of W [N, K] given inverse_factor() of its input's Hessian, groups in the natural
+    layout, processed in GPTQModel's group-aware order: codes q [K, N], zero points z [G, N], scales s [G, N],
+    and the dequantized weight it leaves."""
+    perm, dead, hinv = factor
+    n, k = weight.shape
+    # held as Wᵀ [K, N]: the column GPTQ rounds and the rows it updates are contiguous (on down_proj's shape 4x
+    # faster than the column slices of W, the same arithmetic)
+    w = weight.float().T[perm].contiguous()
+    w[dead] = 0
     top = (1 << bits) - 1
-    q = torch.zeros(k, n, dtype=torch.uint8, device=w.device)  # codes of at most 8 bits, in GAR order
-    scales = torch.zeros(k // group, n, device=w.device)  # by position in GAR order
-    zeros = torch.zeros(k // group, n, dtype=torch.int64, device=w.device)
+    q = torch.empty(k, n, dtype=torch.uint8, device=w.device)  # codes of at most 8 bits, in GAR order
+    scales = torch.empty(k // group, n, device=w.device)  # by position in GAR order
+    zeros = torch.empty(k // group, n, dtype=torch.int64, device=w.device)
     for i1 in range(0, k, BLOCK):
         i2 = min(i1 + BLOCK, k)
-        w1, err = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, device=w.device)
+        w1, err = w[i1:i2].clone(), torch.empty(i2 - i1, n, device=w.device)
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if col % group == 0:  # the range as of the block's start, as GPTQModel (and the reference) set it
-                s, z = group_params(w[:, col: col + group], bits, sym)
+                s, z = group_params(w[col: col + group].T, bits, sym)
                 scales[col // group], zeros[col // group] = s, z.long()
-            s, z = scales[col // group], zeros[col // group].float()
-            codes = (w1[:, i] / s + z).round().clamp(0, top)
-            q[col] = codes.to(torch.uint8)
-            e = (w1[:, i] - (codes - z) * s) / h1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
-            err[:, i] = e
-        w[:, i2:] -= err @ hinv[i1:i2, i2:]
-    del hinv, h, w
+            codes = (w1[i] / s + z).round_().clamp_(0, top)
+            q[col] = codes
+            e = torch.sub(w1[i], (codes - z).mul_(s), out=err[i]).div_(h1[i, i])
+            w1[i:].addr_(h1[i, i:], e, alpha=-1)
+        w[i2:].addmm_(hinv[i1:i2, i2:].T, err, alpha=-1)
+    del w
     # back to the natural layout: position j of the GAR order is input perm[j], of group perm[j] // group
     natural = torch.empty_like(q)
     natural[perm] = q
@@ -159,16 +168,17 @@ def batches(sequences: list[list[int]]) -> list[list[list[int]]]:
 
 def linears_in_order(layer, inputs) -> list[list[str]]:
     """The layer's Linears in the order they run, grouped by the input they share (q/k/v, o, gate/up, down)."""
-    order, seen = [], {}
+    order, last = [], [None, None]
 
     def record(name):
         def hook(_, args):
-            key = args[0].data_ptr()
-            if key in seen and seen[key] is order[-1]:
+            # the same tensor object, unchanged, not just the same address: a freed input's memory is often reused
+            # for the next one (o_proj's for gate_proj's on SmolLM2), which grouped gate/up with o under o's Hessian
+            if args[0] is last[0] and args[0]._version == last[1]:
                 order[-1].append(name)
             else:
-                seen[key] = [name]
-                order.append(seen[key])
+                order.append([name])
+            last[:] = args[0], args[0]._version
         return hook
 
     handles = [m.register_forward_pre_hook(record(n)) for n, m in layer.named_modules()
@@ -182,7 +192,8 @@ def linears_in_order(layer, inputs) -> list[list[str]]:
 
 
 def hessians(layer, inputs, groups: list[list[str]]) -> list[torch.Tensor]:
-    """H = 2/n Σ x xᵀ over the calibration positions of each group's shared input (one forward of the layer)."""
+    """H = 2/n Σ x xᵀ over the calibration positions of each group's shared input (one forward of the layer per
+    batch, stopped once the last group's input is seen)."""
     modules = dict(layer.named_modules())
     sums, count = [None] * len(groups), [0] * len(groups)
 
@@ -191,12 +202,17 @@ def hessians(layer, inputs, groups: list[list[str]]) -> list[torch.Tensor]:
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             sums[i] = x.T @ x if sums[i] is None else sums[i].addmm_(x.T, x)
             count[i] += x.shape[0]
+            if i == len(groups) - 1:
+                raise _Captured
         return hook
 
     handles = [modules[g[0]].register_forward_pre_hook(accumulate(i)) for i, g in enumerate(groups)]
     with torch.no_grad():
         for hidden, kwargs in inputs:
-            layer(hidden, **kwargs)
+            try:
+                layer(hidden, **kwargs)
+            except _Captured:
+                pass
     for h in handles:
         h.remove()
     return [s.mul_(2 / n) for s, n in zip(sums, count)]
@@ -241,6 +257,7 @@ def quantize(merged: Path, out: Path, *, method: str, bits: int, group: int, seq
     from tqdm import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from qlora_bridge.api import release_freed_memory
     from qlora_bridge.api.safetensors import ShardWriter
 
     from .readback import Reader
@@ -310,16 +327,15 @@ def quantize(merged: Path, out: Path, *, method: str, bits: int, group: int, seq
         for step in [[g] for g in groups] if sequential else [groups]:
             hs = hessians(layer, inputs, step)
             for names_ in step:
-                h = [hs.pop(0)]
-                for name in names_:  # the group's Linears share one Hessian; gptq() consumes it
+                factor = inverse_factor([hs.pop(0)], group, damp)  # the group's Linears share their input's
+                for name in names_:
                     w = modules[name].weight.data
-                    q, z, s, deq = gptq(w, [h[0].clone()] if name != names_[-1] else h, bits, group,
-                                        method == "gptq", damp)
+                    q, z, s, deq = gptq(w, factor, bits, group, method == "gptq")
                     errors[f"{prefix}.{name}"] = (torch.linalg.vector_norm(deq - w)
                                                   / torch.linalg.vector_norm(w)).item()
                     done[f"{prefix}.{name}"] = encoded(method, bits, group, q, z, s, dtype)
                     set_module_tensor_to_device(model, f"{prefix}.{name}.weight", device, value=deq)
-                del h
+                del factor
         with torch.no_grad():  # the next layer's calibration inputs, from this layer as quantized
             inputs = [(first(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
         for full in names(layer, prefix):
@@ -330,6 +346,7 @@ def quantize(merged: Path, out: Path, *, method: str, bits: int, group: int, seq
             else:
                 writer.write(full, reader.get(full).to(dtype))
         drop(layer, prefix)
+        release_freed_memory()
     for name in rest:
         writer.write(name, reader.get(name).to(dtype))
     index = writer.close()
