@@ -97,6 +97,13 @@ def judged(registry, folder: Path, logits) -> dict:
     return {"passed": all(r["passed"] for r in results.values()), "checks": results, "bounds_source": source}
 
 
+def figures(result: dict) -> dict:
+    """The gate's headline figures from a smoke() or judged() result, as the benches print them."""
+    d, t = result["checks"]["divergence"], result["checks"]["task-score"]
+    return {"kl_answers": d.get("kl_answers"), "kl_text": d.get("kl_text"), "ppl_ratio": d.get("ppl_ratio"),
+            "task": t.get("task_score"), "interval": t.get("interval_95")}
+
+
 def through_logits(registry, folder: Path) -> dict:
     """The gate's instruments through the exporter's logits hook (our dequantization, float32)."""
     exporter, _ = registry.exporter(mf.read(folder)["export"]["target"])

@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("gptq-spread"))
     ap.add_argument("--vllm-python", default=".venv-vllm/bin/python")
     a = ap.parse_args()
+    from gate import figures  # bench/gate.py
+
     import qlora_bridge.default_plugins.gptq_awq.streamed as streamed
     from qlora_bridge.host import load_plugins
     from qlora_bridge.stages.export import export
@@ -36,10 +38,7 @@ def main() -> None:
         out = a.out / f"{a.target}-{batch}"
         export(registry, a.target, a.merged, out, options={}, progress=False, force=True)
         result = smoke(registry, out, "vllm", options={"python": a.vllm_python})
-        d, t = result["checks"]["divergence"], result["checks"]["task-score"]
-        print(json.dumps({"batch_tokens": batch, "kl_answers": d.get("kl_answers"), "kl_text": d.get("kl_text"),
-                          "ppl_ratio": d.get("ppl_ratio"), "task": t.get("task_score"),
-                          "interval": t.get("interval_95"), "passed": result["passed"]}), flush=True)
+        print(json.dumps({"batch_tokens": batch, **figures(result), "passed": result["passed"]}), flush=True)
 
 
 if __name__ == "__main__":

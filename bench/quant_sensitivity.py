@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-from gate import judged  # bench/gate.py: the gate's checks on any logits
+from gate import figures, judged  # bench/gate.py: the gate's checks on any logits
 from transformers import AutoModelForCausalLM
 
 from qlora_bridge import manifest as mf
@@ -40,10 +40,7 @@ def main() -> None:
         model.load_state_dict({k: merged_state[k] if any(f".{r}." in k for r in restored) else v
                                for k, v in dequantized.items()})
         result = judged(registry, folder, lambda seqs: model_logits(model, seqs))
-        d, t = result["checks"]["divergence"], result["checks"]["task-score"]
-        print(json.dumps({"restored": restored, "kl_answers": d.get("kl_answers"), "kl_text": d.get("kl_text"),
-                          "ppl_ratio": d.get("ppl_ratio"), "task": t.get("task_score"),
-                          "interval": t.get("interval_95"), "within_bounds": result["passed"]}), flush=True)
+        print(json.dumps({"restored": restored, **figures(result), "within_bounds": result["passed"]}), flush=True)
 
 
 if __name__ == "__main__":
