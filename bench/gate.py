@@ -30,7 +30,8 @@ from qlora_bridge import manifest as mf  # noqa: E402
 from qlora_bridge.stages.export import export  # noqa: E402
 from qlora_bridge.host import load_plugins  # noqa: E402
 from qlora_bridge.records import read_merge_report  # noqa: E402
-from qlora_bridge.stages.smoke import gate_bounds, measure, merged_folder, reference_for, smoke  # noqa: E402
+from qlora_bridge.measure.fidelity import measure  # noqa: E402
+from qlora_bridge.stages.smoke import gate_bounds, merged_folder, reference_for, smoke  # noqa: E402
 
 # name, target, quant, damage, expected verdict
 CASES = [

@@ -135,7 +135,8 @@ def main() -> None:
 
     calibration = work / "calibration.txt"
     calibration.write_text((REFERENCE_TEXT + "\n") * 2)  # ~2300 tokens: llama-imatrix wants two 512-token chunks
-    quant_options = {"calibration": str(calibration), "samples": a.samples, "seq_len": a.seq_len}
+    # recipe=fixed: random weights have no fine-tune to measure; the targets' fixed recipes (groups of 32)
+    quant_options = {"calibration": str(calibration), "samples": a.samples, "seq_len": a.seq_len, "recipe": "fixed"}
     me = [sys.executable, __file__, "--child"]
     merged = work / f"merged-{a.shape}"
     rows = {"merge": measured([*me, "merge", str(base), str(adapter), str(merged), a.dtype])}

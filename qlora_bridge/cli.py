@@ -461,10 +461,11 @@ def run_export(a) -> Outcome:
     size = sum(o["size"] for o in manifest["outputs"])
     text = (f"exported: {out}  ({a.target} {quant or ''}, {len(manifest['outputs'])} files, {size / 1e6:.1f} MB, "
             f"plugin {manifest['plugin']['name']} {manifest['plugin']['version']})"
+            + "".join(f"\n  {line}" for line in (exporter.summary(manifest["export"]) if exporter.summary else []))
             + ("\nsigned: " + str(out / "model.sig") if sign_key else "\nnot signed (no --sign-key)"))
     log = export_log(out)
     if log.is_file() and log.stat().st_size:
-        text += f"\nthe engine's own log: {log}"
+        text += f"\nthe engines' own output: {log}"
     return Outcome({"out": str(out), "signed": bool(sign_key), "manifest": manifest}, text)
 
 

@@ -117,22 +117,27 @@ def output_folder(out: Path, *, force: bool, what: str = "output folder"):
 
 @contextlib.contextmanager
 def engine_log(path: Path | None):
-    """Send whatever an engine writes to the console (llama.cpp's per-tensor notes, a C library's warnings) to
-    `path`, appended, for the block's duration: file descriptors 1 and 2, which native code writes to, and
-    sys.stdout/sys.stderr, which Python-level log callbacks (llama-cpp-python's) write to. None leaves the console
-    alone."""
+    """Send whatever an engine writes to the console (llama.cpp's per-tensor notes, a C library's warnings, a
+    library's loggers) to `path`, appended, for the block's duration: file descriptors 1 and 2, which native code
+    and logging handlers made earlier write to, and sys.stdout/sys.stderr, which Python-level log callbacks
+    (llama-cpp-python's) write to. Yields the console, the terminal's stderr as it was, for the caller's own
+    progress bar. None leaves the console alone.
+
+        with engine_log(req.log) as console:
+            for layer in tqdm(layers, file=console): ...
+    """
     if path is None:
-        yield
+        yield sys.stderr
         return
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
     try:
         with open(path, "a", buffering=1, errors="replace") as log, contextlib.redirect_stdout(log), \
-                contextlib.redirect_stderr(log):
+                contextlib.redirect_stderr(log), open(saved[1], "w", buffering=1, closefd=False) as console:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
-            yield
+            yield console
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

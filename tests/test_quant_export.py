@@ -3,6 +3,8 @@
 import importlib
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,7 +97,8 @@ def exports(gptqmodel, registry, tiny_release, tmp_path_factory):
     out = {}
     for target, engine, algorithm in ENGINES:
         folder = tmp_path_factory.mktemp(target) / f"export-{target}-{engine}-{algorithm}"
-        options = {**SMALL, **GENERAL, "engine": engine, **({"algorithm": algorithm} if target == "awq" else {})}
+        options = {**SMALL, **GENERAL, "engine": engine, **({"algorithm": algorithm} if target == "awq" else {}),
+                   **({"recipe": "fixed"} if engine == "streamed" else {})}  # the engines side by side, one recipe
         export(registry, target, tiny_release, folder, options=options, progress=False)
         out[target, engine, algorithm] = folder
     return out
@@ -325,3 +328,80 @@ def test_without_a_project_file_an_export_runs_the_targets_defaults(tiny_release
     settings = json.loads(capsys.readouterr().out)["manifest"]["export"]["settings"]
     assert settings["options"] == {} and settings["calibration"]["seq_len"] == 512
     assert settings["engine"] == "streamed" and settings["layer_by_layer"]  # one decoder layer in memory
+
+
+@pytest.mark.parametrize("engine", ["streamed", "gptqmodel"])
+def test_an_export_shows_a_screenful_and_sends_the_engines_output_to_its_log(gptqmodel, tiny_release, tmp_path,
+                                                                            engine):
+    """GPTQModel's INFO tables and warnings once filled 3,807 lines of the user's terminal for one demo export
+    (issue 33). What the terminal shows: our progress bar, the result with its recipe and read-back figures, and
+    where the engines' own output went; everything an engine prints, its loggers included, goes to the log. In a
+    subprocess, so that what native code and logging handlers write to file descriptors 1 and 2 is counted too."""
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-m", "qlora_bridge.cli", "export", "--merged", str(tiny_release),
+                           "--target", "awq", "--out", str(out), *(f"--option={k}={v}" for k, v in SMALL.items()),
+                           f"--option=engine={engine}"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shown = (proc.stdout + proc.stderr).rstrip("\n").split("\n")  # a progress bar's \r updates share a line
+    assert len(shown) <= 24, "\n".join(shown)
+    assert f"recipe: GPTQ asymmetric by {engine}, 4-bit, groups of " in proc.stdout
+    assert "perplexity on the reference text" in proc.stdout
+    # the default recipe is measured where the engine is ours; GPTQModel runs the fixed one
+    assert ("chosen by measurement" in proc.stdout) == (engine == "streamed")
+    if engine == "gptqmodel":  # it talks: all of it in the log, which the terminal names
+        log = out.with_name("export.export.log")
+        assert f"the engines' own output: {log}" in proc.stdout
+        assert len(log.read_text().splitlines()) > 100 and "gptqmodel" in log.read_text().lower()
+    else:  # ours draws one bar over the decoder layers
+        assert "quantizing (GPTQ, one layer at a time)" in proc.stderr
+
+
+def test_the_default_awq_recipe_is_chosen_by_measuring_the_fine_tune(registry, tiny_release, tmp_path):
+    """recipe=auto (issue 33): the fewest bits first, measured against the trained model with the gate's figures
+    through our dequantization; the tiny fine-tune holds at groups of 128, and the manifest says so."""
+    manifest = export(registry, "awq", tiny_release, tmp_path / "a", options=SMALL, progress=False)
+    settings = manifest["export"]["settings"]
+    recipe = settings["recipe"]
+    assert recipe["mode"] == "auto" and recipe["chosen"] == len(recipe["steps"]) == 1
+    step = recipe["steps"][0]
+    assert step["group_size"] == settings["group_size"] == 128 and step["kept_unquantized"] == []
+    assert step["missed"] == [] and 0 < step["figures"]["kl_answers"] < recipe["margin"] * 0.01
+    assert step["figures"]["prompts"] == 4 and step["figures"]["ppl_ratio"] < 1 + recipe["margin"] * 0.05
+
+
+def test_the_auto_recipe_climbs_by_bits_and_says_how_close_it_came(registry, tiny_release, tmp_path, monkeypatch):
+    """Bounds no 4-bit export can meet: every group size all packed, then each fused set's merged weights put back
+    alone to measure what it costs the fine-tune; no keep is predicted to hold, so the dearest one the budget allows
+    is exported once (the sets in the order of KL bought back per bit); then a clear failure naming the closest
+    step and the option that would let the search go further."""
+    from qlora_bridge.api import Bounds, CheckFailed
+
+    plugin = importlib.import_module("qlora_bridge.default_plugins.gptq_awq")
+    recipe = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.recipe")
+    monkeypatch.setitem(plugin.BOUNDS, "int4", Bounds(kl_answers=1e-12, kl_text=1e-12, ppl_ratio=1.0))
+    calls, real = [], recipe.fidelity
+
+    def spy(lineage, merged, folder, logits):  # the real measurement, recorded
+        qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+        figures = real(lineage, merged, folder, logits)
+        calls.append((qc["group_size"], sorted({m.rpartition(".")[2] for m in qc["modules_to_not_convert"]} -
+                                               {"lm_head"}), getattr(logits, "restored", None), figures))
+        return figures
+    monkeypatch.setattr(recipe, "fidelity", spy)
+    with pytest.raises(CheckFailed) as e:
+        export(registry, "awq", tiny_release, tmp_path / "a", options={**SMALL, "max_bits": "16"}, progress=False)
+    assert e.value.field == "--option max_bits" and "the closest" in str(e.value)
+    steps = [(g, kept) for g, kept, restored, _ in calls if restored is None]
+    assert steps[:3] == [(128, []), (64, []), (32, [])]
+    restored = {r: f["kl_answers"] for _, _, r, f in calls if r is not None}
+    assert sorted(restored) == sorted([("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",),
+                                       ("o_proj",)])
+    # ranked by KL bought back per bit: the tiny model's sets cost bits in proportion to their size
+    base = next(f["kl_answers"] for g, kept, r, f in calls if (g, kept, r) == (32, [], None))
+    shapes = plugin.linear_shapes(tiny_release)
+    gain = {k: (base - kl) / (recipe.bits_per_weight(shapes, 4, 32, k) - recipe.bits_per_weight(shapes, 4, 32, ()))
+            for k, kl in restored.items()}
+    order = sorted([k for k in gain if gain[k] > 0], key=lambda k: -gain[k])
+    assert len(order) >= 3  # putting a set's merged weights back buys KL back
+    # all four kept would leave no Linear packed: no 4-bit export; three is the dearest keep
+    assert steps[3:] == [(32, sorted(sum(order[:3], ())))]

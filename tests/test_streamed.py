@@ -62,3 +62,29 @@ def test_at_most_one_layers_tensors_are_alive(tiny_model):
     assert most[0] <= per_layer  # a run that kept what it loaded would hold all 2 x 9 + 3
     assert len(order) == len(set(order)) == 2 * per_layer + 3  # each tensor read once: embedding, layers, norm, head
     assert order[0] == "model.embed_tokens.weight" and order[-1] == "lm_head.weight"
+
+
+def test_a_folder_is_scored_in_batches_one_layer_in_memory(tiny_model, monkeypatch):
+    """folder_logits (what `compare`, the gate's reference and the exporters' logits read) over several sequences of
+    different lengths, padded into one batch: the whole model's logits, with at most one layer's tensors read and
+    alive at a time, so a 70B is never loaded whole to score it (it was: 280 GB in float32)."""
+    from qlora_bridge.api import folder_logits
+    from qlora_bridge.safetensors_io import SafetensorsReader
+
+    alive, most, read = [], [0], SafetensorsReader.read
+
+    def counted(self, name):
+        tensor = read(self, name)
+        alive[:] = [r for r in alive if r() is not None]
+        alive.append(weakref.ref(tensor))
+        most[0] = max(most[0], len(alive))
+        return tensor
+    monkeypatch.setattr(SafetensorsReader, "read", counted)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    sequences = [IDS, IDS[:3], [9, 8, 7, 6, 5, 4], IDS[::-1] * 2]
+    got = list(folder_logits(tiny_model, sequences))
+    assert 0 < most[0] <= 9  # one decoder layer's tensors (q k v o gate up down, two norms)
+    assert [g.shape[0] for g in got] == list(map(len, sequences))
+    for seq, logits in zip(sequences, got):
+        with torch.no_grad():
+            assert relative(logits, model(torch.tensor([seq])).logits[0]) < 1e-6

@@ -144,7 +144,8 @@ def test_vllm_computes_what_our_reader_reads(registry, tiny_release, tmp_path, t
     from qlora_bridge.measure.divergence import full_scores, lookup
 
     out = tmp_path / f"export-{target}"
-    options = {"samples": "8", "seq_len": "64", "text_tokens": "128", **({"keep": keep} if keep else {})}
+    options = {"samples": "8", "seq_len": "64", "text_tokens": "128",
+               **({"keep": keep} if keep else {"recipe": "fixed"})}  # the awq target's fixed recipe keeps q/k/v
     export(registry, target, tiny_release, out, options=options, progress=False)
     export_record = json.loads((out / "manifest.json").read_text())["export"]
     assert export_record["settings"]["algorithm"] == "gptq"

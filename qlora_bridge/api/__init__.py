@@ -20,7 +20,8 @@ from ..corpus import PARITY_CORPUS, REFERENCE_TEXT, calibration_text, reference_
 from ..data import adds_bos, token_sequences
 from ..errors import BridgeError, CheckFailed
 from ..files import cache_dir, engine_log
-from ..measure.logits import folder_logits, model_logits, streamed_logits
+from ..measure.fidelity import fidelity, misses
+from ..measure.logits import folder_logits, model_logits, streamed_logits, streamed_model
 from ..modelcard import merged_license
 from ..malloc import release_freed_memory
 from ..records import Lineage
@@ -49,17 +50,20 @@ __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult"
            "LaunchRequest", "TokenScores", "SmokeCheck", "SmokeContext", "Golden", "Client", "Server", "BridgeError",
            "CheckFailed", "PARITY_CORPUS", "REFERENCE_TEXT", "calibration", "calibration_text", "reference_document",
            "engine_log", "cache_dir", "http_json", "adds_bos", "token_sequences", "folder_logits", "model_logits",
-           "streamed_logits", "release_freed_memory", "merged_license", "check_options", "ModelShape", "Need",
-           "CUDA_CONTEXT", "Lineage",
-           "__version__"]
+           "streamed_logits", "streamed_model", "fidelity", "misses", "release_freed_memory", "merged_license",
+           "check_options", "ModelShape", "Need", "CUDA_CONTEXT", "Lineage", "__version__"]
 
-# bump when a hook, a registration type or what this module offers changes. 7: Need.lighter became Need.variants
+# bump when a hook, a registration type or what this module offers changes. 8: Exporter.summary (the lines the
+# terminal shows under an export), engine_log yields the console (for a progress bar among redirected engines),
+# streamed_model (a model that reads each module's weights as it runs, for model_logits), fidelity and misses (an
+# export's gate figures through an exporter's own logits, no server, and which miss a bound); 7: Need.lighter
+# became Need.variants
 # (the stage under other settings, lighter or not: the plan uses the one an export's options name), and
 # release_freed_memory (for loops that drop a layer and read the next); 6:
 # streamed_logits (a forward with one layer in memory), Server.process, Need.mapped and Need.lighter; 5: Lineage
 # (the typed reader of ExportRequest.lineage) and CUDA_CONTEXT; 4: Exporter and ServingAdapter gained memory (for
 # `plan`), Exporter recognizes; 3: Exporter gained path_options, library and bits_per_weight; 2:
 # ServingAdapter.prompt_logprobs became ServingAdapter.logprobs and Exporter gained bounds. Plugins written for 1
-# to 6 work unchanged, but for a 6 that declared Need.lighter.
-PLUGIN_API = 7
-SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4, 5, 6, 7)
+# to 7 work unchanged, but for a 6 that declared Need.lighter.
+PLUGIN_API = 8
+SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4, 5, 6, 7, 8)

@@ -179,6 +179,9 @@ class Exporter:
     # whether a folder written elsewhere (no manifest) holds this target's format, so `serve` and `smoke` can pick a
     # backend for it: e.g. lambda folder: any(folder.glob("*.bundle.tar"))
     recognizes: Callable[[Path], bool] | None = None
+    # the lines the terminal shows under an export's result, from its manifest's `export` record: what was chosen
+    # and the figures its own checks measured, against their limits, e.g. lambda export: [f"recipe: {...}"]
+    summary: Callable[[dict], list[str]] | None = None
 
 
 def check_options(given: dict, declared: dict[str, str] | None, what: str) -> None:

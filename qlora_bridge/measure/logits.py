@@ -1,5 +1,5 @@
-"""Full-vocabulary logits of a model for token sequences, one sequence at a time (torch is imported lazily: the
-public API re-exports these)."""
+"""Full-vocabulary logits for token sequences, in batches, of a model in memory or streamed from its files one module
+at a time (torch is imported lazily: the public API re-exports these)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ def model_logits(model, sequences: list[list[int]], batch_tokens: int = 2048) ->
     import torch
 
     model.eval()
+    # a streamed model's parameters wait on the meta device until their module runs (streamed_model)
+    device = getattr(model, "stream_device", None) or model.device
     i = 0
     while i < len(sequences):
         batch = [sequences[i]]
@@ -28,7 +30,7 @@ def model_logits(model, sequences: list[list[int]], batch_tokens: int = 2048) ->
                 max(map(len, batch + [sequences[i + len(batch)]])) * (len(batch) + 1) <= batch_tokens:
             batch.append(sequences[i + len(batch)])
         width = max(map(len, batch))
-        ids = torch.tensor([s + [0] * (width - len(s)) for s in batch], device=model.device)
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in batch], device=device)
         with torch.no_grad():  # not around the yield: the caller's code must not run under no_grad by surprise
             out = model(ids).logits.float().cpu()
         for row, seq in zip(out, batch):
@@ -36,27 +38,29 @@ def model_logits(model, sequences: list[list[int]], batch_tokens: int = 2048) ->
         i += len(batch)
 
 
-def load_float32(folder: Path):
-    """A Hugging Face causal-LM folder, loaded in float32 for evaluation."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def folder_model(folder: Path):
+    """A Hugging Face causal-LM folder in float32 for evaluation, as a streamed_model reading its safetensors shards
+    one tensor at a time: the merged 8B in float32 is 32 GB, one of its layers 0.9 GB."""
+    from ..safetensors_io import SafetensorsReader, model_shards
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=False).eval()
+    shards = model_shards(folder)
+    return streamed_model(folder, lambda name: SafetensorsReader(shards[name]).read(name))
 
 
 def folder_logits(folder: Path, sequences: list[list[int]]) -> Iterator:
-    """model_logits of a Hugging Face model folder, loaded in float32."""
-    yield from model_logits(load_float32(folder), sequences)
+    """model_logits of a Hugging Face model folder (folder_model)."""
+    yield from model_logits(folder_model(folder), sequences)
 
 
-def streamed_logits(folder: Path, weights, ids) -> torch.Tensor:
-    """Logits [len, vocab] (float32) of the causal LM that `folder`'s config.json describes, for one token sequence,
-    with only one module's weights in memory at a time: every decoder layer, the embedding, the final norm and the
-    head get their tensors from weights(name) (the checkpoint's parameter name, in float32) just before they run
-    and drop them after, so the peak is one layer, the embedding or the head, and the activations, never the model
-    (a 70B read back in float32 would be 280 GB).
+def streamed_model(folder: Path, weights):
+    """The causal LM that `folder`'s config.json describes, with only one module's weights in memory at a time:
+    every decoder layer, the embedding, the final norm and the head get their tensors from weights(name) (the
+    checkpoint's parameter name, in float32) just before they run and drop them after, so the peak is one layer,
+    the embedding or the head, and the activations, never the model (a 70B read back in float32 would be 280 GB).
+    Each forward reads every tensor again: batch many sequences into few forwards (model_logits does). Where a
+    CUDA GPU is present the module at work and the activations are on it.
 
-        ref = streamed_logits(merged, lambda name: reader.get(name).float(), ids)
+        logits = model_logits(streamed_model(merged, lambda name: reader.get(name).float()), sequences)
     """
     import torch
     from accelerate import init_empty_weights
@@ -68,6 +72,11 @@ def streamed_logits(folder: Path, weights, ids) -> torch.Tensor:
         del config.quantization_config
     with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) computed as usual
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where each module runs, in turn
+    for owner in model.modules():
+        for name, b in list(owner.named_buffers(recurse=False)):
+            owner._buffers[name] = b.to(device)
+    model.stream_device = device  # for model_logits: the parameters report the meta device
     tied = {}
     if getattr(config, "tie_word_embeddings", False):  # the head reads the embedding's tensor
         names = {id(m): n for n, m in model.named_modules()}
@@ -85,7 +94,7 @@ def streamed_logits(folder: Path, weights, ids) -> torch.Tensor:
 
         def load(*_):
             for full in params:
-                set_module_tensor_to_device(model, full, "cpu", value=weights(tied.get(full, full)).float())
+                set_module_tensor_to_device(model, full, device, value=weights(tied.get(full, full)).float())
 
         def drop(*_):
             for full in params:
@@ -96,5 +105,16 @@ def streamed_logits(folder: Path, weights, ids) -> torch.Tensor:
 
     for prefix, module in units:
         hooks(prefix, module)
+    return model
+
+
+def streamed_logits(folder: Path, weights, ids) -> torch.Tensor:
+    """Logits [len, vocab] (float32) of one token sequence through streamed_model(folder, weights).
+
+        ref = streamed_logits(merged, lambda name: reader.get(name).float(), ids)
+    """
+    import torch
+
+    model = streamed_model(folder, weights)
     with torch.no_grad():
-        return model(torch.as_tensor(ids).reshape(1, -1)).logits[0].float()
+        return model(torch.as_tensor(ids, device=model.stream_device).reshape(1, -1)).logits[0].float().cpu()

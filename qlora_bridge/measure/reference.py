@@ -49,11 +49,11 @@ def reference_for(manifest: dict, merged: Path | None) -> Reference:
     written = report.weights if report else {}
     shards = {name: digest for name, digest in files.items() if name.endswith(".safetensors")}
     if merged is not None and proven and written and shards == written:
-        from .logits import load_float32
+        from .logits import folder_model
 
         return Reference(f"the merged model {merged} (its merge check proved it equal to the trained model: "
                          f"relative logits error {check['rel_error']:.1e})", merged_answers or trained_answers,
-                         lambda: load_float32(merged), {"merged": files}, lambda: verify_files(merged, files))
+                         lambda: folder_model(merged), {"merged": files}, lambda: verify_files(merged, files))
     base, adapter = record.base_path if record else Path("-"), lin.adapter or {}
     adapter_dir = Path(adapter.get("path") or "-")
     if (base / "config.json").is_file() and (adapter_dir / "adapter_config.json").is_file():

@@ -20,14 +20,14 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .. import manifest as mf
-from ..api import Bounds, Client, Exporter, Golden, SmokeContext, TokenScores
+from ..api import Bounds, Client, Exporter, Golden, SmokeContext
 from ..errors import BridgeError, CheckFailed
 from ..files import read_text
 from ..host import Registry
-from ..measure.reference import Reference, reference_for
+from ..measure.fidelity import measure
+from ..measure.reference import reference_for
 from ..modelcard import CARD, figures, render
 from ..signing import sign
 from .serve import failure, serving
@@ -36,7 +36,6 @@ from .serve import failure, serving
 # nats/token along the held-out answers and 5.7e-6 on the text (perplexity x0.99995); Q8_0 4.9e-4 and 4.6e-3.
 STRICT = Bounds(kl_answers=1e-4, kl_text=2e-4, ppl_ratio=1.001, task_ratio=1.0,
                 reason="strict defaults: no bounds declared for this quant type; a float16 copy meets them")
-SIGNIFICANCE = 0.05  # one-sided: a task-score drop counts only when chance would produce it less than 1 in 20 times
 # The default golden suite generates through the server's chat endpoint, end to end; the statistics are the
 # teacher-forced task score's, so a sample of held-out prompts the reference answers correctly is enough, and
 # more than half of them must come back exactly (a base-model export answers none).
@@ -99,27 +98,6 @@ def gate_bounds(registry: Registry, manifest: dict) -> tuple[Bounds, str, Export
         return exporter.bounds[quant], f"declared by exporter '{target}' (plugin {plugin.name}) for {quant}", exporter
     return (STRICT, f"strict defaults: exporter '{target}' (plugin {plugin.name}) declares no bounds for {quant}",
             exporter)
-
-
-def measure(reference: Reference, tok, scores: Callable[[list[list[int]]], Iterator[TokenScores]]) -> dict:
-    """An export against the reference: along the reference's held-out answers (KL, top-1, answers kept, the
-    paired task score) and over the reference document (KL, top-1, perplexity ratio). scores: the export's
-    next-token distributions for token sequences (a serving engine's, or an exporter's logits hook's)."""
-    from ..measure.divergence import text_divergence
-    from ..measure.reference import reference_scores
-    from ..measure.stats import mcnemar_drop, paired_interval
-
-    ref = reference_scores(reference, tok)
-    started = time.time()
-    answers = ref.scorer.score(scores(ref.scorer.inputs))
-    text = text_divergence(ref.windows, ref.text, scores(ref.windows))
-    correct, served = answers.pop("reference_correct"), answers.pop("served_correct")
-    n, r, s = len(correct), sum(correct), sum(served)
-    task = {"reference": r / n, "served": s / n, "ratio": s / r if r else 1.0, **mcnemar_drop(correct, served),
-            "interval": paired_interval(correct, served), "prompts": n, "significance": SIGNIFICANCE}
-    return {"reference": reference.label, "answers": answers, "text": text, "task": task,
-            "seconds": round(time.time() - started, 1), "reference_seconds": ref.seconds,
-            "reference_cache": str(ref.cached)}
 
 
 def merged_folder(manifest: dict, override: Path | None) -> Path | None:

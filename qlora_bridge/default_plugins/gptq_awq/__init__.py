@@ -6,6 +6,8 @@ GPTQModel 7.6 or AutoRound 0.16, which load the whole model (and offer AWQ's sca
 engine, its version and every setting. Calibration defaults to the fine-tune's own training data, tokenized as it
 was trained. Every export is read back with our own format reader (formats.py) and compared with the
 merged weights layer by layer, then as a whole model; an export off the scale fails and nothing is kept.
+By default the group size and the modules kept in 16 bits are chosen by measuring the fine-tune (recipe.py:
+the fewest bits whose figures stay inside the gate's bounds by a margin); group_size or keep pin a fixed recipe.
 
 Options (--option KEY=VALUE): OPTIONS below; defaults per target in DEFAULTS and SETTINGS.
 """
@@ -17,11 +19,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from qlora_bridge.api import (CUDA_CONTEXT, REFERENCE_TEXT, Bounds, BridgeError, CheckFailed, Exporter, ExportRequest,
-                              ExportResult, ModelShape, Need, calibration, hookimpl, model_logits)
+                              ExportResult, ModelShape, Need, calibration, engine_log, hookimpl, model_logits,
+                              streamed_model)
 
 from .engines import ENGINES, Job, version
 
-PLUGIN_API = 7  # the plugin API this module was written for
+PLUGIN_API = 8  # the plugin API this module was written for
 # The smoke gate's bounds: a 4-bit export is held to what llama.cpp's Q4_K_M achieves on the same model, with a
 # factor of two (the issue that set the 4-bit targets: "KL no more than twice the GGUF Q4_K_M's"), an 8-bit one
 # to Q8_0's. On the demo Q4_K_M measured a KL of 5.2e-3 along the held-out answers and 0.058 on the reference text,
@@ -30,6 +33,7 @@ INT4 = Bounds(kl_answers=0.01, kl_text=0.12, ppl_ratio=1.05, task_ratio=0.95,
               reason="2x the demo's GGUF Q4_K_M: KL 5.2e-3 along the answers, 0.058 on the text")
 INT8 = Bounds(kl_answers=1e-3, kl_text=0.01, ppl_ratio=1.02, task_ratio=0.98,
               reason="about 2x the demo's GGUF Q8_0: KL 4.9e-4 along the answers, 4.6e-3 on the text")
+BOUNDS = {"int4": INT4, "int8": INT8}
 GROUPS = (128, 64, 32)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")
@@ -48,16 +52,19 @@ LAYER_KINDS = (".self_attn.", ".mlp.")  # the quantizers pack the decoder layers
 #   text (0.150 -> 0.085 at 8 blocks) for nothing along the answers; true_sequential (one forward per module
 #   subset, five a layer) takes 1.5x the time and measured no better (8 blocks + 4096 tokens: 0.0093 against
 #   0.0104 along the answers, task 0.505 against 0.495, within the figures' noise);
-# - the awq target keeps q/k/v in float16 (6.40 bits per decoder weight on the demo, against 4.63 all packed and
-#   the 6.16 of the GGUF Q4_K_M the bounds come from). All packed, it failed the gate on vLLM (KL along the
-#   answers 0.0106 > 0.01, perplexity ratio 1.068 > 1.05); with q/k/v kept it passed with margin (KL 0.0058 and
-#   0.045, perplexity ratio 1.037, task 0.54 as the merged model's). Where the loss sits, by module kind: bench/
+# - the awq target's fixed recipe keeps q/k/v in float16 (6.40 bits per decoder weight on the demo, against 4.63 all
+#   packed and the 6.16 of the GGUF Q4_K_M the bounds come from). All packed, it failed the gate on vLLM (KL along the
+#   answers 0.0106 > 0.01, perplexity ratio 1.068 > 1.05); with q/k/v kept it passed with margin (KL 0.0058 and 0.045,
+#   perplexity ratio 1.037, task 0.54 as the merged model's). Where the loss sits, by module kind: bench/
 #   quant_sensitivity.py; q/k/v went first because vLLM runs the three as one Linear (FUSED) and, at 16% of the
-#   decoder's weights, they bought the most per bit. The gptq target keeps nothing: symmetric 4-bit (the only
-#   kind vLLM's GPTQ kernels take) stayed over the perplexity bound even with q/k/v and down_proj kept (README);
+#   decoder's weights, they bought the most per bit. The gptq target keeps nothing: symmetric 4-bit (the only kind
+#   vLLM's GPTQ kernels take) stayed over the perplexity bound even with q/k/v and down_proj kept (README);
 # - since issue 32 both written by the streamed engine, the same GPTQ with the same settings one decoder layer at a
 #   time: on the demo gptq KL along the answers 0.0108 against GPTQModel's 0.0143, awq 0.0059-0.0070 over three
-#   equivalent runs against GPTQModel's 0.0058, in two thirds of the time and memory.
+#   equivalent runs against GPTQModel's 0.0058, in two thirds of the time and memory;
+# - since issue 33 the group size and the kept modules are the recipe=auto search's (recipe.py) where it can run;
+#   group 32 and the keep below are the fixed recipe's, for recipe=fixed, the other engines and a lineage without
+#   held-out answers.
 DEFAULTS = {"gptq": {"engine": "streamed"}, "awq": {"engine": "streamed", "algorithm": "gptq"}}
 AWQ_ENGINE = "gptqmodel"  # for algorithm=awq when no engine is named (streamed rounds with GPTQ only)
 GPTQ_ENGINES = ("gptqmodel", "streamed")  # those whose GPTQ takes damp, true_sequential and keep
@@ -80,7 +87,7 @@ OPTIONS = {
               "autoround (both load the whole model)",
     "algorithm": "awq target only: gptq (GPTQ's asymmetric rounding, written as AWQ GEMM; default) or awq (AWQ's "
                  "activation-aware scale search, by gptqmodel unless engine=autoround)",
-    "group_size": "32, 64 or 128 input channels per scale (default 32)",
+    "group_size": "32, 64 or 128 input channels per scale (pins a fixed recipe; its default 32)",
     "samples": "calibration blocks", "seq_len": "tokens per calibration block (default 512)",
     "calibration": "a JSONL dataset or a .txt file (default: the fine-tune's training data)",
     "text_tokens": "general text added to the calibration, in tokens",
@@ -90,7 +97,12 @@ OPTIONS = {
     "true_sequential": "GPTQ (streamed or gptqmodel), 0 or 1: quantize each layer's module subsets in turn, each "
                        "seeing the ones before it already quantized (one forward of the calibration per subset)",
     "keep": "GPTQ (streamed or gptqmodel): decoder Linears left unquantized in dtype, by module name, "
-            "comma-separated, or none (awq: q_proj,k_proj,v_proj)"}
+            "comma-separated, or none (awq's fixed recipe: q_proj,k_proj,v_proj)",
+    "recipe": "auto (the default with the streamed engine and held-out answers: the fewest bits whose measured "
+              "figures stay inside the gate's bounds by a margin, recipe.py) or fixed (group_size, keep or the "
+              "target's defaults)",
+    "max_bits": "recipe=auto's budget in bits per decoder weight (default 8): above it the export fails with "
+                "the closest figures"}
 
 
 def option(req: ExportRequest, key: str, default, parse=int, allowed=None):
@@ -108,19 +120,19 @@ def option(req: ExportRequest, key: str, default, parse=int, allowed=None):
     return value
 
 
-def linear_in_features(merged: Path) -> dict[str, int]:
-    """Input width of every decoder-layer Linear the quantizer will pack, from the safetensors headers."""
+def linear_shapes(merged: Path) -> dict[str, tuple[int, int]]:
+    """(out, in) of every decoder-layer Linear the quantizer will pack, from the safetensors headers."""
     from safetensors import safe_open
 
-    widths = {}
+    shapes = {}
     for f in sorted(merged.glob("*.safetensors")):
         with safe_open(f, "pt") as h:
             for name in h.keys():
                 if name.endswith(".weight") and any(k in name for k in LAYER_KINDS):
                     shape = h.get_slice(name).get_shape()
                     if len(shape) == 2:
-                        widths[name[: -len(".weight")]] = shape[1]
-    return widths
+                        shapes[name[: -len(".weight")]] = tuple(shape)
+    return shapes
 
 
 def choose_group(req: ExportRequest, widths: dict[str, int]) -> int:
@@ -165,14 +177,14 @@ def kept_modules(req: ExportRequest, widths: dict[str, int], default: str) -> li
 def export(req: ExportRequest, method: str) -> ExportResult:
     from transformers import AutoTokenizer
 
-    from .readback import MAX_LAYER_ERROR, MAX_PPL_RATIO, bits_per_weight, kept_errors, layer_errors, logits_check
+    from . import recipe as auto
 
     bits = int(req.quant.removeprefix("int"))
-    widths = linear_in_features(req.merged)
-    if not widths:
+    shapes = linear_shapes(req.merged)
+    if not shapes:
         raise BridgeError("found no decoder-layer Linear weights to quantize", file=req.merged,
                           fix="pass a merged Hugging Face causal LM folder")
-    group = choose_group(req, widths)
+    widths = {name: shape[1] for name, shape in shapes.items()}
     defaults = DEFAULTS[method]
     engine = option(req, "engine", AWQ_ENGINE if req.options.get("algorithm") == "awq" else defaults["engine"],
                     parse=str, allowed=tuple(ENGINES))
@@ -203,68 +215,149 @@ def export(req: ExportRequest, method: str) -> ExportResult:
             raise BridgeError(f"{key} is a setting of GPTQ; {engine}'s {algorithm} has no such setting",
                               field=f"--option {key}", fix=f"drop {key}, or drop engine and algorithm (the streamed "
                               "default is GPTQ)")
-    keep = kept_modules(req, widths, settings.get("keep", ""))
+    mode, why_fixed = recipe_mode(req, engine)
+    max_bits = option(req, "max_bits", auto.MAX_BITS, parse=float)
+    if mode == "fixed":
+        group = choose_group(req, widths)
+        kinds = {name.rpartition(".")[2] for name in kept_modules(req, widths, settings.get("keep", ""))}
     tok = AutoTokenizer.from_pretrained(req.merged, trust_remote_code=False)
     sequences, calib = calibration(req, tok, samples, seq_len, text_tokens)
+    damp = option(req, "damp", 0.05, parse=float)
+    sequential = bool(option(req, "true_sequential", settings["true_sequential"], allowed=(0, 1)))
+
+    with engine_log(req.log) as console:  # the engines' own output and loggers; our bar and notes on the console
+        console = console if req.progress else None
+
+        def write(group: int, kinds) -> ExportResult:  # one recipe: the group size, the module kinds kept
+            keep = tuple(sorted(name for name in widths if name.rpartition(".")[2] in kinds))
+            job = Job(merged=req.merged, out=req.out, method=method, bits=bits, group=group, sequences=sequences,
+                      dtype=dtype, console=console, damp=damp, iters=iters, grid=option(req, "grid", AWQ_GRID),
+                      algorithm=algorithm, keep=keep, sequential=sequential)
+            return quantize_and_check(job, engine, widths)
+
+        if mode == "fixed":
+            result = write(group, kinds)
+            result.settings["recipe"] = {"mode": "fixed", "why": why_fixed}
+        else:
+            say = (lambda text: print(text, file=console)) if console else (lambda text: None)
+            result, chosen = auto.search(req, write, logits, shapes, bits, GROUPS, BOUNDS[req.quant], FUSED, max_bits,
+                                         say)
+            result.settings["recipe"] = chosen
+    result.settings.update(calibration=calib, dtype=dtype)
+    return result
+
+
+def recipe_mode(req: ExportRequest, engine: str) -> tuple[str, str]:
+    """(auto or fixed, why fixed). auto by default: the streamed engine, held-out answers in the lineage to measure
+    against, and neither group_size nor keep given (they pin a fixed recipe)."""
+    from qlora_bridge.api import Lineage
+
+    lineage = Lineage.from_json(req.lineage)
+    answers = (lineage.merge.heldout_answers if lineage.merge else []) or \
+        (lineage.training_record.heldout_answers if lineage.training_record else [])
+    pinned = [k for k in ("group_size", "keep") if k in req.options]
+    why, fix = (f"{pinned[0]} pins it", f"drop {pinned[0]}") if pinned else \
+        (f"each step is a whole export, and {engine} loads the whole model for each", "drop engine") \
+        if engine != "streamed" else ("the lineage has no held-out answers to measure against",
+                                      "train and merge with a held-out set") if not answers else ("", "")
+    asked = option(req, "recipe", None, parse=str, allowed=("auto", "fixed"))
+    if asked == "auto" and why:
+        raise BridgeError(f"recipe=auto cannot choose the recipe: {why}", field="--option recipe",
+                          fix=f"{fix}, or drop recipe=auto")
+    return asked or ("fixed" if why else "auto"), why or "asked for"
+
+
+def quantize_and_check(job: Job, engine: str, widths: dict[str, int]) -> ExportResult:
+    """Write the export with the job's recipe into job.out, then read it back: the format, every layer against the
+    merged weight, the kept layers, and the whole model on the reference text. Raises CheckFailed where it is off."""
+    from .readback import MAX_LAYER_ERROR, MAX_PPL_RATIO, bits_per_weight, kept_errors, layer_errors, logits_check
 
     t0 = time.time()
-    job = Job(merged=req.merged, out=req.out, method=method, bits=bits, group=group, sequences=sequences,
-              dtype=dtype, progress=req.progress, damp=option(req, "damp", 0.05, parse=float), iters=iters,
-              grid=option(req, "grid", AWQ_GRID), algorithm=algorithm, keep=tuple(keep),
-              sequential=bool(option(req, "true_sequential", settings["true_sequential"], allowed=(0, 1))))
+    if job.console and engine != "streamed":
+        print(f"quantizing with {engine} {version(engine)}, the whole model (its own output goes to the log)",
+              file=job.console)
     library = ENGINES[engine](job)
     t_quantize = time.time() - t0
     for name in TOKENIZER_FILES:  # the merged folder's tokenizer is the one parity was proven on
-        if (req.merged / name).is_file():
-            shutil.copy2(req.merged / name, req.out / name)
-    qc = json.loads((req.out / "config.json").read_text()).get("quantization_config") or {}
-    want = {"quant_method": method, "bits": bits, "group_size": group,
-            **({"checkpoint_format": "gptq"} if method == "gptq" else {"version": "gemm", "zero_point": True})}
+        if (job.merged / name).is_file():
+            shutil.copy2(job.merged / name, job.out / name)
+    qc = json.loads((job.out / "config.json").read_text()).get("quantization_config") or {}
+    want = {"quant_method": job.method, "bits": job.bits, "group_size": job.group,
+            **({"checkpoint_format": "gptq"} if job.method == "gptq" else {"version": "gemm", "zero_point": True})}
     wrong = {k: qc.get(k) for k, v in want.items() if qc.get(k) != v}
     if wrong:
         raise CheckFailed(f"the written quantization_config has {wrong}, expected {want}",
-                          file=req.out / "config.json", fix="report this: the quantizer wrote another format")
+                          file=job.out / "config.json", fix="report this: the quantizer wrote another format")
     try:
-        errors = layer_errors(req.out, req.merged, smoothed=algorithm == "awq")
-        unquantized = kept_errors(req.out, req.merged, keep)
-        logits = logits_check(req.out, req.merged, REFERENCE_TEXT)
+        errors = layer_errors(job.out, job.merged, smoothed=job.algorithm == "awq", console=job.console)
+        unquantized = kept_errors(job.out, job.merged, list(job.keep))
+        logits = logits_check(job.out, job.merged, REFERENCE_TEXT, console=job.console)
     except ValueError as e:
-        raise CheckFailed(f"read-back failed: {e}", file=req.out, fix="nothing was kept; report this") from None
+        raise CheckFailed(f"read-back failed: {e}", file=job.out, fix="nothing was kept; report this") from None
     if not logits["ppl_dequantized"] <= MAX_PPL_RATIO * logits["ppl_merged"]:
         raise CheckFailed(f"read-back failed: the dequantized model's perplexity on the reference text is "
                           f"{logits['ppl_dequantized']:.4g}, the merged model's {logits['ppl_merged']:.4g} (at most "
-                          f"{MAX_PPL_RATIO}x is allowed)", file=req.out, fix="nothing was kept; report this")
-    missing = sorted(set(widths) - set(errors) - set(keep))
+                          f"{MAX_PPL_RATIO}x is allowed)", file=job.out, fix="nothing was kept; report this")
+    missing = sorted(set(widths) - set(errors) - set(job.keep))
     if missing:
-        raise CheckFailed(f"{len(missing)} layers were not packed (first: {missing[0]})", file=req.out,
+        raise CheckFailed(f"{len(missing)} layers were not packed (first: {missing[0]})", file=job.out,
                           fix="report this: the quantizer skipped layers")
     t_check = time.time() - t0 - t_quantize
     worst = max(errors, key=errors.get)
     checks = {"quantization_config": qc, "read_back": {
         "reader": "qlora-bridge formats.py (independent of the quantizer)", "layers": len(errors),
         "mean_rel_error": round(sum(errors.values()) / len(errors), 5), "worst_layer": worst,
-        "worst_rel_error": errors[worst], "max_allowed": MAX_LAYER_ERROR[method], "layer_errors": errors,
-        "awq_smoothing_fitted": algorithm == "awq", "unquantized_layers": unquantized,
-        "bits_per_weight": bits_per_weight(req.out, req.merged, sorted(widths))},
+        "worst_rel_error": errors[worst], "max_allowed": MAX_LAYER_ERROR[job.method], "layer_errors": errors,
+        "awq_smoothing_fitted": job.algorithm == "awq", "unquantized_layers": unquantized,
+        "bits_per_weight": bits_per_weight(job.out, job.merged, sorted(widths))},
         "dequantized_model": {**logits, "max_ppl_ratio": MAX_PPL_RATIO}}
-    return ExportResult(settings={"bits": bits, "group_size": group,
-                                  "dtype": dtype, "calibration": calib, "engine": engine,
+    return ExportResult(settings={"bits": job.bits, "group_size": job.group, "engine": engine,
                                   "engine_version": version(engine), **library,
                                   "seconds_quantize": round(t_quantize, 2), "seconds_check": round(t_check, 2)},
                         checks=checks)
 
 
 def logits(folder: Path, sequences):
-    """The export's logits as our reader dequantizes it (float32 compute): the weights it stores, not a kernel's."""
-    from .readback import dense_model
+    """The export's logits as our reader dequantizes it (float32 compute): the weights it stores, not a kernel's,
+    one layer dequantized at a time."""
+    from .readback import dense_weights
 
-    yield from model_logits(dense_model(folder), sequences)
+    yield from model_logits(streamed_model(folder, dense_weights(folder)[0]), sequences)
 
 
 def bits_per_weight(export: dict) -> float:
-    """The codes plus one scale (16 bits) and one zero point per group."""
+    """As the read-back counted them (codes, scales, zero points and the layers kept in 16 bits); an export older
+    than that count: the codes plus one scale (16 bits) and one zero point per group."""
+    counted = export["checks"].get("read_back", {}).get("bits_per_weight")
     bits, group = export["settings"]["bits"], export["settings"]["group_size"]
-    return round(bits + (16 + bits) / group, 3)
+    return counted or round(bits + (16 + bits) / group, 3)
+
+
+def summary(export: dict) -> list[str]:
+    """What the terminal shows under the export: the recipe and how it was chosen, then what the read-back and
+    (recipe=auto) the measurement found, against their limits."""
+    settings, checks = export["settings"], export["checks"]
+    read_back, model = checks["read_back"], checks["dequantized_model"]
+    kept = settings.get("kept_unquantized") or []
+    rounding = f"{settings['algorithm'].upper()}{'' if settings.get('sym', True) else ' asymmetric'}"
+    ratio = model["ppl_dequantized"] / model["ppl_merged"]
+    recipe = settings.get("recipe", {})
+    how = (f"chosen by measurement, step {recipe['chosen']} of {len(recipe['steps'])} (recipe=auto)"
+           if recipe.get("mode") == "auto" else f"fixed ({recipe['why']})" if recipe else "fixed")
+    lines = [f"recipe: {rounding} by {settings['engine']}, {settings['bits']}-bit, groups of {settings['group_size']}"
+             + (f", {', '.join(kept)} kept in {settings['dtype']}" if kept else "")
+             + f": {bits_per_weight(export)} bits per decoder weight, {how}"]
+    if recipe.get("mode") == "auto":
+        from .recipe import figures_line
+
+        lines.append(f"measured against the trained model (our dequantization, float32): "
+                     f"{figures_line(recipe['steps'][-1]['figures'])}; aim: {recipe['margin']} of each bound")
+    lines += [f"read back: weight error mean {read_back['mean_rel_error']:.3f}, "
+              f"worst {read_back['worst_rel_error']:.3f} "
+              f"(limit {read_back['max_allowed']}); perplexity on the reference text {ratio:.3f}x the merged model's "
+              f"(limit {model['max_ppl_ratio']}x), same top-1 token {model['top1_agreement']:.1%}",
+              "the gate's verdict, served: qlora-bridge smoke on this folder"]
+    return lines
 
 
 # torch, transformers and GPTQModel imported (GPTQModel pulls torchao and its kernels): measured on the demo
@@ -294,40 +387,51 @@ def readback_need(shape: ModelShape) -> dict[str, int]:
 
 
 def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
-    """The default engine, streamed (streamed.py), holds one decoder layer at a time; its peak is the runtime, the
-    calibration activations (a layer's inputs and outputs, float32) and the largest of three phases: the embedding
-    as stored (first), one layer at work (its float32 weights, the widest input's Hessian and its group-aware
-    permuted copy, the weight and what GPTQ makes of it, a forward batch), and the read-back (readback_need). On a
-    GPU the layer phase lives there; the host reads one tensor at a time and runs the read-back. GPTQModel and
+    """The default engine, streamed (streamed.py), holds one decoder layer at a time, and the default recipe=auto
+    measures each step the same way (streamed_need). --option recipe=fixed drops the measurement; GPTQModel and
     AutoRound load the whole model (whole_model_memory), planned under their --option engine."""
+    auto = streamed_need(shape, quant, gpu, measured=True)
+    fixed = streamed_need(shape, quant, gpu, measured=False)
+    whole = whole_model_memory(shape, quant, gpu, fix=auto)
+    autoround = replace(whole, notes=("AutoRound planned as GPTQModel (both load the whole float32 model); "
+                                      "not measured for AutoRound",))
+    return replace(auto, variants=(("--option recipe=fixed", fixed), ("--option engine=gptqmodel", whole),
+                                   ("--option engine=autoround", autoround)))
+
+
+def streamed_need(shape: ModelShape, quant: str | None, gpu: bool, measured: bool) -> Need:
+    """The runtime, the calibration activations (a layer's inputs and outputs, float32) and the largest of the
+    phases: the embedding as stored (first), one layer at work (its float32 weights, the widest input's Hessian and
+    its group-aware permuted copy, the weight and what GPTQ makes of it, a forward batch), the read-back
+    (readback_need), and with `measured` recipe=auto's measurement (a layer dequantized, a scoring batch's logits
+    and log-probabilities). On a GPU the phases live there; the host reads one tensor at a time."""
     from .streamed import BATCH_TOKENS
 
     linears = shape.linears()
     widest = max(a for a, _ in linears.values())
     largest = shape.largest_linear
+    layer_f32 = sum(a * b for a, b in linears.values()) * 4
     activations = 2 * calibration_tokens(shape) * shape.hidden * 4
-    layer = {"one layer, float32": sum(a * b for a, b in linears.values()) * 4,
-             "Hessian of its widest input and its permuted copy": 2 * widest * widest * 4,
-             "the weight at work, its dequantized and packed forms": largest * (4 + 4 + 1 + 1),
-             "a forward batch": BATCH_TOKENS * (3 * shape.intermediate + 4 * shape.hidden) * 4}
-    embedding = {"the embedding as stored (first)": shape.vocab * shape.hidden * shape.dtype_bytes}
-    readback = readback_need(shape)
-    device = {"calibration activations": activations}
-    host = {"runtime": RUNTIME_STREAMED}
+    phases = [{"one layer, float32": layer_f32,
+               "Hessian of its widest input and its permuted copy": 2 * widest * widest * 4,
+               "the weight at work, its dequantized and packed forms": largest * (4 + 4 + 1 + 1),
+               "a forward batch": BATCH_TOKENS * (3 * shape.intermediate + 4 * shape.hidden) * 4},
+              {"the embedding as stored (first)": shape.vocab * shape.hidden * shape.dtype_bytes},
+              readback_need(shape)]
+    if measured:  # model_logits' batches of 2048 positions
+        phases.append({"recipe=auto's measurement: a layer dequantized, float32": layer_f32,
+                       "recipe=auto's measurement: a batch's logits and log-probabilities": 2 * 2048 * shape.vocab * 4})
+    largest_phase = max(phases, key=lambda t: sum(t.values()))
     if gpu:
-        device.update({"CUDA context": CUDA_CONTEXT, **max(layer, embedding, key=lambda t: sum(t.values()))})
-        host.update({"one tensor read": shape.largest_matrix * shape.dtype_bytes * 2, **readback})
+        device = {"CUDA context": CUDA_CONTEXT, "calibration activations": activations, **largest_phase}
+        host = {"runtime": RUNTIME_STREAMED, "one tensor read": shape.largest_matrix * shape.dtype_bytes * 2}
     else:
-        host.update(device)
         device = {}
-        host.update(max(layer, embedding, readback, key=lambda t: sum(t.values())))
+        host = {"runtime": RUNTIME_STREAMED, "calibration activations": activations, **largest_phase}
     packed = packed_bytes(shape, quant)
-    streamed = Need(gpu=device, host=host, disk={f"{quant} checkpoint": packed}, output=packed,
-                    notes=(f"calibration {calibration_tokens(shape)} tokens",))
-    whole = whole_model_memory(shape, quant, gpu, fix=streamed)
-    autoround = replace(whole, notes=("AutoRound planned as GPTQModel (both load the whole float32 model); "
-                                      "not measured for AutoRound",))
-    return replace(streamed, variants=(("--option engine=gptqmodel", whole), ("--option engine=autoround", autoround)))
+    return Need(gpu=device, host=host, disk={f"{quant} checkpoint": packed}, output=packed,
+                notes=(f"calibration {calibration_tokens(shape)} tokens",
+                       "recipe=auto: each step an export, measured" if measured else "recipe=fixed"))
 
 
 def whole_model_memory(shape: ModelShape, quant: str | None, gpu: bool, fix: Need) -> Need:
@@ -366,14 +470,14 @@ def quant_method(folder) -> str | None:
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="gptq", export=lambda req: export(req, "gptq"), format="gptq", logits=logits,
-                      quant_types=("int4", "int8"), bounds={"int4": INT4, "int8": INT8}, options=OPTIONS,
+                      quant_types=("int4", "int8"), bounds=BOUNDS, options=OPTIONS,
                       path_options=("calibration",), library="transformers", bits_per_weight=bits_per_weight,
-                      memory=memory, recognizes=lambda folder: quant_method(folder) == "gptq",
+                      memory=memory, summary=summary, recognizes=lambda folder: quant_method(folder) == "gptq",
                       description="GPTQ (checkpoint format v1, symmetric) for vLLM and transformers, by our GPTQ "
                                   "one decoder layer at a time, GPTQModel or AutoRound"))
     register(Exporter(target="awq", export=lambda req: export(req, "awq"), format="awq", quant_types=("int4",),
                       logits=logits, bounds={"int4": INT4}, options=OPTIONS, path_options=("calibration",),
-                      library="transformers", bits_per_weight=bits_per_weight, memory=memory,
+                      library="transformers", bits_per_weight=bits_per_weight, memory=memory, summary=summary,
                       recognizes=lambda folder: quant_method(folder) == "awq",
                       description="AWQ GEMM (4-bit, zero point) for vLLM and transformers, by our GPTQ one decoder "
                                   "layer at a time, GPTQModel or AutoRound"))

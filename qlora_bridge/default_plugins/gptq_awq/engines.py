@@ -15,6 +15,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from qlora_bridge.api import BridgeError
 
@@ -29,7 +30,7 @@ class Job:
     group: int
     sequences: list[list[int]]
     dtype: str  # what the checkpoint stores
-    progress: bool
+    console: TextIO | None  # where our progress bar goes (the terminal); None: no bar
     damp: float = 0.05  # GPTQ's Hessian dampening, as a fraction of its mean diagonal
     iters: int = 0  # AutoRound: SignRound steps per block; 0 rounds to nearest
     grid: int = 20  # AutoRound AWQ: scale exponents tried per smoothing (each a forward of the layer's part)
@@ -40,7 +41,7 @@ class Job:
 @contextlib.contextmanager
 def quiet(job: Job):
     """Both libraries report progress (and import-time notices) on stdout, which belongs to our --json output."""
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sys.stderr if job.progress else sink):
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sys.stderr if job.console else sink):
         yield
 
 
@@ -168,7 +169,7 @@ def streamed(job: Job) -> dict:
     job.out.mkdir(parents=True, exist_ok=True)
     return quantize(job.merged, job.out, method=job.method, bits=job.bits, group=job.group, sequences=job.sequences,
                     dtype=getattr(torch, job.dtype), damp=job.damp, sequential=job.sequential, keep=job.keep,
-                    progress=job.progress)
+                    console=job.console)
 
 
 ENGINES = {"gptqmodel": gptqmodel, "autoround": autoround, "streamed": streamed}

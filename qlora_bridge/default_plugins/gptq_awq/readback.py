@@ -77,17 +77,21 @@ def fit_smoothing(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return ref * r.unsqueeze(1)
 
 
-def layer_errors(export_dir: Path, merged_dir: Path, smoothed: bool | None = None) -> dict[str, float]:
+def layer_errors(export_dir: Path, merged_dir: Path, smoothed: bool | None = None, console=None) -> dict[str, float]:
     """Relative error of every packed layer against the merged weight; raises ValueError naming a bad layer.
     smoothed: whether the quantizer folded smoothing factors into the weights (default: AWQ does; an AWQ file
-    written by GPTQ's rounding has none, and is held to the merged weight as it is)."""
+    written by GPTQ's rounding has none, and is held to the merged weight as it is). console: where a progress bar
+    goes (None: none)."""
+    from tqdm import tqdm
+
     qc = quantization_config(export_dir)
     export, merged = Reader(export_dir), Reader(merged_dir)
     prefixes = sorted(n[: -len(".qweight")] for n in export.index if n.endswith(".qweight"))
     if not prefixes:
         raise ValueError("the export has no packed layers (no .qweight tensors)")
     errors = {}
-    for prefix in prefixes:
+    for prefix in tqdm(prefixes, desc="reading back", unit="matrix", file=console, disable=console is None,
+                       leave=False):
         ref = merged.get(f"{prefix}.weight").float()
         got = dequantized(export, prefix, qc)
         if got.shape != ref.shape:
@@ -186,10 +190,11 @@ def dense_model(export_dir: Path):
     return model
 
 
-def logits_check(export_dir: Path, merged_dir: Path, text: str) -> dict:
+def logits_check(export_dir: Path, merged_dir: Path, text: str, console=None) -> dict:
     """The export, dequantized, against the merged model on `text` (float32), each streamed layer by layer
     (measure.logits.streamed_logits): two whole float32 models side by side were three quarters of a 4-bit
-    export's peak memory (17.4 GB for a 1.1B model)."""
+    export's peak memory (17.4 GB for a 1.1B model). console: where a progress bar goes (None: none)."""
+    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from qlora_bridge.api import streamed_logits
@@ -197,8 +202,12 @@ def logits_check(export_dir: Path, merged_dir: Path, text: str) -> dict:
     tok = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=False)
     ids = tok(text, return_tensors="pt")["input_ids"][0]
     merged = Reader(merged_dir)
-    ref = streamed_logits(merged_dir, lambda name: merged.get(name).float(), ids)
-    got = streamed_logits(export_dir, dense_weights(export_dir)[0], ids)
+    with tqdm(total=2, desc="reading back: the reference text through the merged model and the export",
+              unit="model", file=console, disable=console is None, leave=False) as bar:
+        ref = streamed_logits(merged_dir, lambda name: merged.get(name).float(), ids)
+        bar.update()
+        got = streamed_logits(export_dir, dense_weights(export_dir)[0], ids)
+        bar.update()
     nll = lambda lg: torch.nn.functional.cross_entropy(lg[:-1], ids[1:]).item()
     return {"tokens": len(ids),
             "rel_logits_error": round((torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref)).item(), 5),

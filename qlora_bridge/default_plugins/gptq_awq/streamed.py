@@ -249,7 +249,7 @@ def quantization_config(method: str, bits: int, group: int, keep: tuple[str, ...
 
 
 def quantize(merged: Path, out: Path, *, method: str, bits: int, group: int, sequences: list[list[int]],
-             dtype: torch.dtype, damp: float, sequential: bool, keep: tuple[str, ...], progress: bool) -> dict:
+             dtype: torch.dtype, damp: float, sequential: bool, keep: tuple[str, ...], console=None) -> dict:
     """Write `method`'s checkpoint of the merged model into `out` (config, shards, index); returns the settings."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -317,7 +317,7 @@ def quantize(merged: Path, out: Path, *, method: str, bits: int, group: int, seq
 
     errors = {}
     for i, layer in enumerate(tqdm(layers, desc="quantizing (GPTQ, one layer at a time)", unit="layer",
-                                   disable=not progress)):
+                                   file=console, disable=console is None, leave=False)):
         prefix = f"{stack}.{i}"
         load(layer, prefix)
         modules = dict(layer.named_modules())
