@@ -287,7 +287,12 @@ REFUSED = [("gptq", {"engine": "gptqmodel", "iters": "50"}, "iters=50 is AutoRou
            ("awq", {"keep": "q_proj,k_proj"}, "keeps part of q_proj\\+k_proj\\+v_proj, which vLLM runs as one",
             "keep"),
            ("gptq", {"keep": "qkv_proj"}, "has no decoder Linear named qkv_proj", "keep"),
-           ("gptq", {"keep": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}, "leaves no layer", "keep")]
+           ("gptq", {"keep": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"}, "leaves no layer", "keep"),
+           ("awq", {"recipe": "auto", "group_size": "64"}, "recipe=auto cannot choose the recipe: group_size pins",
+            "recipe"),
+           ("gptq", {"recipe": "auto", "engine": "gptqmodel"}, "gptqmodel loads the whole model for each", "recipe"),
+           ("awq", {"recipe": "fixed", "max_bits": "6"}, "max_bits is recipe=auto's budget", "max_bits"),
+           ("awq", {"keep": "none", "max_bits": "6"}, "max_bits is recipe=auto's budget.*keep pins it", "max_bits")]
 
 
 @pytest.mark.parametrize("target,options,match,key", REFUSED)
@@ -295,6 +300,18 @@ def test_engine_settings_are_checked(registry, tiny_release, tmp_path, target, o
     with pytest.raises(BridgeError, match=match) as e:
         export(registry, target, tiny_release, tmp_path / "out", options=options, progress=False)
     assert e.value.field == f"--option {key}" and not (tmp_path / "out").exists()
+
+
+def test_auto_needs_held_out_answers_to_measure_against(registry, tiny_merged, tmp_path):
+    """A merge without a held-out set has nothing to measure a recipe against: asked for, recipe=auto is refused
+    with the fix; by default the export runs the fixed recipe and says why."""
+    with pytest.raises(BridgeError, match="no held-out answers to measure against") as e:
+        export(registry, "awq", tiny_merged, tmp_path / "out", options={**SMALL, "recipe": "auto"}, progress=False)
+    assert e.value.field == "--option recipe" and "held-out set" in e.value.fix
+    manifest = export(registry, "awq", tiny_merged, tmp_path / "out", options=SMALL, progress=False)
+    recipe = manifest["export"]["settings"]["recipe"]
+    assert recipe == {"mode": "fixed", "why": "the lineage has no held-out answers to measure against"}
+    assert manifest["export"]["settings"]["group_size"] == 32  # the fixed recipe's
 
 
 def test_an_unknown_engine_is_refused_with_the_known_ones(registry, tiny_release, tmp_path):

@@ -256,15 +256,23 @@ def recipe_mode(req: ExportRequest, engine: str) -> tuple[str, str]:
     answers = (lineage.merge.heldout_answers if lineage.merge else []) or \
         (lineage.training_record.heldout_answers if lineage.training_record else [])
     pinned = [k for k in ("group_size", "keep") if k in req.options]
-    why, fix = (f"{pinned[0]} pins it", f"drop {pinned[0]}") if pinned else \
-        (f"each step is a whole export, and {engine} loads the whole model for each", "drop engine") \
-        if engine != "streamed" else ("the lineage has no held-out answers to measure against",
-                                      "train and merge with a held-out set") if not answers else ("", "")
+    if pinned:
+        why, fix = f"{pinned[0]} pins it", f"drop {pinned[0]}"
+    elif engine != "streamed":
+        why, fix = f"each step is a whole export, and {engine} loads the whole model for each", "drop engine"
+    elif not answers:
+        why, fix = "the lineage has no held-out answers to measure against", "train and merge with a held-out set"
+    else:
+        why, fix = "", ""
     asked = option(req, "recipe", None, parse=str, allowed=("auto", "fixed"))
     if asked == "auto" and why:
         raise BridgeError(f"recipe=auto cannot choose the recipe: {why}", field="--option recipe",
                           fix=f"{fix}, or drop recipe=auto")
-    return asked or ("fixed" if why else "auto"), why or "asked for"
+    mode = asked or ("fixed" if why else "auto")
+    if mode == "fixed" and "max_bits" in req.options:
+        raise BridgeError(f"max_bits is recipe=auto's budget, and this export runs the fixed recipe "
+                          f"({why or 'recipe=fixed'})", field="--option max_bits", fix="drop max_bits")
+    return mode, why or "recipe=fixed"
 
 
 def quantize_and_check(job: Job, engine: str, widths: dict[str, int]) -> ExportResult:

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qlora_bridge.api import Bounds, CheckFailed, fidelity, misses, model_logits, streamed_model
+from qlora_bridge.api import Bounds, BridgeError, CheckFailed, fidelity, misses, model_logits, streamed_model
 
 # The aim inside the gate's bounds: KL at most 0.7 of its bound, the perplexity ratio's excess over 1 at most 0.7 of
 # the bound's. Two fine-tunes of the same demo data at one fixed recipe were served at perplexity ratios 1.037 and
@@ -90,6 +90,9 @@ def search(req, write, logits, shapes: dict[str, tuple[int, int]], bits: int, gr
     step when none within max_bits does."""
     widths = {i for _, i in shapes.values()}
     groups = sorted((g for g in groups if not any(w % g for w in widths)), reverse=True)
+    if not groups:
+        raise BridgeError(f"no group size divides every layer's input width ({sorted(widths)})", file=req.merged,
+                          fix="this model cannot be packed in whole groups; export it as gguf or safetensors")
     present = {name.rpartition(".")[2] for name in shapes}
     sets = [tuple(k for k in s if k in present) for s in fused]
     sets = [s for s in sets if s] + [(k,) for k in sorted(present - {k for s in sets for k in s})]
@@ -113,7 +116,7 @@ def search(req, write, logits, shapes: dict[str, tuple[int, int]], bits: int, gr
     for group in groups:
         written, step = attempt(group, ())
         if not step.missed:
-            return written, record(steps, step, max_bits)
+            return written, record(steps, max_bits)
     group, base = groups[-1], steps[-1]
     restored, gains = {}, {}
     say("what each module set costs the fine-tune: its merged weights put back into this export")
@@ -134,7 +137,7 @@ def search(req, write, logits, shapes: dict[str, tuple[int, int]], bits: int, gr
     for keep in keeps[max(start, 0):]:
         written, step = attempt(group, keep)
         if not step.missed:
-            return written, record(steps, step, max_bits, gains)
+            return written, record(steps, max_bits, gains)
     closest = min(steps, key=lambda s: len(s.missed))
     raise CheckFailed(f"recipe=auto: no recipe within max_bits={max_bits} keeps every figure inside the bounds by "
                       f"the margin ({MARGIN}); the closest, groups of {closest.group}"
@@ -158,7 +161,8 @@ def figures_line(f: dict) -> str:
             f"{f['ppl_ratio']:.4f}, task score {f['task_score']:.3f} (reference {f['task_score_reference']:.3f})")
 
 
-def record(steps: list[Step], chosen: Step, max_bits: float, gains: dict | None = None) -> dict:
+def record(steps: list[Step], max_bits: float, gains: dict | None = None) -> dict:
+    """The manifest's settings.recipe: every step tried, the last one chosen."""
     return {"mode": "auto", "margin": MARGIN, "max_bits": max_bits, "steps": [s.record() for s in steps],
             "chosen": len(steps), **({"kl_bought_back_per_bit": {"+".join(k): round(v, 6) for k, v in gains.items()}}
                                      if gains else {})}
