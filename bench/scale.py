@@ -128,6 +128,7 @@ def main() -> None:
     p.add_argument("--baseline", action="store_true", help="also the awq export through GPTQModel (whole model)")
     p.add_argument("--work", default="/tmp/qlora-bridge-scale")
     p.add_argument("--targets", default="awq,gptq,gguf", help="the exports to run (default: all three)")
+    p.add_argument("--reuse-merge", action="store_true", help="export the merge an earlier run left (no merge row)")
     a = p.parse_args()
     work = Path(a.work)
     base, adapter = build(a.shape, work / f"inputs-{a.shape}-{a.layers or 'all'}", layers=a.layers)
@@ -139,8 +140,10 @@ def main() -> None:
     quant_options = {"calibration": str(calibration), "samples": a.samples, "seq_len": a.seq_len, "recipe": "fixed"}
     me = [sys.executable, __file__, "--child"]
     merged = work / f"merged-{a.shape}"
-    rows = {"merge": measured([*me, "merge", str(base), str(adapter), str(merged), a.dtype])}
-    print(json.dumps({"merge": rows["merge"]}), flush=True)  # each stage as it ends: a long run keeps what it has
+    rows = {}
+    if not (a.reuse_merge and (merged / "config.json").is_file()):
+        rows["merge"] = measured([*me, "merge", str(base), str(adapter), str(merged), a.dtype])
+        print(json.dumps({"merge": rows["merge"]}), flush=True)  # each stage as it ends: a long run keeps what it has
     jobs = [(f"export {t}", t, q, {**(quant_options if t != "gguf" else {"calibration": str(calibration),
                                                                          "text_tokens": "0"}), **o})
             for t, q, o in EXPORTS if t in a.targets.split(",")]
@@ -152,7 +155,8 @@ def main() -> None:
         rows[name]["disk_gib"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / GiB
         print(json.dumps({name: rows[name]}), flush=True)
         shutil.rmtree(out, ignore_errors=True)
-    rows["merge"]["disk_gib"] = sum(f.stat().st_size for f in merged.rglob("*") if f.is_file()) / GiB
+    if "merge" in rows:
+        rows["merge"]["disk_gib"] = sum(f.stat().st_size for f in merged.rglob("*") if f.is_file()) / GiB
     plan = planned(merged, a.dtype, int(a.samples) * int(a.seq_len), jobs)
     layers = a.layers or SHAPES[a.shape]["layers"]
     print(f"\n{a.shape} shape, {layers} of {SHAPES[a.shape]['layers']} decoder layers, merge in {a.dtype}, "

@@ -97,7 +97,7 @@ def reference_scores(reference: Reference, tok, *, progress: bool = True) -> Ref
     import torch
     from safetensors.torch import load_file, save_file
 
-    from ..api import TokenScores
+    from ..api.types import TokenScores
     from ..corpus import reference_document
     from ..files import cache_dir
     from .divergence import TOP_K, WINDOW, AnswerScorer, teacher_sequences, text_reference, text_windows
