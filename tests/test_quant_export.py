@@ -416,7 +416,7 @@ def test_the_auto_recipe_climbs_by_bits_and_says_how_close_it_came(registry, tin
     # ranked by KL bought back per bit: the tiny model's sets cost bits in proportion to their size
     base = next(f["kl_answers"] for g, kept, r, f in calls if (g, kept, r) == (32, [], None))
     shapes = plugin.linear_shapes(tiny_release)
-    gain = {k: (base - kl) / (recipe.bits_per_weight(shapes, 4, 32, k) - recipe.bits_per_weight(shapes, 4, 32, ()))
+    gain = {k: (base - kl) / (recipe.recipe_bits(shapes, 4, 32, k) - recipe.recipe_bits(shapes, 4, 32, ()))
             for k, kl in restored.items()}
     order = sorted([k for k in gain if gain[k] > 0], key=lambda k: -gain[k])
     assert len(order) >= 3  # putting a set's merged weights back buys KL back

@@ -49,7 +49,7 @@ def rounded(figures: dict) -> dict:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in figures.items()}
 
 
-def bits_per_weight(shapes: dict[str, tuple[int, int]], bits: int, group: int, keep: tuple[str, ...]) -> float:
+def recipe_bits(shapes: dict[str, tuple[int, int]], bits: int, group: int, keep: tuple[str, ...]) -> float:
     """What a recipe stores per decoder weight: codes, a 16-bit scale and a `bits`-bit zero point per group of the
     packed Linears, 16 bits for each weight of the kept ones."""
     packed = bits + (16 + bits) / group
@@ -99,7 +99,7 @@ def search(req, write, logits, shapes: dict[str, tuple[int, int]], bits: int, gr
     steps: list[Step] = []
 
     def attempt(group: int, keep: tuple[str, ...]):
-        step = Step(group, tuple(sorted(keep)), bits_per_weight(shapes, bits, group, keep))
+        step = Step(group, tuple(sorted(keep)), recipe_bits(shapes, bits, group, keep))
         say(f"recipe step {len(steps) + 1}: groups of {group}"
             + (f", {', '.join(step.keep)} kept in 16 bits" if keep else ", all packed")
             + f" ({step.bits_per_weight} bits per weight)")
@@ -122,13 +122,13 @@ def search(req, write, logits, shapes: dict[str, tuple[int, int]], bits: int, gr
     say("what each module set costs the fine-tune: its merged weights put back into this export")
     for kinds in sets:  # measured on the export as written
         restored[kinds] = fidelity(req.lineage, req.merged, req.out, restored_logits(req.merged, kinds))
-        cost = bits_per_weight(shapes, bits, group, kinds) - base.bits_per_weight
+        cost = recipe_bits(shapes, bits, group, kinds) - base.bits_per_weight
         gains[kinds] = (base.figures["kl_answers"] - restored[kinds]["kl_answers"]) / cost
         say(f"  {'+'.join(kinds)}: KL along the answers {restored[kinds]['kl_answers']:.3g}, "
             f"{gains[kinds]:.3g} bought back per bit")
     ranked = sorted([s for s in sets if gains[s] > 0], key=lambda s: -gains[s])  # a set that buys nothing: never
     keeps = [tuple(k for s in ranked[:i] for k in s) for i in range(1, len(ranked) + 1)]
-    keeps = [k for k in keeps if set(k) != present and bits_per_weight(shapes, bits, group, k) <= max_bits]
+    keeps = [k for k in keeps if set(k) != present and recipe_bits(shapes, bits, group, k) <= max_bits]
     # start where the sets' measured effects, added up, say the figures would hold (else at the dearest keep the
     # budget allows, to report how close it comes); each export then says whether they really do
     holds = [k for k in keeps if not misses(predicted(base.figures, [restored[s] for s in ranked
