@@ -1,8 +1,8 @@
 """`qlora-bridge plan` against measurement: each stage runs in its own process on the models that run here, and its
 peak host memory is printed beside the planner's prediction for the same shape and settings, in one run.
 
-    python bench/plan.py                      # the tiny model and the demo: train, merge, GGUF, serving (~10 min)
-    python bench/plan.py --shapes 1.1b 7b     # adds synthetic shapes: merge and GGUF F16/Q4_K_M (7b: ~40 GB disk)
+    python bench/plan.py                      # the tiny model and the demo: train, merge, exports, serving (~40 min)
+    python bench/plan.py --shapes 1.1b        # adds synthetic shapes: merge, GGUF F16/Q4_K_M, awq and gptq
     python bench/plan.py --json
 
 Measured peak: the largest sum of resident memory over the stage's process and everything it started (llama.cpp's
@@ -26,6 +26,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+# the 4-bit exports: awq at its defaults (the streamed engine, recipe=auto: each step an export, measured against the
+# fine-tune's held-out answers) and the fixed recipes beside it
+FOUR_BIT = {"tiny": [("awq", None, {}), ("gptq", None, {"recipe": "fixed"})],
+            "demo": [("awq", None, {}), ("awq", None, {"recipe": "fixed"}), ("gptq", None, {"recipe": "fixed"})]}
 
 
 def tree_rss(pid: int) -> int:
@@ -94,9 +98,9 @@ def child(argv: list[str]) -> None:
         from qlora_bridge.stages.export import export
         from qlora_bridge.host import load_plugins
 
-        target, quant, merged, out = rest
-        export(load_plugins([]), target, Path(merged), Path(out), quant=quant, options={}, force=True,
-               progress=False)
+        target, quant, merged, out, options = rest
+        export(load_plugins([]), target, Path(merged), Path(out), quant=None if quant == "-" else quant,
+               options=json.loads(options), force=True, progress=False)
     elif kind == "serve":
         from qlora_bridge.host import load_plugins
         from qlora_bridge.stages.serve import serving
@@ -134,7 +138,7 @@ def main() -> None:
     from qlora_bridge import demo
     from qlora_bridge.default_model import resolve_base
     from qlora_bridge.host import load_plugins
-    from qlora_bridge.plan import Hardware, merge_need, read_shape, train_need
+    from qlora_bridge.plan import Hardware, export_need, merge_need, read_shape, train_need
     from qlora_bridge.tinymodel import build_tiny_model
     from qlora_bridge.train_settings import TrainSettings
 
@@ -153,12 +157,13 @@ def main() -> None:
 
     def exports(model: str, merged: Path, targets):
         shape = replace(read_shape(merged), dtype_bytes=4)
-        for target, quant in targets:
-            out = work / f"{model}-{target}-{quant}"
-            m = measure(["export", target, quant, str(merged), str(out)])
+        for target, quant, options in targets:
+            label = " ".join([target, quant or "", *(f"{k}={v}" for k, v in options.items())]).replace("  ", " ")
+            out = work / f"{model}-{label.replace(' ', '-').replace('=', '-')}"
+            m = measure(["export", target, quant or "-", str(merged), str(out), json.dumps(options)])
             exporter, _ = reg.exporter(target)
-            need = exporter.memory(shape, quant, False)  # measured: all resident pages, mapped ones too
-            row(model, f"export {target} {quant}", need.total("host") + need.total("mapped"), m)
+            need = export_need(exporter, shape, quant, False, options)  # measured: all resident pages, mapped too
+            row(model, f"export {label}", need.total("host") + need.total("mapped"), m)
         return shape
 
     tiny = build_tiny_model(work / "tiny", layers=2, hidden=256, intermediate=768)
@@ -173,7 +178,8 @@ def main() -> None:
         for check in ("full", "layer"):
             m = measure(["merge", str(base), str(adapter), str(merged), check])
             row(name, f"merge (check {check})", merge_need(shape, "float32", check, hw)[0].total("host"), m)
-        merged_shape = exports(name, merged, [("gguf", "F16"), ("gguf", "Q4_K_M"), ("safetensors", "bfloat16")])
+        merged_shape = exports(name, merged, [("gguf", "F16", {}), ("gguf", "Q4_K_M", {}),
+                                              ("safetensors", "bfloat16", {}), *FOUR_BIT[name]])
         if name == "demo":
             folder = work / "demo-gguf-Q4_K_M"
             m = measure(["serve", "llamacpp", str(folder), "The capital of France is"])
@@ -189,7 +195,8 @@ def main() -> None:
         merged = work / f"{shape_name}-merged"
         m = measure(["merge", str(base), str(adapter), str(merged), "layer"])
         row(shape_name, "merge (check layer)", merge_need(read_shape(base), "float32", "layer", hw)[0].total("host"), m)
-        exports(shape_name, merged, [("gguf", "F16"), ("gguf", "Q4_K_M")])
+        exports(shape_name, merged, [("gguf", "F16", {}), ("gguf", "Q4_K_M", {}),
+                                     ("awq", None, {"recipe": "fixed"}), ("gptq", None, {"recipe": "fixed"})])
         shutil.rmtree(merged, ignore_errors=True)
 
     worst = max(abs(r["ratio"] - 1) for r in rows)

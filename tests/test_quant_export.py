@@ -167,6 +167,28 @@ def test_the_streamed_engine_writes_what_gptqmodel_writes_one_layer_at_a_time(ex
     assert json.loads((ours / "manifest.json").read_text())["export"]["settings"]["layer_by_layer"]
 
 
+def test_the_streamed_gptq_factor_is_the_references_cholesky_of_the_inverse():
+    """One Cholesky with the order reversed stands in for the reference's Cholesky, inverse, Cholesky: the same
+    upper factor R of the dampened H⁻¹ (RᵀR = H⁻¹) in the same group-aware order. A transposed or unreversed
+    factor is off by O(1), float32 rounding by ~1e-5."""
+    st = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.streamed")
+    torch.manual_seed(0)
+    x = torch.randn(512, 256) * torch.linspace(0.1, 3, 256)
+    h = x.T @ x
+    h[7], h[:, 7] = 0, 0  # an input the calibration never moved
+    perm, dead, factor = st.inverse_factor([h.clone()], 32, 0.01)
+
+    ref = h.clone()
+    ref[7, 7] = 1
+    assert torch.equal(perm, st.group_aware_order(torch.diag(ref), 32)) and dead.nonzero().flatten().tolist() == [
+        (perm == 7).nonzero().item()]
+    ref = ref[perm][:, perm]
+    ref.diagonal().add_(0.01 * torch.mean(torch.diag(ref)))
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(ref)), upper=True)
+    upper = torch.triu(factor)
+    assert torch.allclose(upper, expected, rtol=0, atol=1e-4 * expected.abs().max())
+
+
 def test_the_streamed_engine_groups_linears_by_the_input_object_not_its_address():
     """Linears share a Hessian only when they read the same input. A freed input's memory is often reused for the
     next one: telling inputs apart by address grouped SmolLM2's gate/up with o_proj under o's Hessian, which
@@ -357,20 +379,21 @@ def test_an_export_shows_a_screenful_and_sends_the_engines_output_to_its_log(gpt
     out = tmp_path / "export"
     proc = subprocess.run([sys.executable, "-m", "qlora_bridge.cli", "export", "--merged", str(tiny_release),
                            "--target", "awq", "--out", str(out), *(f"--option={k}={v}" for k, v in SMALL.items()),
-                           f"--option=engine={engine}"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    shown = (proc.stdout + proc.stderr).rstrip("\n").split("\n")  # a progress bar's \r updates share a line
+                           f"--option=engine={engine}"], capture_output=True, timeout=600)
+    stdout, stderr = proc.stdout.decode(), proc.stderr.decode()  # bytes: text=True would turn each \r into a line
+    assert proc.returncode == 0, stderr[-3000:]
+    shown = (stdout + stderr).rstrip("\n").split("\n")  # a progress bar's \r updates share a line
     assert len(shown) <= 24, "\n".join(shown)
-    assert f"recipe: GPTQ asymmetric by {engine}, 4-bit, groups of " in proc.stdout
-    assert "perplexity on the reference text" in proc.stdout
+    assert f"recipe: GPTQ asymmetric by {engine}, 4-bit, groups of " in stdout
+    assert "perplexity on the reference text" in stdout
     # the default recipe is measured where the engine is ours; GPTQModel runs the fixed one
-    assert ("chosen by measurement" in proc.stdout) == (engine == "streamed")
+    assert ("chosen by measurement" in stdout) == (engine == "streamed")
     if engine == "gptqmodel":  # it talks: all of it in the log, which the terminal names
         log = out.with_name("export.export.log")
-        assert f"the engines' own output: {log}" in proc.stdout
+        assert f"the engines' own output: {log}" in stdout
         assert len(log.read_text().splitlines()) > 100 and "gptqmodel" in log.read_text().lower()
     else:  # ours draws one bar over the decoder layers
-        assert "quantizing (GPTQ, one layer at a time)" in proc.stderr
+        assert "quantizing (GPTQ, one layer at a time)" in stderr
 
 
 def test_the_default_awq_recipe_is_chosen_by_measuring_the_fine_tune(registry, tiny_release, tmp_path):
@@ -395,8 +418,9 @@ def test_the_auto_recipe_climbs_by_bits_and_says_how_close_it_came(registry, tin
 
     plugin = importlib.import_module("qlora_bridge.default_plugins.gptq_awq")
     recipe = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.recipe")
+    search = importlib.import_module("qlora_bridge.measure.recipe")  # the API's search_recipe
     monkeypatch.setitem(plugin.BOUNDS, "int4", Bounds(kl_answers=1e-12, kl_text=1e-12, ppl_ratio=1.0))
-    calls, real = [], recipe.fidelity
+    calls, real = [], search.fidelity
 
     def spy(lineage, merged, folder, logits):  # the real measurement, recorded
         qc = json.loads((folder / "config.json").read_text())["quantization_config"]
@@ -404,7 +428,7 @@ def test_the_auto_recipe_climbs_by_bits_and_says_how_close_it_came(registry, tin
         calls.append((qc["group_size"], sorted({m.rpartition(".")[2] for m in qc["modules_to_not_convert"]} -
                                                {"lm_head"}), getattr(logits, "restored", None), figures))
         return figures
-    monkeypatch.setattr(recipe, "fidelity", spy)
+    monkeypatch.setattr(search, "fidelity", spy)
     with pytest.raises(CheckFailed) as e:
         export(registry, "awq", tiny_release, tmp_path / "a", options={**SMALL, "max_bits": "16"}, progress=False)
     assert e.value.field == "--option max_bits" and "the closest" in str(e.value)

@@ -22,6 +22,7 @@ from ..errors import BridgeError, CheckFailed
 from ..files import cache_dir, engine_log
 from ..measure.fidelity import fidelity, misses
 from ..measure.logits import folder_logits, model_logits, streamed_logits, streamed_model
+from ..measure.recipe import MAX_BITS, RecipeSpace, figures_line, search_recipe
 from ..modelcard import merged_license
 from ..malloc import release_freed_memory
 from ..records import Lineage
@@ -51,9 +52,12 @@ __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult"
            "CheckFailed", "PARITY_CORPUS", "REFERENCE_TEXT", "calibration", "calibration_text", "reference_document",
            "engine_log", "cache_dir", "http_json", "adds_bos", "token_sequences", "folder_logits", "model_logits",
            "streamed_logits", "streamed_model", "fidelity", "misses", "release_freed_memory", "merged_license",
-           "check_options", "ModelShape", "Need", "CUDA_CONTEXT", "Lineage", "__version__"]
+           "check_options", "ModelShape", "Need", "CUDA_CONTEXT", "Lineage", "RecipeSpace", "search_recipe",
+           "figures_line", "MAX_BITS", "__version__"]
 
-# bump when a hook, a registration type or what this module offers changes. 8: Exporter.summary (the lines the
+# bump when a hook, a registration type or what this module offers changes. 9: search_recipe and RecipeSpace
+# (recipe=auto's search for any packed target: it describes its recipes, the search measures them), figures_line
+# and MAX_BITS; 8: Exporter.summary (the lines the
 # terminal shows under an export), engine_log yields the console (for a progress bar among redirected engines),
 # streamed_model (a model that reads each module's weights as it runs, for model_logits), fidelity and misses (an
 # export's gate figures through an exporter's own logits, no server, and which miss a bound); 7: Need.lighter
@@ -64,6 +68,6 @@ __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult"
 # (the typed reader of ExportRequest.lineage) and CUDA_CONTEXT; 4: Exporter and ServingAdapter gained memory (for
 # `plan`), Exporter recognizes; 3: Exporter gained path_options, library and bits_per_weight; 2:
 # ServingAdapter.prompt_logprobs became ServingAdapter.logprobs and Exporter gained bounds. Plugins written for 1
-# to 7 work unchanged, but for a 6 that declared Need.lighter.
-PLUGIN_API = 8
-SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4, 5, 6, 7, 8)
+# to 8 work unchanged, but for a 6 that declared Need.lighter.
+PLUGIN_API = 9
+SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4, 5, 6, 7, 8, 9)

@@ -16,15 +16,16 @@ import json
 import shutil
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
-from qlora_bridge.api import (CUDA_CONTEXT, REFERENCE_TEXT, Bounds, BridgeError, CheckFailed, Exporter, ExportRequest,
-                              ExportResult, ModelShape, Need, calibration, engine_log, hookimpl, model_logits,
-                              streamed_model)
+from qlora_bridge.api import (CUDA_CONTEXT, MAX_BITS, REFERENCE_TEXT, Bounds, BridgeError, CheckFailed, Exporter,
+                              ExportRequest, ExportResult, ModelShape, Need, calibration, engine_log, figures_line,
+                              hookimpl, model_logits, search_recipe, streamed_model)
 
 from .engines import ENGINES, Job, version
 
-PLUGIN_API = 8  # the plugin API this module was written for
+PLUGIN_API = 9  # the plugin API this module was written for
 # The smoke gate's bounds: a 4-bit export is held to what llama.cpp's Q4_K_M achieves on the same model, with a
 # factor of two (the issue that set the 4-bit targets: "KL no more than twice the GGUF Q4_K_M's"), an 8-bit one
 # to Q8_0's. On the demo Q4_K_M measured a KL of 5.2e-3 along the held-out answers and 0.058 on the reference text,
@@ -216,7 +217,7 @@ def export(req: ExportRequest, method: str) -> ExportResult:
                               field=f"--option {key}", fix=f"drop {key}, or drop engine and algorithm (the streamed "
                               "default is GPTQ)")
     mode, why_fixed = recipe_mode(req, engine)
-    max_bits = option(req, "max_bits", auto.MAX_BITS, parse=float)
+    max_bits = option(req, "max_bits", MAX_BITS, parse=float)
     if mode == "fixed":
         group = choose_group(req, widths)
         kinds = {name.rpartition(".")[2] for name in kept_modules(req, widths, settings.get("keep", ""))}
@@ -240,8 +241,8 @@ def export(req: ExportRequest, method: str) -> ExportResult:
             result.settings["recipe"] = {"mode": "fixed", "why": why_fixed}
         else:
             say = (lambda text: print(text, file=console)) if console else (lambda text: None)
-            result, chosen = auto.search(req, write, logits, shapes, bits, GROUPS, BOUNDS[req.quant], FUSED, max_bits,
-                                         say)
+            result, chosen = search_recipe(req, auto.space(req, write, logits, shapes, bits, GROUPS, FUSED),
+                                           BOUNDS[req.quant], max_bits, say)
             result.settings["recipe"] = chosen
     result.settings.update(calibration=calib, dtype=dtype)
     return result
@@ -356,8 +357,6 @@ def summary(export: dict) -> list[str]:
              + (f", {', '.join(kept)} kept in {settings['dtype']}" if kept else "")
              + f": {bits_per_weight(export)} bits per decoder weight, {how}"]
     if recipe.get("mode") == "auto":
-        from .recipe import figures_line
-
         lines.append(f"measured against the trained model (our dequantization, float32): "
                      f"{figures_line(recipe['steps'][-1]['figures'])}; aim: {recipe['margin']} of each bound")
     lines += [f"read back: weight error mean {read_back['mean_rel_error']:.3f}, "
@@ -394,20 +393,22 @@ def readback_need(shape: ModelShape) -> dict[str, int]:
             "read-back: logits of the reference text": TEXT_TOKENS * shape.vocab * 4}
 
 
-def memory(shape: ModelShape, quant: str | None, gpu: bool) -> Need:
+def memory(target: str, shape: ModelShape, quant: str | None, gpu: bool) -> Need:
     """The default engine, streamed (streamed.py), holds one decoder layer at a time, and the default recipe=auto
     measures each step the same way (streamed_need). --option recipe=fixed drops the measurement; GPTQModel and
-    AutoRound load the whole model (whole_model_memory), planned under their --option engine."""
-    auto = streamed_need(shape, quant, gpu, measured=True)
-    fixed = streamed_need(shape, quant, gpu, measured=False)
-    whole = whole_model_memory(shape, quant, gpu, fix=auto)
+    AutoRound load the whole model (whole_model_memory), planned under their --option engine. Disk: the fixed
+    recipe's checkpoint, or recipe=auto's at its budget (it keeps at most max_bits per decoder weight)."""
+    fixed_disk = packed_bytes(shape, quant, SETTINGS[target, "gptq"]["keep"])
+    auto = streamed_need(shape, quant, gpu, measured=True, disk=packed_bytes(shape, quant, max_bits=MAX_BITS))
+    fixed = streamed_need(shape, quant, gpu, measured=False, disk=fixed_disk)
+    whole = whole_model_memory(shape, quant, gpu, fix=auto, disk=fixed_disk)
     autoround = replace(whole, notes=("AutoRound planned as GPTQModel (both load the whole float32 model); "
                                       "not measured for AutoRound",))
     return replace(auto, variants=(("--option recipe=fixed", fixed), ("--option engine=gptqmodel", whole),
                                    ("--option engine=autoround", autoround)))
 
 
-def streamed_need(shape: ModelShape, quant: str | None, gpu: bool, measured: bool) -> Need:
+def streamed_need(shape: ModelShape, quant: str | None, gpu: bool, measured: bool, disk: int) -> Need:
     """The runtime, the calibration activations (a layer's inputs and outputs, float32) and the largest of the
     phases: the embedding as stored (first), one layer at work (its float32 weights, the widest input's Hessian and
     its group-aware permuted copy, the weight and what GPTQ makes of it, a forward batch), the read-back
@@ -436,13 +437,12 @@ def streamed_need(shape: ModelShape, quant: str | None, gpu: bool, measured: boo
     else:
         device = {}
         host = {"runtime": RUNTIME_STREAMED, "calibration activations": activations, **largest_phase}
-    packed = packed_bytes(shape, quant)
-    return Need(gpu=device, host=host, disk={f"{quant} checkpoint": packed}, output=packed,
+    return Need(gpu=device, host=host, disk={f"{quant} checkpoint": disk}, output=disk,
                 notes=(f"calibration {calibration_tokens(shape)} tokens",
                        "recipe=auto: each step an export, measured" if measured else "recipe=fixed"))
 
 
-def whole_model_memory(shape: ModelShape, quant: str | None, gpu: bool, fix: Need) -> Need:
+def whole_model_memory(shape: ModelShape, quant: str | None, gpu: bool, fix: Need, disk: int) -> Need:
     """GPTQModel loads the whole merged model on the host (float32 on a CPU, where GPTQ computes in float32; the
     merged dtype on a GPU), then quantizes one layer at a time on the device: that layer, a float32 Hessian per
     linear input (in x in) and the calibration activations entering and leaving it (float32 on the CPU). The
@@ -457,15 +457,18 @@ def whole_model_memory(shape: ModelShape, quant: str | None, gpu: bool, fix: Nee
     work = {"one layer": layer_params * 4, "Hessians of its inputs": hessians, "calibration activations": activations}
     quantizing = {"runtime": RUNTIME, "merged model loaded": weights, **({} if gpu else work)}
     host = max(quantizing, {"runtime": RUNTIME, **readback_need(shape)}, key=lambda t: sum(t.values()))
-    packed = packed_bytes(shape, quant)
     return Need(gpu={"CUDA context": CUDA_CONTEXT, **work} if gpu else {}, host=host,
-                disk={f"{quant} checkpoint": packed}, output=packed, variants=(("--option engine=streamed", fix),))
+                disk={f"{quant} checkpoint": disk}, output=disk, variants=(("--option engine=streamed", fix),))
 
 
-def packed_bytes(shape: ModelShape, quant: str | None) -> int:
-    """The checkpoint: codes and a 16-bit scale per group of 32 for the decoder Linears, the rest in 16 bits."""
+def packed_bytes(shape: ModelShape, quant: str | None, keep: str = "", max_bits: float | None = None) -> int:
+    """The checkpoint: the decoder Linears packed in groups of 32 with `keep` (module names) in 16 bits, or at
+    max_bits per weight, the rest in 16 bits."""
+    from .recipe import recipe_bits
+
     bits = 8 if quant == "int8" else 4
-    return int(shape.linear_params * (bits + 16 / 32) / 8 + shape.dense_params * 2)
+    packed = recipe_bits(shape.linears(), bits, DEFAULT_GROUP, tuple(k for k in keep.split(",") if k))
+    return int(shape.linear_params * max(packed, max_bits or 0) / 8 + shape.dense_params * 2)
 
 
 def quant_method(folder) -> str | None:
@@ -480,12 +483,14 @@ def register_exporters(register):
     register(Exporter(target="gptq", export=lambda req: export(req, "gptq"), format="gptq", logits=logits,
                       quant_types=("int4", "int8"), bounds=BOUNDS, options=OPTIONS,
                       path_options=("calibration",), library="transformers", bits_per_weight=bits_per_weight,
-                      memory=memory, summary=summary, recognizes=lambda folder: quant_method(folder) == "gptq",
+                      memory=partial(memory, "gptq"), summary=summary,
+                      recognizes=lambda folder: quant_method(folder) == "gptq",
                       description="GPTQ (checkpoint format v1, symmetric) for vLLM and transformers, by our GPTQ "
                                   "one decoder layer at a time, GPTQModel or AutoRound"))
     register(Exporter(target="awq", export=lambda req: export(req, "awq"), format="awq", quant_types=("int4",),
                       logits=logits, bounds={"int4": INT4}, options=OPTIONS, path_options=("calibration",),
-                      library="transformers", bits_per_weight=bits_per_weight, memory=memory, summary=summary,
+                      library="transformers", bits_per_weight=bits_per_weight, memory=partial(memory, "awq"),
+                      summary=summary,
                       recognizes=lambda folder: quant_method(folder) == "awq",
                       description="AWQ GEMM (4-bit, zero point) for vLLM and transformers, by our GPTQ one decoder "
                                   "layer at a time, GPTQModel or AutoRound"))

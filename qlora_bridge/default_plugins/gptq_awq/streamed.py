@@ -64,20 +64,39 @@ def group_aware_order(diag: torch.Tensor, group: int) -> torch.Tensor:
 
 def inverse_factor(hessian: list[torch.Tensor], group: int, damp: float):
     """What GPTQ needs of the Hessian H [K, K] of a group of Linears' shared input: the group-aware column order,
-    which columns the calibration never moved, and the upper Cholesky factor of the dampened H⁻¹ in that order.
-    Computed once for q/k/v (and once for gate/up), as GPTQModel shares it. `hessian` is a one-item list this
-    empties: H is permuted, then turned into the factor in place, so no reference of the caller's keeps a second
-    K x K matrix alive (down_proj of a 70B: 3.3 GB each)."""
+    which columns the calibration never moved, and the upper Cholesky factor R of the dampened H⁻¹ (H⁻¹ = RᵀR) in
+    that order. Computed once for q/k/v (and once for gate/up), as GPTQModel shares it. `hessian` is a one-item
+    list this empties, so no reference of the caller's keeps a second K x K matrix alive (down_proj of a 70B: 3.3
+    GB each).
+
+    R comes from one Cholesky factorization with the order reversed (J reverses): J H J = L Lᵀ gives
+    H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), so R = J L⁻¹ J. The reference's Cholesky, inverse, Cholesky again computes the same
+    factor (to float32 rounding, ~6e-6 relative) in 1.8x the time (K = 8192: 31.6 s against 17.9 s on 2 shared
+    cores; an 8B's down_proj, K = 14336, took 70 s of each layer's ~2 minutes the reference's way)."""
     h = hessian.pop()
     dead = torch.diag(h) == 0  # inputs the calibration never moved: their weights cannot matter to it
     h[dead, dead] = 1
     perm = group_aware_order(torch.diag(h), group)
-    h = h[perm]
-    h = h[:, perm]
+    reverse = perm.flip(0)
+    h = h[reverse]
+    h = h[:, reverse]
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     torch.linalg.cholesky(h, out=h)
-    torch.cholesky_inverse(h, out=h)
-    return perm, dead[perm], torch.linalg.cholesky(h, upper=True, out=h)
+    factor = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    torch.linalg.solve_triangular(h, factor, upper=False, out=factor)
+    del h
+    reverse_in_place(factor.view(-1))  # J L⁻¹ J: both orders reversed is the flat storage reversed
+    return perm, dead[perm], factor
+
+
+def reverse_in_place(flat: torch.Tensor, chunk: int = 1 << 22) -> None:
+    """flat[::-1], swapping its ends a chunk at a time: torch.flip would allocate a third K x K matrix."""
+    n = flat.numel()
+    for i in range(0, n // 2, chunk):
+        j = min(i + chunk, n // 2)
+        head = flat[i:j].clone()
+        flat[i:j] = flat[n - j:n - i].flip(0)
+        flat[n - j:n - i] = head.flip(0)
 
 
 def gptq(weight: torch.Tensor, factor, bits: int, group: int, sym: bool):
