@@ -72,3 +72,29 @@ def scale_rope(export: Path, factor: float) -> Path:
     rope["rope_theta"] = rope["rope_theta"] * factor
     (export / "config.json").write_text(json.dumps(config, indent=2))
     return rerecord(export)
+
+
+def set_gguf_field(export: Path, key: str, value) -> Path:
+    """A GGUF metadata value rewritten in place: a number or a bool, or a string of the same length in bytes."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(next(export.glob("*.gguf"))), "r+")
+    field = reader.get_field(key)
+    part = field.parts[field.data[0]]
+    if isinstance(value, str):
+        data = value.encode()
+        assert len(data) == len(part), f"{key}: {len(data)} bytes where the file has {len(part)}"
+        part[:] = list(data)
+    else:
+        part[0] = value
+    del reader
+    return rerecord(export)
+
+
+def edit_json(export: Path, name: str, edit) -> Path:
+    """One of a Hugging Face folder's JSON files changed by edit(dict) (in place)."""
+    path = export / name
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=2))
+    return rerecord(export)

@@ -35,6 +35,16 @@ def hf_and_gguf_logits(folder, gguf_path, text="def add(a, b):\n    return a + b
     return np.linalg.norm(got - ref) / np.linalg.norm(ref)
 
 
+def declared_differences(registry, folder, base) -> list[dict]:
+    """What the smoke gate's `declarations` check finds between the GGUF's metadata and the model it came from."""
+    from transformers import AutoTokenizer
+
+    from qlora_bridge.api import differences, hf_declared
+
+    exporter, _ = registry.exporter("gguf")
+    return differences(exporter.declares(folder), hf_declared(base), AutoTokenizer.from_pretrained(base))
+
+
 # float32 end to end: only summation order differs (~5e-7 measured). Gemma 3 is looser: ggml evaluates GELU
 # through a float16 lookup table (2.7e-4 measured); a missing norm shift or rotary permutation gives errors ~1.
 @pytest.mark.parametrize("arch, limit", [("llama", 1e-5), ("qwen2", 1e-5), ("qwen3", 1e-5), ("gemma3", 1e-3)])
@@ -43,6 +53,7 @@ def test_f32_conversion_matches_transformers(registry, tmp_path, arch, limit):
     manifest = export(registry, "gguf", base, tmp_path / "gguf", quant="F32", progress=False)
     assert manifest["export"]["settings"]["gguf_arch"] == arch
     assert hf_and_gguf_logits(base, tmp_path / "gguf" / "model-F32.gguf") < limit
+    assert declared_differences(registry, tmp_path / "gguf", base) == []
 
 
 # SentencePiece-style vocabularies (byte fallback, "▁" for spaces): Llama 2's prefix space and Gemma's none. Before
@@ -60,6 +71,7 @@ def test_sentencepiece_vocabularies_export_with_full_parity(registry, tmp_path, 
     assert reader.get_field("tokenizer.ggml.add_space_prefix").contents() is (tokenizer == "sentencepiece")
     assert reader.get_field("tokenizer.ggml.add_bos_token").contents() is True
     assert hf_and_gguf_logits(base, tmp_path / "g" / "model-F32.gguf") < 1e-5
+    assert declared_differences(registry, tmp_path / "g", base) == []
 
 
 @pytest.mark.slow
@@ -70,6 +82,7 @@ def test_a_real_sentencepiece_model_exports_with_full_parity(registry, gemma3_ba
     assert checks["tokenizer_parity"] == FULL_PARITY and checks["pre_tokenizer"]["tokenizer_model"] == "llama"
     # float16 weights against the float32 model: 2.2e-3 measured; a broken conversion reads ~1
     assert hf_and_gguf_logits(gemma3_base, tmp_path / "g" / "model-F16.gguf") < 1e-2
+    assert declared_differences(registry, tmp_path / "g", gemma3_base) == []  # its stop ids, template, head size
     # Q4_K_M: the 262k x 640 embedding (64% of the weights) takes the output's type and falls back to Q8_0, as in
     # upstream's own Q4_K_M of this model; the decoder layers are what must be 4-bit in substance
     q = export(registry, "gguf", gemma3_base, tmp_path / "q", quant="Q4_K_M", progress=False)["export"]["checks"]

@@ -20,6 +20,7 @@ from ..corpus import PARITY_CORPUS, REFERENCE_TEXT, calibration_text, reference_
 from ..data import adds_bos, token_sequences
 from ..errors import BridgeError, CheckFailed
 from ..files import cache_dir, engine_log
+from ..measure.declared import differences, hf_declared
 from ..measure.fidelity import fidelity, misses
 from ..measure.logits import folder_logits, model_logits, streamed_logits, streamed_model
 from ..measure.recipe import MAX_BITS, RecipeSpace, figures_line, search_recipe
@@ -31,6 +32,7 @@ from .types import (
                     CUDA_CONTEXT,
                     Bounds,
                     Client,
+                    Declared,
                     Exporter,
                     ExportRequest,
                     ExportResult,
@@ -53,9 +55,11 @@ __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult"
            "engine_log", "cache_dir", "http_json", "adds_bos", "token_sequences", "folder_logits", "model_logits",
            "streamed_logits", "streamed_model", "fidelity", "misses", "release_freed_memory", "merged_license",
            "check_options", "ModelShape", "Need", "CUDA_CONTEXT", "Lineage", "RecipeSpace", "search_recipe",
-           "figures_line", "MAX_BITS", "__version__"]
+           "figures_line", "MAX_BITS", "Declared", "hf_declared", "differences", "__version__"]
 
-# bump when a hook, a registration type or what this module offers changes. 9: search_recipe and RecipeSpace
+# bump when a hook, a registration type or what this module offers changes. 10: Exporter.declares and Declared
+# (what an export folder says about itself, which the gate holds to the merged model's), hf_declared, differences,
+# SmokeContext.declared and merged_declared; 9: search_recipe and RecipeSpace
 # (recipe=auto's search for any packed target: it describes its recipes, the search measures them), figures_line
 # and MAX_BITS; 8: Exporter.summary (the lines the
 # terminal shows under an export), engine_log yields the console (for a progress bar among redirected engines),
@@ -68,6 +72,6 @@ __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult"
 # (the typed reader of ExportRequest.lineage) and CUDA_CONTEXT; 4: Exporter and ServingAdapter gained memory (for
 # `plan`), Exporter recognizes; 3: Exporter gained path_options, library and bits_per_weight; 2:
 # ServingAdapter.prompt_logprobs became ServingAdapter.logprobs and Exporter gained bounds. Plugins written for 1
-# to 8 work unchanged, but for a 6 that declared Need.lighter.
-PLUGIN_API = 9
-SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+# to 9 work unchanged, but for a 6 that declared Need.lighter.
+PLUGIN_API = 10
+SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)

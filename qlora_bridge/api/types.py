@@ -66,6 +66,36 @@ class Bounds:
 
 
 @dataclass(frozen=True)
+class Declared:
+    """What a model file says about itself: what a runtime reads to tokenize, template, stop and compute. The gate
+    holds an export's (Exporter.declares) to the merged model's, field by field; None: the file does not say.
+
+        Declared(bos=1, eos=2, stop=(2,), add_bos=False, chat_template="{% for message in messages %}...",
+                 context_length=8192, rope_theta=100000.0, norm_eps=1e-5, layers=30, hidden=576, heads=9,
+                 kv_heads=3, head_dim=64, vocab=49152, adapter_sha256="463aa1...")
+    """
+    bos: int | None = None  # token ids
+    eos: int | None = None
+    stop: tuple[int, ...] | None = None  # every id the file names as ending a generation (EOS, end of turn)
+    pad: int | None = None
+    unk: int | None = None
+    add_bos: bool | None = None  # the tokenizer prepends BOS / appends EOS to a text
+    add_eos: bool | None = None
+    chat_template: str | None = None  # the Jinja text
+    stop_strings: tuple[str, ...] | None = None  # a runtime's stop list (Ollama's Modelfile PARAMETER stop)
+    context_length: int | None = None
+    rope_theta: float | None = None
+    norm_eps: float | None = None
+    layers: int | None = None
+    hidden: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    vocab: int | None = None
+    adapter_sha256: str | None = None  # the fine-tune the file says it carries (its lineage)
+
+
+@dataclass(frozen=True)
 class ModelShape:
     """A decoder-only transformer as `qlora-bridge plan` sees it: read from config.json, no weights needed.
 
@@ -182,6 +212,9 @@ class Exporter:
     # the lines the terminal shows under an export's result, from its manifest's `export` record: what was chosen
     # and the figures its own checks measured, against their limits, e.g. lambda export: [f"recipe: {...}"]
     summary: Callable[[dict], list[str]] | None = None
+    # what an export folder says about itself (special tokens, chat template, RoPE, shape, lineage), which the
+    # smoke gate holds to the merged model's: e.g. api.hf_declared for a Hugging Face folder
+    declares: Callable[[Path], Declared] | None = None
 
 
 def check_options(given: dict, declared: dict[str, str] | None, what: str) -> None:
@@ -331,6 +364,10 @@ class SmokeContext:
     reference: object  # the model that was trained: its held-out answers and cached scores (measure/reference.py)
     bounds: Bounds
     bounds_source: str
+    # how to read what the export says about itself (its exporter's `declares`; None: it has none), and what the
+    # merged model says, with the adapter the export's lineage names (only that, where no merged folder is at hand)
+    declares: Callable[[Path], Declared] | None
+    merged_declared: Declared
     # the smoke stage's measurement: (reference, tokenizer, the served model's scores for token sequences) -> figures
     measure: Callable[[object, object, Callable[[list[list[int]]], Iterator[TokenScores]]], dict]
     _cache: dict = field(default_factory=dict)

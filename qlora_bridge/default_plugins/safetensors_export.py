@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, Lineage,
-                              ModelShape, Need, folder_logits, hookimpl)
+                              ModelShape, Need, folder_logits, hf_declared, hookimpl)
 
-PLUGIN_API = 5  # the plugin API this module was written for
+PLUGIN_API = 10  # the plugin API this module was written for
 # The smoke gate's bounds. float32 served by vLLM measured a KL of 8e-11 on the demo's reference text (a copy);
 # float16 holds what llama.cpp's F16 of the demo measured, 5.7e-6, to 2e-4. bfloat16 keeps 8 bits of mantissa,
 # what Q8_0 keeps, and erases small LoRA deltas (research notes): Q8_0's bounds.
@@ -107,5 +107,5 @@ def register_exporters(register):
                       logits=folder_logits, bounds={"float32": FLOAT, "float16": FLOAT, "bfloat16": BFLOAT16},
                       options={"max_shard_size": "largest shard in GiB (default 2)"}, library="transformers",
                       bits_per_weight=lambda e: {"float32": 32, "float16": 16, "bfloat16": 16}[e["quant"]],
-                      memory=memory, recognizes=recognizes,
+                      memory=memory, recognizes=recognizes, declares=hf_declared,
                       description="the merged model re-saved in float16, bfloat16 or float32, sharded"))

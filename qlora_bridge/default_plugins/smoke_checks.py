@@ -9,9 +9,9 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from qlora_bridge.api import PARITY_CORPUS, SmokeCheck, hookimpl
+from qlora_bridge.api import PARITY_CORPUS, SmokeCheck, differences, hookimpl
 
-PLUGIN_API = 3  # the plugin API this module was written for
+PLUGIN_API = 10  # the plugin API this module was written for
 PROBE = [{"role": "user", "content": "What is the capital of France?"}]
 SPEED_TOKENS = 128  # long enough that the time per token, not the request, dominates
 
@@ -31,6 +31,22 @@ def is_json(text: str) -> bool:
         return True
     except json.JSONDecodeError:
         return False
+
+
+def declarations(ctx) -> dict:
+    """What the export says about itself (special tokens, what its tokenizer adds, the chat template as rendered,
+    RoPE, shape, a runtime's stop strings, the fine-tune it carries) against the merged model and the export's
+    lineage. A file whose EOS is another token cuts answers where the model would not stop, and no teacher-forced
+    figure can see it (issue 34)."""
+    if ctx.declares is None:
+        return {"passed": True, "not_checked": f"exporter {ctx.manifest['export']['target']!r} declares no reader"}
+    found = differences(ctx.declares(ctx.artifact), ctx.merged_declared, ctx.tokenizer())
+    said = [f"the export carries the fine-tune of adapter {d['export'][:12]}, its lineage names {d['merged'][:12]} "
+            "(another training run)" if d["key"] == "adapter_sha256" else
+            f"{d['key']}: the export says {d['export']!r}, the merged model {d['merged']!r}" for d in found]
+    return {"passed": not any(d["gate"] for d in found), "differences": found,
+            "why": "; ".join(w for w, d in zip(said, found) if d["gate"]),
+            "reported": "; ".join(w for w, d in zip(said, found) if not d["gate"])}
 
 
 def serves(ctx) -> dict:
@@ -157,6 +173,8 @@ def speed(ctx) -> dict:
 
 @hookimpl
 def register_smoke_checks(register):
+    register(SmokeCheck("declarations", declarations,
+                        description="what the export declares (tokens, template, RoPE, shape, lineage) == the merged's"))
     register(SmokeCheck("serves", serves, description="both endpoints answer; a held-out request comes back whole"))
     register(SmokeCheck("tokenization", tokenization, description="served tokenizer == merged model's, on the corpus"))
     register(SmokeCheck("chat-template", chat_template, description="chat prompt renders to as many tokens as HF's"))

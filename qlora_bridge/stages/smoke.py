@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .. import manifest as mf
-from ..api import Bounds, Client, Exporter, Golden, SmokeContext
+from ..api import Bounds, Client, Declared, Exporter, Golden, SmokeContext
 from ..errors import BridgeError, CheckFailed
 from ..files import read_text
 from ..host import Registry
+from ..measure.declared import hf_declared
 from ..measure.fidelity import measure
 from ..measure.reference import reference_for
 from ..modelcard import CARD, figures, render
+from ..records import Lineage
 from ..signing import sign
 from .serve import failure, serving
 
@@ -107,6 +109,13 @@ def merged_folder(manifest: dict, override: Path | None) -> Path | None:
     return Path(path) if path and (Path(path) / "config.json").is_file() else None
 
 
+def merged_declarations(manifest: dict, merged: Path | None) -> Declared:
+    """What the export is held to by the `declarations` check: the merged model's declarations (none where no
+    merged folder is at hand), with the adapter the export's lineage names, the one the reference was trained with."""
+    adapter = (Lineage.from_json(manifest.get("inputs")).adapter or {}).get("sha256")
+    return replace(hf_declared(merged) if merged else Declared(), adapter_sha256=adapter)
+
+
 def report_markdown(artifact: Path, result: dict) -> str:
     lines = [f"# Smoke test: {artifact.name}", "",
              f"- backend: {result['backend']}; server ready in {result['seconds_to_ready']} s",
@@ -143,6 +152,7 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
     merged = merged_folder(manifest, merged)
     reference = reference_for(manifest, merged)  # before the server starts: a missing input is found at once
     heldout = heldout_goldens(reference.answers)
+    merged_declared = merged_declarations(manifest, merged)
     if suite_file:
         suite, min_rate = load_suite(suite_file)
     else:  # golden by default: held-out prompts the reference answers correctly
@@ -153,7 +163,8 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
     checks, died = {}, None
     with serving(registry, backend, artifact, log=log, options=options, timeout=timeout) as server:
         ctx = SmokeContext(Client(server.base_url, request_timeout), server, artifact, manifest, merged, suite,
-                           min_rate, heldout, reference, bounds, bounds_source, measure)
+                           min_rate, heldout, reference, bounds, bounds_source, exporter and exporter.declares,
+                           merged_declared, measure)
         for check, plugin in registry.smoke_checks():
             began = time.time()
             died = died or failure(server, hang_wait=0)

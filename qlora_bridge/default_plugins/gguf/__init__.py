@@ -14,7 +14,9 @@ from pathlib import Path
 from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, Lineage,
                               ModelShape, Need, engine_log, hookimpl, merged_license)
 
-PLUGIN_API = 6  # the plugin API this module was written for
+from .declared import declares
+
+PLUGIN_API = 10  # the plugin API this module was written for
 FLOATS = ("F16", "F32", "BF16")
 
 # The smoke gate's bounds. Measured on the demo fine-tune (SmolLM2-135M, 200 held-out answers, 8.2k tokens of
@@ -231,5 +233,5 @@ def register_exporters(register):
     register(Exporter(target="gguf", export=export, format="gguf", quant_types=quant_types(), logits=logits,
                       bounds=BOUNDS, options=OPTIONS, path_options=("imatrix", "calibration", "llama_cpp_sdist"),
                       library="gguf", bits_per_weight=bits_per_weight, memory=memory,
-                      recognizes=lambda folder: any(Path(folder).glob("*.gguf")),
+                      recognizes=lambda folder: any(Path(folder).glob("*.gguf")), declares=declares,
                       description="GGUF for llama.cpp: F32/F16/BF16, Q8_0 and k-quants, tokenizer parity-checked"))

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from qlora_bridge.api import (CUDA_CONTEXT, MAX_BITS, REFERENCE_TEXT, Bounds, BridgeError, CheckFailed, Exporter,
                               ExportRequest, ExportResult, ModelShape, Need, calibration, engine_log, figures_line,
-                              hookimpl, model_logits, search_recipe, streamed_model)
+                              hf_declared, hookimpl, model_logits, search_recipe, streamed_model)
 
 from .engines import ENGINES, Job, version
 
-PLUGIN_API = 9  # the plugin API this module was written for
+PLUGIN_API = 10  # the plugin API this module was written for
 # The smoke gate's bounds: a 4-bit export is held to what llama.cpp's Q4_K_M achieves on the same model, with a
 # factor of two (the issue that set the 4-bit targets: "KL no more than twice the GGUF Q4_K_M's"), an 8-bit one
 # to Q8_0's. On the demo Q4_K_M measured a KL of 5.2e-3 along the held-out answers and 0.058 on the reference text,
@@ -483,14 +483,14 @@ def register_exporters(register):
     register(Exporter(target="gptq", export=lambda req: export(req, "gptq"), format="gptq", logits=logits,
                       quant_types=("int4", "int8"), bounds=BOUNDS, options=OPTIONS,
                       path_options=("calibration",), library="transformers", bits_per_weight=bits_per_weight,
-                      memory=partial(memory, "gptq"), summary=summary,
+                      memory=partial(memory, "gptq"), summary=summary, declares=hf_declared,
                       recognizes=lambda folder: quant_method(folder) == "gptq",
                       description="GPTQ (checkpoint format v1, symmetric) for vLLM and transformers, by our GPTQ "
                                   "one decoder layer at a time, GPTQModel or AutoRound"))
     register(Exporter(target="awq", export=lambda req: export(req, "awq"), format="awq", quant_types=("int4",),
                       logits=logits, bounds={"int4": INT4}, options=OPTIONS, path_options=("calibration",),
                       library="transformers", bits_per_weight=bits_per_weight, memory=partial(memory, "awq"),
-                      summary=summary,
+                      summary=summary, declares=hf_declared,
                       recognizes=lambda folder: quant_method(folder) == "awq",
                       description="AWQ GEMM (4-bit, zero point) for vLLM and transformers, by our GPTQ one decoder "
                                   "layer at a time, GPTQModel or AutoRound"))
