@@ -350,10 +350,12 @@ def merge_outcome(out: Path, report: MergeReport) -> Outcome:
         warnings_.append(f"{report.dtype} keeps only {report.delta_kept_overall:.1%} of the LoRA delta; "
                          "use --dtype float32 or float16")
     c = report.check
-    lines = [f"merged: {out}  ({report.base_weights} base weights, {report.dtype})",
-             f"check ({c['method']}): relative logits error {c['rel_error']:.2e}"
-             + (f" (limit {c['limit']:.0e})" if c.get("limit") else "")
-             + (f", adapter effect {c['adapter_effect']:.3f}" if "adapter_effect" in c else ""),
+    checked = (f"check ({c['method']}): relative logits error {c['rel_error']:.2e}"
+               + (f" (limit {c['limit']:.0e})" if c.get("limit") else "")
+               + (f", adapter effect {c['adapter_effect']:.3f}" if "adapter_effect" in c else "")
+               if c.get("rel_error") is not None else "unchecked (--check none): nothing proves it equal to the "
+               "trained model, so exports of it are measured against the 4-bit base + adapter")
+    lines = [f"merged: {out}  ({report.base_weights} base weights, {report.dtype})", checked,
              f"delta kept: {report.delta_kept_overall:.4f}   wall {report.wall_seconds:.1f} s   "
              f"peak RSS {report.peak_rss_mib:.0f} MiB   read {report.bytes_read / 1e6:.0f} MB, "
              f"wrote {report.bytes_written / 1e6:.0f} MB"]

@@ -90,7 +90,7 @@ def convert_gguf(gguf_path: Path, out: Path, *, force: bool = False) -> Path:
 
     gguf_path = Path(gguf_path)
     meta = read_gguf_metadata(gguf_path)
-    with output_folder(out, force=force, what="converted model folder") as tmp:
+    with output_folder(out, force=force, what="converted model folder", marker=DONE) as tmp:
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                      dtype=torch.float32)

@@ -79,18 +79,24 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def output_folder(out: Path, *, force: bool, what: str = "output folder"):
+def output_folder(out: Path, *, force: bool, what: str = "output folder", marker: str | None = None):
     """Yield a staging folder named like `out` inside a hidden sibling; move it to `out` only if the block succeeds.
 
     An interrupted or failed run leaves no folder named `out` (a killed process may leave the hidden
     `.NAME.partial-PID`, which nothing mistakes for a result, and the next run to `out` removes it once that
     process is gone). The staging folder has the final name, so anything that records a folder's name while it
-    is being written (a signature's subject) records the right one.
+    is being written (a signature's subject) records the right one. `force` replaces a folder this stage wrote
+    (one holding `marker`, the file the stage always writes), never a file or another folder.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BridgeError(f"the {what} would replace a file", file=out, fix="choose a folder path for --out")
     if out.exists() and not force:
         raise BridgeError(f"the {what} already exists", file=out,
                           fix="choose another folder, or pass --force to replace it")
+    if out.exists() and marker and not (out / marker).is_file():
+        raise BridgeError(f"--force replaces only a {what} this tool wrote, and this folder has no {marker}",
+                          file=out, fix="choose another --out, or move the folder away yourself")
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by runs that were killed; never a live one's
         pid = stale.name.rpartition("-")[2]

@@ -60,6 +60,11 @@ def read_shape(config: Path) -> ModelShape:
         if not isinstance(cfg.get(key), int):
             raise BridgeError(f"config lacks {key}", file=config, field=key, fix="plan models decoder-only "
                               "transformers whose config.json names their sizes (Llama, Qwen, Mistral, Gemma, ...)")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "num_key_value_heads", "head_dim"):
+        if key in cfg and cfg[key] is not None and not (isinstance(cfg[key], int) and cfg[key] > 0):
+            raise BridgeError(f"{key} is {cfg[key]!r}: no model has that", file=config, field=key,
+                              fix="a positive whole number, as in the model's own config.json")
     heads = cfg["num_attention_heads"]
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
     return ModelShape(hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"],
@@ -97,9 +102,11 @@ def parse_size(text: str, flag: str) -> int:
     """'24GB', '24G', '24GiB', '512MB' or a bare number of GB. GPUs and DIMMs sold as '24GB' hold 24 GiB, so GB is
     read as GiB: a plan that says it fits must not depend on the unit's rounding."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.I)
-    if not m:
-        raise BridgeError(f"not a size: {text!r}", field=flag, fix=f"e.g. {flag} 24GB")
-    return int(float(m.group(1)) * {"": GiB, "K": 2**10, "M": MiB, "G": GiB, "T": 2**40}[m.group(2).upper()])
+    size = int(float(m.group(1)) * {"": GiB, "K": 2**10, "M": MiB, "G": GiB, "T": 2**40}[m.group(2).upper()]) if m \
+        else 0
+    if size <= 0:
+        raise BridgeError(f"not a size: {text!r}", field=flag, fix=f"a size above zero, e.g. {flag} 24GB")
+    return size
 
 
 def hardware(*, gpu: str | None = None, gpus: str | None = None, ram: str | None = None, disk: str | None = None,

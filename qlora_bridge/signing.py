@@ -58,6 +58,15 @@ def sign(folder: Path, private_key: Path, passphrase: bytes | None = None) -> Pa
     if problems:  # a signature would vouch for it: the community verifier checks digests, not our schema
         raise BridgeError(f"the manifest is not valid, so the folder is not signed: {problems[0]}",
                           file=folder / mf.MANIFEST, fix="re-export the folder with `qlora-bridge export`")
+    links = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink())
+    if links:  # model_signing refuses them with a message that reads like a key problem
+        raise BridgeError(f"the folder holds a symbolic link ({', '.join(links[:3])}), so it is not signed",
+                          file=folder / links[0], fix="replace each link with a copy of the file it points to")
+    differences = mf.compare_outputs(folder, manifest)[0]
+    if differences:  # the community verifier checks the files against the signature only: it would accept them
+        raise BridgeError("the folder does not match its manifest, so it is not signed: " + "; ".join(differences),
+                          file=folder / mf.MANIFEST, fix="re-export the folder, or restore the files the manifest "
+                          "describes (`qlora-bridge verify` lists every difference)")
     sig = folder / mf.SIGNATURE
     try:
         (model_signing.signing.Config()

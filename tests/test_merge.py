@@ -236,3 +236,37 @@ def test_gpu_trained_adapter_needs_a_gpu_or_an_explicit_inexact_rebuild(tiny_mod
         merge(tiny_model, gpu, tmp_path / "m", progress=False)
     rep = merge(tiny_model, gpu, tmp_path / "m", inexact_nf4=True, progress=False)
     assert rep.fingerprint_verified is False and rep.nf4_rebuilt_on == "cpu"
+
+
+def test_an_unchecked_merge_says_so_and_proves_nothing(tiny_model, adapter, tmp_path, capsys):
+    """--check none writes the merge and says it is unchecked (issue 35: it used to exit 1 on a TypeError); an
+    export of it is held against the trained model, since nothing proved the merge equal to it."""
+    from qlora_bridge.cli import main
+    from qlora_bridge.measure.reference import reference_for
+    from qlora_bridge.records import lineage
+
+    out = tmp_path / "m"
+    code = main(["merge", "--base", str(tiny_model), "--adapter", str(adapter), "--out", str(out), "--check", "none"])
+    assert code == 0 and "unchecked (--check none)" in capsys.readouterr().out
+    report = json.loads((out / REPORT).read_text())
+    assert report["check"]["method"] == "unchecked (--check none)" and report["check"]["limit"] is None
+    assert reference_for({"inputs": lineage(out).to_json()}, out).label.startswith("the trained model")
+
+
+def test_force_replaces_only_a_folder_this_tool_wrote(tiny_model, adapter, tmp_path):
+    """--force replaced a regular file named by --out with the merge folder (issue 35): never a file, nor a folder
+    without the stage's own record in it."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(BridgeError, match="would replace a file"):
+        merge(tiny_model, adapter, a_file, force=True, progress=False)
+    assert a_file.read_text() == "keep me"
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(BridgeError, match="has no merge_report.json"):
+        merge(tiny_model, adapter, foreign, force=True, progress=False)
+    assert [p.name for p in foreign.iterdir()] == ["cat.jpg"]
+    merge(tiny_model, adapter, tmp_path / "m", check="layer", progress=False)
+    merge(tiny_model, adapter, tmp_path / "m", check="layer", force=True, progress=False)  # ours: replaced
+    assert (tmp_path / "m" / REPORT).is_file()

@@ -87,6 +87,12 @@ def test_bad_input_is_exit_2_naming_the_field(tmp_path, capsys):
     assert "num_hidden_layers" in capsys.readouterr().err
     assert main(["plan", "--config", config(tmp_path, LLAMA2_13B), "--gpus", "two"]) == 2
     assert "--gpus" in capsys.readouterr().err
+    # impossible values (issue 35: -1 layers planned a "0.02B-parameter model"; a 0 GB GPU "did not fit")
+    assert main(["plan", "--config", config(tmp_path, {**LLAMA2_13B, "num_hidden_layers": -1})]) == 2
+    assert "num_hidden_layers is -1" in capsys.readouterr().err
+    for flag in ("--gpu", "--ram", "--disk"):
+        assert main(["plan", "--config", config(tmp_path, LLAMA2_13B), flag, "0GB"]) == 2
+        assert f"{flag}: not a size: '0GB'" in capsys.readouterr().err
 
 
 def test_sizes_are_read_as_sold():

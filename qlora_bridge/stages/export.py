@@ -49,7 +49,7 @@ def export(registry: Registry, target: str, merged: Path, out: Path, *, quant: s
     inputs = lineage(merged).to_json()  # what the plugin and the manifest get: plain JSON
     started = time.time()
     log = export_log(out)
-    with output_folder(out, force=force, what="export folder") as tmp:
+    with output_folder(out, force=force, what="export folder", marker=mf.MANIFEST) as tmp:
         log.unlink(missing_ok=True)
         request = ExportRequest(merged=merged, out=tmp, quant=quant, options=dict(options or {}),
                                 lineage=inputs, progress=progress, log=log)

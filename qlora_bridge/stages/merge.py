@@ -397,9 +397,9 @@ def equivalence(check: str, base: Path, adapter: Adapter, merged: Path, streamed
     if method == "full":
         result = logits_check(base, adapter, merged, base_weights, dtype)
     else:
-        result = {"method": "per-layer sampled activations" if method == "layer" else "skipped",
+        result = {"method": "per-layer sampled activations" if method == "layer" else "unchecked (--check none)",
                   "rel_error": worst_layer if method == "layer" else None,
-                  "limit": EXACT_LIMIT if (base_weights, dtype) == ("nf4", "float32") else None}
+                  "limit": EXACT_LIMIT if method == "layer" and (base_weights, dtype) == ("nf4", "float32") else None}
         result["passed"] = method == "none" or result["limit"] is None or worst_layer <= EXACT_LIMIT
     result["worst_layer_rel_error"] = worst_layer
     return result
@@ -428,7 +428,7 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
     if quant is not None:
         quant = dict(quant, bitsandbytes_version=adapter.record.environment.get("libraries", {}).get("bitsandbytes"))
     device = nf4_device(quant, inexact_nf4) if base_weights == "nf4" else "cpu"
-    with output_folder(out, force=force, what="merged model folder") as tmp:
+    with output_folder(out, force=force, what="merged model folder", marker="merge_report.json") as tmp:
         streamed = stream(shards, adapter, tmp, base_weights=base_weights, dtype=dtype, quant=quant, device=device,
                           inexact_nf4=inexact_nf4, max_shard_bytes=max_shard_bytes, progress=progress)
         copy_side_files(base, tmp, dtype)

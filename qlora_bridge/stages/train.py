@@ -153,7 +153,7 @@ def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_fil
         peak_rss_mib=round(peak_rss, 1), distributed=distributed_entry(world, s, acc),
         peak_cuda_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         train_seconds=round(train_seconds, 2), environment=environment())
-    with output_folder(out, force=force, what="adapter folder") as tmp:
+    with output_folder(out, force=force, what="adapter folder", marker="training_record.json") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         record = replace(record, wall_seconds=round(time.time() - started, 2))
