@@ -102,8 +102,8 @@ def search_recipe(req, space: RecipeSpace, bounds, max_bits: float = MAX_BITS,
         step.figures = fidelity(req.lineage, req.merged, req.out, space.logits)
         step.missed = misses(step.figures, bounds, MARGIN)
         steps.append(step)
-        say("  " + (f"inside the bounds by the margin: {figures_line(step.figures)}" if not step.missed
-                    else "missed: " + "; ".join(step.missed)))
+        say(f"  {figures_line(step.figures)}: " + ("inside the bounds by the margin" if not step.missed
+                                                  else "missed " + "; ".join(step.missed)))
         return written, step
 
     for group in space.groups:
