@@ -95,7 +95,8 @@ def output_folder(out: Path, *, force: bool, what: str = "output folder", marker
         raise BridgeError(f"the {what} already exists", file=out,
                           fix="choose another folder, or pass --force to replace it")
     if out.exists() and marker and not (out / marker).is_file():
-        raise BridgeError(f"--force replaces only a {what} this tool wrote, and this folder has no {marker}",
+        raise BridgeError(f"--force replaces only a folder this tool wrote as the {what}, and this one has no "
+                          f"{marker}",
                           file=out, fix="choose another --out, or move the folder away yourself")
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by runs that were killed; never a live one's

@@ -92,8 +92,15 @@ def test_existing_output_is_refused_unless_forced(tiny_model, chat_data, tmp_pat
     with pytest.raises(BridgeError, match="already exists"):
         train(tiny_model, chat_data, out, TrainSettings(**FAST), progress=False)
     assert (out / "keep.txt").exists()
-    train(tiny_model, chat_data, out, TrainSettings(**FAST), force=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / RECORD).exists()
+    # --force replaces an adapter folder this tool wrote, never another folder (issue 35)
+    with pytest.raises(BridgeError, match="has no training_record.json"):
+        train(tiny_model, chat_data, out, TrainSettings(**FAST), force=True, progress=False)
+    assert (out / "keep.txt").exists()
+    ours = tmp_path / "ours"
+    train(tiny_model, chat_data, ours, TrainSettings(**FAST), progress=False)
+    (ours / "keep.txt").write_text("x")
+    train(tiny_model, chat_data, ours, TrainSettings(**FAST), force=True, progress=False)
+    assert not (ours / "keep.txt").exists() and (ours / RECORD).exists()
 
 
 def test_interrupted_run_leaves_nothing_that_looks_finished(tiny_model, chat_data, tmp_path, monkeypatch):

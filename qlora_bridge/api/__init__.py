@@ -59,7 +59,7 @@ __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult"
 
 # bump when a hook, a registration type or what this module offers changes. 10: Exporter.declares and Declared
 # (what an export folder says about itself, which the gate holds to the merged model's), hf_declared, differences,
-# SmokeContext.declared and merged_declared; 9: search_recipe and RecipeSpace
+# SmokeContext.declares and merged_declared; 9: search_recipe and RecipeSpace
 # (recipe=auto's search for any packed target: it describes its recipes, the search measures them), figures_line
 # and MAX_BITS; 8: Exporter.summary (the lines the
 # terminal shows under an export), engine_log yields the console (for a progress bar among redirected engines),
