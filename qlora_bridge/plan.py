@@ -56,13 +56,12 @@ def read_shape(config: Path) -> ModelShape:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BridgeError(f"not valid JSON ({e})", file=config, fix="pass the model's config.json") from None
     cfg = cfg.get("text_config") or cfg
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if not isinstance(cfg.get(key), int):
+    required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    for key in (*required, "num_key_value_heads", "head_dim"):
+        if key in required and not isinstance(cfg.get(key), int):
             raise BridgeError(f"config lacks {key}", file=config, field=key, fix="plan models decoder-only "
                               "transformers whose config.json names their sizes (Llama, Qwen, Mistral, Gemma, ...)")
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-                "num_key_value_heads", "head_dim"):
-        if key in cfg and cfg[key] is not None and not (isinstance(cfg[key], int) and cfg[key] > 0):
+        if cfg.get(key) is not None and not (isinstance(cfg[key], int) and cfg[key] > 0):
             raise BridgeError(f"{key} is {cfg[key]!r}: no model has that", file=config, field=key,
                               fix="a positive whole number, as in the model's own config.json")
     heads = cfg["num_attention_heads"]
