@@ -345,7 +345,7 @@ def run_merge(a) -> Outcome:
 def merge_outcome(out: Path, report: MergeReport) -> Outcome:
     from .stages.merge import KEPT_WARNING
 
-    warnings_ = []
+    warnings_ = list(report.warnings)
     if report.delta_kept_overall < KEPT_WARNING:
         warnings_.append(f"{report.dtype} keeps only {report.delta_kept_overall:.1%} of the LoRA delta; "
                          "use --dtype float32 or float16")
@@ -450,7 +450,8 @@ def run_export(a) -> Outcome:
     reg = load_plugins(a.plugin)
     exporter, _ = reg.exporter(a.target)
     spec = project.export_for(a.target, a.quant)
-    options = {**spec.options_for(exporter.path_options), **options_from(a.option)}
+    spec.check(reg)  # the project file's table: its errors name the file and line
+    options = {**spec.export_options(exporter), **options_from(a.option)}
     check_options(options, exporter.options, f"export target '{a.target}'")  # before a merge that may take minutes
     quant = resolve_quant(exporter, a.quant, spec.quant)
     out = Path(a.out) if a.out else project.out / ExportSpec(a.target, quant, name=spec.name).folder
@@ -642,6 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
                 add_plugins, add_keygen,
                 add_sign, add_verify):
         add(sub)
+    for name in ("release", "compare", "train", "merge", "export"):  # the verbs that write folders
+        sub.choices[name].add_argument(
+            "--wait", action="store_true", help="when another run is writing the same folder, wait for it to "
+            "finish instead of exiting 2 (then reuse or refuse what it wrote, as if it had finished before)")
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout instead of text")
         p.add_argument("--project", metavar="FILE", help="project file (default: ./qlora-bridge.toml if present, "
@@ -656,7 +661,11 @@ def interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     import signal
 
+    from .files import WAIT
+
     args = build_parser().parse_args(argv)
+    if getattr(args, "wait", False):  # a policy for every folder this run writes, its subprocesses' included
+        os.environ[WAIT] = "1"
     quiet_libraries()
     signal.signal(signal.SIGTERM, interrupt)
     try:

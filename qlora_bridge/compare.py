@@ -46,6 +46,8 @@ def compare(project: Project, registry, *, progress: bool = True) -> dict:
 
     started = time.time()
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
+    for spec in project.exports:  # bad input, named by its line, before training
+        spec.check(registry)
     pipe = Pipeline(project, registry, progress=progress)
     adapter = pipe.adapter()
     record = read_training_record(adapter)

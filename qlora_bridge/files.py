@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from .errors import BridgeError
@@ -21,8 +24,9 @@ def cache_dir() -> Path:
 
 def read_text(path: Path, what: str) -> str:
     """A text file the user gave (a dataset, a project file, a smoke suite), decoded as UTF-8: a file in another
-    encoding is a bad input that names its first undecodable line, not a decoding traceback."""
-    data = Path(path).read_bytes()
+    encoding is a bad input that names its first undecodable line, not a decoding traceback. A leading byte-order
+    mark (Windows editors and PowerShell write one) is dropped: it is UTF-8 all the same."""
+    data = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -78,16 +82,72 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def output_folder(out: Path, *, force: bool, what: str = "output folder", marker: str | None = None):
-    """Yield a staging folder named like `out` inside a hidden sibling; move it to `out` only if the block succeeds.
+HELD = "QLORA_BRIDGE_HELD_LOCKS"  # outputs this process, or the one that started it, is writing
+WAIT = "QLORA_BRIDGE_WAIT"  # "1": a run that finds its output taken waits for it (--wait) instead of exiting 2
 
-    An interrupted or failed run leaves no folder named `out` (a killed process may leave the hidden
-    `.NAME.partial-PID`, which nothing mistakes for a result, and the next run to `out` removes it once that
-    process is gone). The staging folder has the final name, so anything that records a folder's name while it
-    is being written (a signature's subject) records the right one. `force` replaces a folder this stage wrote
-    (one holding `marker`, the file the stage always writes), never a file or another folder.
+
+@contextlib.contextmanager
+def writer_lock(out: Path, *, what: str = "output folder", wait: bool | None = None):
+    """One writer per output at a time: an exclusive lock on the hidden file `.NAME.lock` beside `out`.
+
+    A second run that wants the same output exits 2 naming the run that holds it, or waits for it: when `wait`
+    says so, else when $QLORA_BRIDGE_WAIT=1 (the commands' --wait). The kernel drops the lock when its process
+    dies, so a killed run never blocks the next one. Taking it again in the same process, or in a process it
+    started (training's ranks), is a no-op.
+
+        with writer_lock(out):        # first thing, before an hour of training that another run would waste
+            ...
     """
+    out = Path(out).resolve()
+    held = [h for h in os.environ.get(HELD, "").split(os.pathsep) if h]
+    if str(out) in held:
+        yield
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.with_name(f".{out.name}.lock")
+    fd = _acquire(lock, out, what, os.environ.get(WAIT) == "1" if wait is None else wait)
+    os.environ[HELD] = os.pathsep.join([*held, str(out)])
+    try:
+        yield
+    finally:
+        os.environ[HELD] = os.pathsep.join(h for h in os.environ.get(HELD, "").split(os.pathsep)
+                                           if h and h != str(out))
+        lock.unlink(missing_ok=True)  # while still held: a run waiting on this file sees it gone and takes a new one
+        os.close(fd)
+
+
+def _acquire(lock: Path, out: Path, what: str, wait: bool) -> int:
+    told = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another run"
+            if not wait:
+                os.close(fd)
+                raise BridgeError(f"the {what} is being written by {holder}", file=out,
+                                  fix="wait for that run to finish (or stop it), or pass --wait to start when it "
+                                  "has") from None
+            if not told:
+                print(f"waiting: the {what} {out} is being written by {holder}", file=sys.stderr, flush=True)
+                told = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:  # its holder finished and removed it after we opened it
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+            os.pwrite(fd, f"pid {os.getpid()} ({command}, since {time.strftime('%H:%M:%S')})".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def check_output(out: Path, *, force: bool, what: str = "output folder", marker: str | None = None) -> None:
+    """Refuse to write `out` where that would replace a file, a folder without --force, or, even with it, a folder
+    this stage did not write (one without `marker`, the file the stage always writes)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BridgeError(f"the {what} would replace a file", file=out, fix="choose a folder path for --out")
@@ -98,28 +158,43 @@ def output_folder(out: Path, *, force: bool, what: str = "output folder", marker
         raise BridgeError(f"--force replaces only a folder this tool wrote as the {what}, and this one has no "
                           f"{marker}",
                           file=out, fix="choose another --out, or move the folder away yourself")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by runs that were killed; never a live one's
-        pid = stale.name.rpartition("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    hidden = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(hidden, ignore_errors=True)
-    staging = hidden / out.name
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-        if out.exists():
-            os.replace(out, hidden / "replaced")
-        os.replace(staging, out)
-    except Exception as e:  # the one place a full disk becomes an error that says so, whoever was writing
-        if _disk_full(e, hidden):
-            raise BridgeError(f"the disk filled up while writing the {what}; nothing was kept", file=out,
-                              fix=f"free space on that disk ({shutil.disk_usage(out.parent).total >> 20} MiB in "
-                              "all) or choose another --out") from None
-        raise
-    finally:
+
+
+@contextlib.contextmanager
+def output_folder(out: Path, *, force: bool, what: str = "output folder", marker: str | None = None):
+    """Yield a staging folder named like `out` inside a hidden sibling; move it to `out` only if the block succeeds.
+
+    The whole block holds `out`'s writer_lock, and check_output runs under it, so of two runs writing the same
+    folder one exits 2 (or waits) and nothing is replaced without `force`. An interrupted or failed run leaves no
+    folder named `out` (a killed process may leave the hidden `.NAME.partial-PID`, which nothing mistakes for a
+    result, and the next run to `out` removes it once that process is gone). The staging folder has the final
+    name, so anything that records a folder's name while it is being written (a signature's subject) records the
+    right one.
+    """
+    out = Path(out)
+    with writer_lock(out, what=what):
+        check_output(out, force=force, what=what, marker=marker)
+        for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by runs that were killed; never a live one's
+            pid = stale.name.rpartition("-")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        hidden = out.with_name(f".{out.name}.partial-{os.getpid()}")
         shutil.rmtree(hidden, ignore_errors=True)
+        staging = hidden / out.name
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+            if out.exists():
+                os.replace(out, hidden / "replaced")
+            os.replace(staging, out)
+        except Exception as e:  # the one place a full disk becomes an error that says so, whoever was writing
+            if _disk_full(e, hidden):
+                raise BridgeError(f"the disk filled up while writing the {what}; nothing was kept", file=out,
+                                  fix=f"free space on that disk ({shutil.disk_usage(out.parent).total >> 20} MiB "
+                                  "in all) or choose another --out") from None
+            raise
+        finally:
+            shutil.rmtree(hidden, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from . import manifest as mf
-from .errors import BridgeError
-from .files import digest_folder, sha256_file, write_json
+from .files import digest_folder, sha256_file, write_json, writer_lock
 from .modelcard import CARD
 from .project import ExportSpec, Project
 from .records import read_training_record
@@ -38,7 +37,6 @@ class Pipeline:
     def __init__(self, project: Project, registry=None, *, progress: bool = True):
         self.project, self.registry, self.progress = project, registry, progress
         self.state_path = project.out / STATE
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self.log: list[dict] = []  # what ran and what was reused, in order
         self._settled: dict[str, str] = {}  # stage -> key, for stages already run or reused in this run
         self._files: dict[Path, dict[str, str]] = {}  # folder -> its files' sha256: the base and merged model are
@@ -73,35 +71,45 @@ class Pipeline:
         output_digest = output_digest or self.folder_digest
         if self._settled.get(name) == key:  # asked again in this run (merge and export both need the adapter)
             return out
-        rec = self.state.get(name)
-        if rec and rec["key"] == key and out.is_dir() and output_digest(out) == rec["output"]:
-            self.say(f"reuse  {name}: {out} (inputs unchanged)")
-            self.log.append({"stage": name, "out": str(out), "reused": True})
-            self._settled[name] = key
-            return out
-        why = "no earlier run" if not rec else ("inputs changed" if rec["key"] != key else "output changed or missing")
-        self.say(f"run    {name}: {out} ({why})")
-        started = time.time()
-        work()
-        self.state[name] = {"key": key, "output": output_digest(out, fresh=True),
-                            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        self.project.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.state_path, self.state)
+        with writer_lock(out, what=f"{name} stage's folder"):  # a second run of the stage refuses, or waits and
+            rec = self.recorded().get(name)                    # then reuses what the first one finished
+            if rec and rec["key"] == key and out.is_dir() and output_digest(out) == rec["output"]:
+                self.say(f"reuse  {name}: {out} (inputs unchanged)")
+                self.log.append({"stage": name, "out": str(out), "reused": True})
+                self._settled[name] = key
+                return out
+            why = ("no earlier run" if not rec else "inputs changed" if rec["key"] != key
+                   else "output changed or missing")
+            self.say(f"run    {name}: {out} ({why})")
+            started = time.time()
+            work()
+            self.record(name, {"key": key, "output": output_digest(out, fresh=True),
+                               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         self.log.append({"stage": name, "out": str(out), "reused": False, "seconds": round(time.time() - started, 1)})
         self._settled[name] = key
         return out
 
+    def recorded(self) -> dict:
+        """OUT/stages.json as it is now: another run of the project may have finished a stage since this one began."""
+        return json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+
+    def record(self, name: str, entry: dict | None) -> None:
+        """Set (None: drop) one stage's entry in OUT/stages.json, keeping the entries other runs wrote."""
+        self.project.out.mkdir(parents=True, exist_ok=True)
+        with writer_lock(self.state_path, what="stage record", wait=True):  # held for milliseconds
+            state = self.recorded()
+            if entry is None:
+                state.pop(name, None)
+            else:
+                state[name] = entry
+            write_json(self.state_path, state)
+
     def forget(self, name: str) -> None:
         """Never reuse this stage's output: it runs again next time."""
-        if self.state.pop(name, None) is not None:
-            self.project.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.state_path, self.state)
-
-    def export_stage(self, out: Path) -> str:
-        return f"export {Path(out).relative_to(self.project.out)}"
+        self.record(name, None)
 
     def adapter(self) -> Path:
-        from .data import check_data
+        from .data import check_data, require_file
         from .default_model import resolve_base
         from .models import check_base
         from .stages.train import TrainSettings, train
@@ -111,9 +119,9 @@ class Pipeline:
         if p.base:  # a folder the user named costs nothing to check; the embedded default may need converting
             check_base(Path(p.base))
         for path, what in ((p.train_data, "training data"), (p.heldout, "held-out data")):
-            if path is not None and not Path(path).is_file():
-                raise BridgeError(f"{what} file not found", file=path, field="data",
-                                  fix="fix the path (in qlora-bridge.toml, relative to it, or the command's flag)")
+            if path is not None:
+                require_file(path, what, field="data",
+                             fix="fix the path (in qlora-bridge.toml, relative to it, or the command's flag)")
         check_data(p.train_data, p.heldout)  # bad input is named before the base is converted or hashed
         base = resolve_base(p.base)
         check_base(base)
@@ -149,10 +157,10 @@ class Pipeline:
         quant = resolve_quant(exporter, spec.quant)
         out = self.project.out / under / ExportSpec(spec.target, quant, name=spec.name).folder
         out.parent.mkdir(parents=True, exist_ok=True)
+        options = spec.export_options(exporter)  # a serving option changes no export
         key = digest({"stage": "export", "tool": __version__, "plugin": [plugin.name, plugin.version],
                       "merged": self.folder_digest(merged), "target": spec.target, "quant": quant,
-                      "options": spec.options})
-        options = spec.options_for(exporter.path_options)
+                      "options": {k: spec.options[k] for k in options}})
         return self._run(self.export_stage(out), key, out,
                          lambda: export(self.registry, spec.target, merged, out, quant=quant, options=options,
                                         force=True, progress=self.progress), self.artifact_digest)

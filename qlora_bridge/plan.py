@@ -329,6 +329,7 @@ def plan(shape: ModelShape, s: TrainSettings, hw: Hardware, registry, exports: l
     merged = replace(shape, dtype_bytes=DTYPE_BYTES[merge_dtype])
     unplanned = []
     for spec in exports:
+        spec.check(registry)  # a project file's table is bad input named by its line, here as in release
         exporter, _ = registry.exporter(spec.target)
         quant = resolve_quant(exporter, spec.quant)
         name = f"{spec.target}-{quant}" if quant else spec.target

@@ -35,19 +35,68 @@ TABLE_ARRAYS = ("export",)  # [[export]] may repeat
 
 @dataclass
 class ExportSpec:
+    """One [[export]] table. Its `options` are read by the exporter and by the serving backend: each key goes to
+    whichever of the two declares it (both, for a key both read, such as threads)."""
     target: str
     quant: str | None = None
     backend: str | None = None  # None: the first backend that serves the format
     options: dict[str, str] = field(default_factory=dict)
     name: str | None = None  # folder name under the output dir
     base_dir: Path | None = None  # the project file's folder: where relative file options start
+    source: Path | None = None  # the project file that wrote the table; None: a command's flags or the demo
+    index: int = 0  # which [[export]] table of the file
+    lines: dict[str, int] = field(default_factory=dict)  # key -> its line in the file; "": the table's header
 
-    def options_for(self, path_options: tuple[str, ...]) -> dict[str, str]:
-        """The options, with those the exporter declares as files (Exporter.path_options) made relative to the
+    def export_options(self, exporter) -> dict[str, str]:
+        """The options the exporter reads, those it declares as files (Exporter.path_options) made relative to the
         project file. A bare word naming nothing there is a keyword some file options also take ("auto"): as written."""
         here = self.base_dir or Path.cwd()
         is_path = lambda v: "/" in v or "." in v or (here / v).exists()
-        return {k: str(here / v) if k in path_options and is_path(v) else v for k, v in self.options.items()}
+        return {k: str(here / v) if k in exporter.path_options and is_path(v) else v for k, v in self.options.items()
+                if exporter.options is None or k in exporter.options}
+
+    def serve_options(self, adapter) -> dict[str, str]:
+        """The options the serving backend reads."""
+        return {k: v for k, v in self.options.items() if adapter.options is None or k in adapter.options}
+
+    def check(self, registry) -> None:
+        """The table against the plugins loaded, before any work: its target, quant and backend, and every option
+        key read by the exporter or the backend. An error names the project file and the line, not a flag the user
+        never typed. A spec no file wrote is checked where its flags are read."""
+        if self.source is None:
+            return
+        exporter = self._checked("target", registry.exporter, self.target)
+        if self.quant and exporter.quant_types and self.quant not in exporter.quant_types:
+            raise self._refused("quant", f"export target '{self.target}' does not offer quant {self.quant!r}",
+                                f"use one of {', '.join(exporter.quant_types)}")
+        if self.backend:
+            adapter = self._checked("backend", registry.server, self.backend)
+        else:
+            try:
+                adapter, _ = registry.server(registry.backend_for(exporter.format))
+            except BridgeError:  # nothing serves the format here: release reports the export as not verified
+                adapter = None
+        readers = [r for r in (exporter, adapter) if r is not None]
+        if any(r.options is None for r in readers):  # a plugin that declares no options reads any
+            return
+        declared = {k for r in readers for k in r.options}
+        for key in self.options:
+            if key not in declared:
+                who = f"export target '{self.target}'" + (" and its backend" if adapter else "")
+                raise self._refused(f"options.{key}", f"{who} take{'' if adapter else 's'} no option {key!r}",
+                                    f"they take: {', '.join(sorted(declared)) or 'none'} (`qlora-bridge plugins "
+                                    "--json` describes each)", line_key="options")
+
+    def _checked(self, key: str, lookup, name: str):
+        try:
+            return lookup(name)[0]
+        except BridgeError as e:
+            raise self._refused(key, e.problem, e.fix) from None
+
+    def _refused(self, key: str, problem: str, fix: str, line_key: str | None = None) -> BridgeError:
+        line = self.lines.get(line_key or key) or self.lines.get("")
+        return BridgeError(problem + (f" (line {line})" if line else ""), file=self.source,
+                           field=f"export[{self.index}].{key}", fix=fix)
 
     @property
     def folder(self) -> str:
@@ -145,8 +194,9 @@ def load(path: Path) -> Project:
     rel = lambda p: (here / p) if p else None
     model, d, sign, smoke = (data.get(k, {}) for k in ("model", "data", "sign", "smoke"))
     exports = [ExportSpec(e["target"], e.get("quant"), e.get("backend"),
-                          {k: str(v) for k, v in e.get("options", {}).items()}, e.get("name"), here)
-               for e in data.get("export", [])]
+                          {k: str(v) for k, v in e.get("options", {}).items()}, e.get("name"), here, source=path,
+                          index=i, lines={k: n for k in ("", *e) if (n := line_of(text, "export", k or None, i))})
+               for i, e in enumerate(data.get("export", []))]
     base = model.get("base")
     return Project(path=path, base=None if base in (None, "embedded") else str(rel(base)),
                    train_data=rel(d.get("train")), heldout=rel(d.get("heldout")), train=dict(data.get("train", {})),

@@ -113,6 +113,7 @@ class MergeReport(_Record):
     threads: int | None = None
     environment: dict = field(default_factory=dict)
     heldout: dict | None = None  # the merged model's held-out answers beside the adapter's
+    warnings: list = field(default_factory=list)  # what the user should know about how it was made
 
     @property
     def heldout_answers(self) -> list[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import manifest as mf
 from .errors import BridgeError, CheckFailed
-from .files import write_json
+from .files import write_json, writer_lock
 from .pipeline import Pipeline
 from .plan import release_plan, shortfall
 from .project import Project
@@ -92,45 +92,49 @@ def release(project: Project, registry, *, progress: bool = True, passphrase: by
         what, fixes = shortfall(fit)
         raise CheckFailed(f"the release will not fit this machine: {what}", file=project.path, field="[train]",
                           fix=f"{fixes} (`qlora-bridge plan` shows every term)")
-    started = time.time()
-    pipe = Pipeline(project, registry, progress=progress)
-    merged = pipe.merged()
-    rows = []
-    for spec in project.exports:
-        exporter, _ = registry.exporter(spec.target)
-        folder = pipe.export(spec, merged)
-        manifest = mf.read(folder)
-        result, note, backend = None, "", spec.backend
-        try:
-            backend = backend or registry.backend_for(exporter.format)
-            result = smoke(registry, folder, backend, suite_file=project.suite, options=dict(spec.options),
-                           timeout=project.smoke_timeout, license=project.license)
+    with writer_lock(project.out, what="release folder"):  # one release of a project at a time
+        started = time.time()
+        pipe = Pipeline(project, registry, progress=progress)
+        merged = pipe.merged()
+        rows = []
+        for spec in project.exports:
+            exporter, _ = registry.exporter(spec.target)
+            folder = pipe.export(spec, merged)
             manifest = mf.read(folder)
-            passed = result["passed"]
-            if result["server_failure"]:  # one cause, not every check's network error
-                note = "failed: " + result["server_failure"].partition("\n")[0]
-            elif not passed:
-                note = "failed: " + "; ".join(f"{k} ({r.get('why') or r.get('error') or 'see smoke-report.md'})"
-                                              for k, r in result["checks"].items() if r["gate"] and not r["passed"])
-        except BridgeError as e:  # could not be served here: not verified, so not releasable
-            passed, note = False, f"not verified: {e.problem}"
-        if passed:
-            signature = "signed" if project.sign_key else "unsigned (no sign.key)"
-            if project.sign_key:
-                sign(folder, project.sign_key, passphrase)
-            rows.append(row(folder, manifest, bits_per_weight(exporter, manifest), result, signature, "passed"))
-        else:
-            pipe.forget(pipe.export_stage(folder))  # never reuse a failed artifact
-            failed = mark_failed(folder, manifest, note)
-            rows.append(row(failed, manifest, bits_per_weight(exporter, manifest), result, "not signed", "FAILED",
-                            note))
-        if progress:
-            print(f"{rows[-1]['status']:<7}{folder.name} ({backend or 'no backend'}) {note}", flush=True,
-                  file=sys.stderr)
-    seconds = time.time() - started
-    report = {"passed": all(r["status"] == "passed" for r in rows), "seconds": round(seconds, 1), "rows": rows,
-              "stages": pipe.log, "project": str(project.path) if project.path else "embedded demo project"}
-    (project.out / f"{REPORT}.md").write_text(markdown(rows, pipe.log, seconds))
-    write_json(project.out / f"{REPORT}.json", report)
-    return report
+            result, note, backend = None, "", spec.backend
+            try:
+                backend = backend or registry.backend_for(exporter.format)
+                result = smoke(registry, folder, backend, suite_file=project.suite,
+                               options=spec.serve_options(registry.server(backend)[0]),
+                               timeout=project.smoke_timeout, license=project.license)
+                manifest = mf.read(folder)
+                passed = result["passed"]
+                if result["server_failure"]:  # one cause, not every check's network error
+                    note = "failed: " + result["server_failure"].partition("\n")[0]
+                elif not passed:
+                    note = "failed: " + "; ".join(
+                        f"{k} ({r.get('why') or r.get('error') or 'see smoke-report.md'})"
+                        for k, r in result["checks"].items() if r["gate"] and not r["passed"])
+            except BridgeError as e:  # could not be served here: not verified, so not releasable
+                passed, note = False, f"not verified: {e.problem}"
+            if passed:
+                signature = "signed" if project.sign_key else "unsigned (no sign.key)"
+                if project.sign_key:
+                    sign(folder, project.sign_key, passphrase)
+                rows.append(row(folder, manifest, bits_per_weight(exporter, manifest), result, signature, "passed"))
+            else:
+                pipe.forget(pipe.export_stage(folder))  # never reuse a failed artifact
+                failed = mark_failed(folder, manifest, note)
+                rows.append(row(failed, manifest, bits_per_weight(exporter, manifest), result, "not signed",
+                                "FAILED", note))
+            if progress:
+                print(f"{rows[-1]['status']:<7}{folder.name} ({backend or 'no backend'}) {note}", flush=True,
+                      file=sys.stderr)
+        seconds = time.time() - started
+        report = {"passed": all(r["status"] == "passed" for r in rows), "seconds": round(seconds, 1),
+                  "rows": rows, "stages": pipe.log,
+                  "project": str(project.path) if project.path else "embedded demo project"}
+        (project.out / f"{REPORT}.md").write_text(markdown(rows, pipe.log, seconds))
+        write_json(project.out / f"{REPORT}.json", report)
+        return report
 

@@ -1,9 +1,11 @@
 """The CLI: JSON output, exit codes, error messages."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -92,3 +94,98 @@ def test_a_folder_no_exporter_recognizes_is_refused_naming_it(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--json"]) == 2
     err = json.loads(capsys.readouterr().out)
     assert "no exporter recognizes" in err["problem"] and err["file"] == str(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- one writer
+def cli(*argv: str) -> subprocess.Popen:
+    """A real `qlora-bridge` process."""
+    return subprocess.Popen([sys.executable, "-m", "qlora_bridge.cli", *argv, "--json"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finished(proc: subprocess.Popen) -> tuple[int, dict, str]:
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, json.loads(out.strip().splitlines()[-1]), err
+
+
+@contextlib.contextmanager
+def held_by_another_process(out):
+    """`out`'s writer lock, held by a separate process until the block ends."""
+    code = ("import sys\nfrom qlora_bridge.files import writer_lock\nwith writer_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n    sys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+
+
+def intact(folder) -> bool:
+    from qlora_bridge import manifest as mf
+
+    return mf.compare_outputs(folder, mf.read(folder))[0] == []
+
+
+def export_argv(merged, out, *extra):
+    return ("export", "--target", "safetensors", "--quant", "float32", "--merged", str(merged), "--out", str(out),
+            *extra)
+
+
+@pytest.mark.parametrize("apart", [0.0, 1.0])
+def test_two_exports_to_one_folder_one_writes_and_the_other_exits_2(tiny_merged, tmp_path, apart):
+    """Issue 35: started together one died with `Directory not empty` (exit 1); a second apart, the second silently
+    replaced the first's finished folder. Now exactly one writes it and the other says why it did not."""
+    out = tmp_path / "z"
+    first = cli(*export_argv(tiny_merged, out))
+    time.sleep(apart)
+    second = cli(*export_argv(tiny_merged, out))
+    results = [finished(first), finished(second)]
+    assert sorted(code for code, _, _ in results) == [0, 2], [err[-2000:] for _, _, err in results]
+    refused = next(out for code, out, _ in results if code == 2)
+    assert refused["file"] == str(out) and ("is being written by pid" in refused["problem"]
+                                            or refused["problem"] == "the export folder already exists")
+    assert intact(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z"]  # no lock, no partial folder left
+
+
+def test_a_held_folder_is_refused_naming_the_holder_and_waited_for_when_asked(tiny_merged, tmp_path):
+    out = tmp_path / "z"
+    with held_by_another_process(out) as holder:
+        code, refused, _ = finished(cli(*export_argv(tiny_merged, out)))
+        assert code == 2 and f"is being written by pid {holder} (" in refused["problem"]
+        assert "--wait" in refused["fix"] and not out.exists()
+        waiting = cli(*export_argv(tiny_merged, out, "--wait"))
+        assert waiting.stderr.readline().startswith(f"waiting: the export folder {out} is being written by pid")
+    code, exported, _ = finished(waiting)
+    assert code == 0 and intact(out)
+    # after the wait an existing folder is still replaced only with --force, as if it had finished before
+    code, refused, _ = finished(cli(*export_argv(tiny_merged, out, "--wait")))
+    assert code == 2 and refused["problem"] == "the export folder already exists"
+
+
+def test_train_and_merge_refuse_a_held_folder_before_any_work(tiny_model, tiny_adapter, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat("a", "b")] * 4)
+    for argv in (("train", "--base", str(tiny_model), "--data", str(data), "--steps", "200"),
+                 ("merge", "--base", str(tiny_model), "--adapter", str(tiny_adapter))):
+        out = tmp_path / argv[0]
+        with held_by_another_process(out) as holder:
+            code, refused, _ = finished(cli(*argv, "--out", str(out)))
+        assert code == 2 and f"is being written by pid {holder}" in refused["problem"], refused
+        assert not out.exists()
+
+
+def test_the_stage_record_keeps_what_other_runs_wrote(tmp_path):
+    from qlora_bridge.pipeline import Pipeline
+    from qlora_bridge.project import load
+
+    (tmp_path / "qlora-bridge.toml").write_text('[[export]]\ntarget = "safetensors"\n')
+    project = load(tmp_path / "qlora-bridge.toml")
+    one, other = Pipeline(project), Pipeline(project)  # two runs of one project, both started before either wrote
+    one.record("train", {"key": "a", "output": "x"})
+    other.record("merge", {"key": "b", "output": "y"})
+    assert set(one.recorded()) == {"train", "merge"}
+    one.forget("merge")
+    assert set(other.recorded()) == {"train"}

@@ -1,6 +1,7 @@
 """Dataset shapes, answer-only label masking, and every malformed-input error."""
 
 import json
+import re
 
 import pytest
 
@@ -52,8 +53,8 @@ def test_text_trains_on_every_token(tok, tmp_path):
 @pytest.mark.parametrize("rows, message", [
     (['{"text": "ok"}', '{"text": "broken"'], "line 2 is not valid JSON"),
     (['["a list"]'], "line 1 is a JSON list, not an object"),
-    ([{"promt": "typo", "completion": "x"}], "line 1 has keys ['completion', 'promt'], which match no dataset shape"),
-    ([{"text": "a"}, {"prompt": "b", "completion": "c"}], "line 2 is instruction data but the file started as text"),
+    ([{"promt": "typo", "completion": "x"}], "line 1: the record has keys ['completion', 'promt'], which match no"),
+    ([{"text": "a"}, {"prompt": "b", "completion": "c"}], "line 2: the record is instruction data but the file started"),
     ([{"messages": [{"role": "user", "content": "no answer"}]}], "line 1: the conversation has no assistant turn"),
     ([{"messages": [{"role": "robot", "content": "x"}]}], "line 1: message 0 needs a role"),
     ([{"prompt": "", "completion": "x"}], "line 1: 'prompt' must be a non-empty string"),
@@ -63,7 +64,7 @@ def test_bad_datasets_name_the_file_and_line(tok, tmp_path, rows, message):
     f = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(BridgeError) as e:
         load_dataset(f, tok, 512)
-    assert message in str(e.value)
+    assert message in str(e.value) and not re.search(r"line \d+: line \d+", str(e.value))  # said once (issue 35)
     assert str(f) in str(e.value) and e.value.fix
 
 
@@ -84,6 +85,23 @@ def test_a_dataset_that_is_not_utf8_names_the_line(tok, tmp_path, tiny_model, ca
 def test_missing_dataset_file(tok, tmp_path):
     with pytest.raises(BridgeError, match="dataset file not found"):
         load_dataset(tmp_path / "nope.jsonl", tok, 512)
+
+
+def test_a_folder_given_as_data_is_called_a_folder(tmp_path, tiny_model, capsys):
+    """Issue 35: `train --data DIR` said "dataset file not found" of a folder that is there."""
+    write_jsonl(tmp_path / "tickets.jsonl", [{"text": "a"}])
+    for out in ([], ["--out", str(tmp_path / "out")]):  # the project's stage, and a named folder
+        assert main(["train", "--base", str(tiny_model), "--data", str(tmp_path), *out, "--json"]) == 2
+        err = json.loads(capsys.readouterr().out)
+        assert err["problem"].endswith("path is a folder, not a file") and err["file"] == str(tmp_path)
+        assert "this folder holds tickets.jsonl" in err["fix"]
+
+
+def test_a_byte_order_mark_is_accepted(tok, tmp_path):
+    """Windows editors write one; it was refused as "not valid JSON" with the generic fix."""
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + b'{"text": "plain words"}\n')
+    assert tok.decode(load_dataset(f, tok, 512).examples[0].labels) == "plain words<|im_end|>"
 
 
 def test_overlong_record_is_refused_by_default_and_cut_on_request(tok, tmp_path):

@@ -270,3 +270,23 @@ def test_force_replaces_only_a_folder_this_tool_wrote(tiny_model, adapter, tmp_p
     merge(tiny_model, adapter, tmp_path / "m", check="layer", progress=False)
     merge(tiny_model, adapter, tmp_path / "m", check="layer", force=True, progress=False)  # ours: replaced
     assert (tmp_path / "m" / REPORT).is_file()
+
+
+def test_a_config_naming_another_base_is_said_and_another_bases_files_refused(tiny_model, adapter, tmp_path, capsys):
+    """Issue 35: merge settled silently on the training record's base when adapter_config.json named another."""
+    from qlora_bridge.cli import main
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    recorded = json.loads((adapter / RECORD).read_text())["base"]["path"]
+    assert config["base_model_name_or_path"] == recorded  # what train writes: the two agree
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    edited = tmp_path / "adapter"
+    shutil.copytree(adapter, edited)
+    (edited / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(other)}))
+    code = main(["merge", "--adapter", str(edited), "--out", str(tmp_path / "m"), "--check", "layer", "--json"])
+    said = json.loads(capsys.readouterr().out)
+    assert code == 0 and said["warnings"] == said["report"]["warnings"]
+    assert f"names the base {other}, the training record {recorded}: merged into {recorded}" in said["warnings"][0]
+    code = main(["merge", "--adapter", str(edited), "--base", str(other), "--out", str(tmp_path / "m2"), "--json"])
+    refused = json.loads(capsys.readouterr().out)
+    assert code == 2 and refused["problem"].startswith("digest mismatch") and refused["file"] == str(other)

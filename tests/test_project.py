@@ -59,7 +59,7 @@ def test_the_example_project_is_valid():
     from qlora_bridge.host import load_plugins
 
     gptq = load_plugins().exporter("gptq")[0]  # its calibration option names a file: relative to the project
-    assert p.exports[2].options_for(gptq.path_options)["calibration"] == str(folder / "data" / "tickets-train.jsonl")
+    assert p.exports[2].export_options(gptq)["calibration"] == str(folder / "data" / "tickets-train.jsonl")
     assert p.train["gradient_checkpointing"] is True and p.merge["dtype"] == "bfloat16"
 
 
@@ -111,7 +111,8 @@ def test_a_fresh_projects_bad_data_is_found_before_the_default_model_is_prepared
     (data / "heldout.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
     assert main(["train", "--project", str(project), "--json"]) == 2
     err = json.loads(capsys.readouterr().out)
-    assert "line 2 has keys ['question']" in err["problem"] and err["file"].endswith("train.jsonl")
+    assert err["field"] == "line 2" and "has keys ['question']" in err["problem"]
+    assert err["file"].endswith("train.jsonl")
     assert main(["train", "--data", str(data / "train.jsonl"), "--out", str(tmp_path / "a"), "--json"]) == 2
 
 
@@ -168,3 +169,48 @@ def test_release_report_signs_passes_and_marks_a_failed_gate(tmp_path, tiny_mode
     failed = json.loads((tmp_path / "out" / "export-gguf-F16.FAILED" / "manifest.json").read_text())
     assert failed["verification"]["release"]["status"] == "failed"
     shutil.rmtree(tmp_path / "out" / "export-gguf-F16.FAILED")
+
+
+BAD_TABLES = [
+    (('target = "gguf"', 'target = "ggu"'), 15, "export[0].target", "no export target named 'ggu'"),
+    (('quant = "F16"', 'quant = "Q9"'), 16, "export[0].quant", "does not offer quant 'Q9'"),
+    (('backend = "llamacpp"', 'backend = "llamacp"'), 17, "export[0].backend", "no serving backend named"),
+    (('backend = "llamacpp"', 'backend = "llamacpp"\noptions = { threads = "1", n_gpu = "1" }'), 18,
+     "export[0].options.n_gpu", "take no option 'n_gpu'"),
+]
+
+
+@pytest.mark.parametrize("command,edit,line,field,words", [
+    (command, *case) for command in (["plan"], ["release"], ["export", "--target", "gguf"]) for case in BAD_TABLES
+    if not (command[0] == "export" and case[2].endswith("target"))])  # `export --target gguf` uses no "ggu" table
+def test_a_bad_export_table_is_named_by_file_and_line_in_every_command(tmp_path, tiny_model, capsys, command, edit,
+                                                                        line, field, words):
+    """Issue 35: these were reported against --target/--option, which the user never typed, and `plan` let an
+    undeclared option through (exit 0)."""
+    path = project_file(tmp_path, tiny_model)
+    path.write_text(path.read_text().replace(*edit))
+    assert main([*command, "--project", str(path), "--json"]) == 2
+    err = json.loads(capsys.readouterr().out)
+    assert (err["file"], err["field"]) == (str(path), field) and words in err["problem"], err
+    assert f"(line {line})" in err["problem"] and not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_a_tables_options_go_to_whichever_plugin_reads_them(tmp_path):
+    """One options table for the exporter and its backend: the example project's AWQ settings must not reach vLLM
+    (which would refuse them after the export) and vLLM's must not reach the exporter."""
+    from pathlib import Path
+
+    from qlora_bridge.host import load_plugins
+
+    reg = load_plugins()
+    example = load(Path(__file__).resolve().parent.parent / "examples" / "project" / "qlora-bridge.toml")
+    awq, vllm = reg.exporter("awq")[0], reg.server("vllm")[0]
+    spec = example.exports[1]
+    spec.options["max_model_len"] = "2048"
+    spec.check(reg)
+    assert set(spec.export_options(awq)) == {"group_size", "samples", "seq_len"}
+    assert spec.serve_options(vllm) == {"max_model_len": "2048"}
+    gguf, llamacpp = reg.exporter("gguf")[0], reg.server("llamacpp")[0]
+    both = type(spec)("gguf", options={"threads": "1", "imatrix": "off", "n_ctx": "512"})
+    assert set(both.export_options(gguf)) == {"threads", "imatrix"}
+    assert set(both.serve_options(llamacpp)) == {"threads", "n_ctx"}

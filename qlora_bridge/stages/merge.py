@@ -25,11 +25,12 @@ import torch
 from .. import __version__
 from ..corpus import REFERENCE_TEXT
 from ..errors import BridgeError, CheckFailed
-from ..files import digest_folder, output_folder, sha256_file, write_json
+from ..files import check_output, digest_folder, output_folder, sha256_file, write_json, writer_lock
 from ..manifest import environment
 from ..models import check_base, load_model, peak_rss_mib
 from ..quant import state_digest
-from ..records import MergeReport, TrainingRecord, read_training_record, write_merge_report, write_training_record
+from ..records import (MERGE_REPORT, MergeReport, TrainingRecord, read_training_record, write_merge_report,
+                       write_training_record)
 from ..safetensors_io import SafetensorsReader, ShardWriter, model_shards
 from ..train_settings import TrainSettings
 
@@ -144,6 +145,19 @@ def check_pairing(base: Path, adapter: Adapter, shards: dict[str, Path], mode: s
                               file=base, fix="merge into the base recorded in training_record.json, or pass "
                               "--ignore-base-digests if the weights were only re-saved (nf4 mode still proves them "
                               "by fingerprint)")
+
+
+def named_bases(adapter: Adapter, base: Path, digests_checked: bool) -> list[str]:
+    """Where adapter_config.json names a base other than the training record's (an edited or copied config): said,
+    not silently settled. Which weights the adapter was trained on is proven by the record's digests and the NF4
+    fingerprint (check_pairing), which refuse a base that differs; the config's name proves nothing."""
+    named = adapter.config.get("base_model_name_or_path")
+    if not named or adapter.record is None or named == adapter.record.base["path"]:
+        return []
+    return [f"adapter_config.json names the base {named}, the training record {adapter.record.base['path']}: "
+            f"merged into {base}, " + ("whose files match the record's digests" if digests_checked else
+                                       "whose digests were not checked (--ignore-base-digests)")
+            + "; fix base_model_name_or_path in the config before publishing the adapter"]
 
 
 def nf4_device(quant: dict, inexact: bool) -> str:
@@ -409,15 +423,25 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
           check: str = "auto", heldout_file: Path | None = None, force: bool = False, ignore_base_digests: bool = False,
           inexact_nf4: bool = False, gate: bool = True,
           max_shard_bytes: int = 2 * 2**30, threads: int | None = None, progress: bool = True) -> MergeReport:
+    """Merge `adapter_dir` into `base`, writing `out`; the folder is claimed before the base is hashed and planned,
+    so a second run to it is refused at once."""
+    settings = dict(base_weights=base_weights, dtype=dtype, check=check, heldout_file=heldout_file, force=force,
+                    ignore_base_digests=ignore_base_digests, inexact_nf4=inexact_nf4, gate=gate,
+                    max_shard_bytes=max_shard_bytes, threads=threads, progress=progress)
+    with writer_lock(out, what="merged model folder"):
+        check_output(out, force=force, what="merged model folder", marker=MERGE_REPORT)
+        return merge_claimed(Path(base), Path(adapter_dir), Path(out), **settings)
+
+
+def merge_claimed(base: Path, adapter_dir: Path, out: Path, *, base_weights: str, dtype: str, check: str,
+                  heldout_file: Path | None, force: bool, ignore_base_digests: bool, inexact_nf4: bool, gate: bool,
+                  max_shard_bytes: int, threads: int | None, progress: bool) -> MergeReport:
     if base_weights not in MODES:
         raise BridgeError(f"unknown mode {base_weights!r}", field="base_weights", fix="use nf4 or original")
     if dtype not in DTYPES:
         raise BridgeError(f"unknown dtype {dtype!r}", field="dtype", fix=f"use one of {', '.join(DTYPES)}")
     started = time.time()
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    base, out = Path(base), Path(out)
-    if out.exists() and not force:
-        raise BridgeError("the output folder already exists", file=out, fix="choose another --out, or pass --force")
     # plan: the pair must be the one that was trained (digests, fingerprint), and NF4 is rebuilt where it was built
     check_base(base)
     adapter = read_adapter(adapter_dir)
@@ -428,7 +452,7 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
     if quant is not None:
         quant = dict(quant, bitsandbytes_version=adapter.record.environment.get("libraries", {}).get("bitsandbytes"))
     device = nf4_device(quant, inexact_nf4) if base_weights == "nf4" else "cpu"
-    with output_folder(out, force=force, what="merged model folder", marker="merge_report.json") as tmp:
+    with output_folder(out, force=force, what="merged model folder", marker=MERGE_REPORT) as tmp:
         streamed = stream(shards, adapter, tmp, base_weights=base_weights, dtype=dtype, quant=quant, device=device,
                           inexact_nf4=inexact_nf4, max_shard_bytes=max_shard_bytes, progress=progress)
         copy_side_files(base, tmp, dtype)
@@ -441,7 +465,8 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
             raise CheckFailed(check_failure(result, base_weights, dtype), file=out,
                               fix="see merge_report figures in the JSON output; nothing was written")
         report = merge_report(base, base_files, adapter, streamed, result, base_weights=base_weights, dtype=dtype,
-                              device=device, inexact_nf4=inexact_nf4, started=started)
+                              device=device, inexact_nf4=inexact_nf4, started=started,
+                              warnings=named_bases(adapter, base, not ignore_base_digests))
         if adapter.record:  # the merged folder carries its lineage, so exports need nothing else
             write_training_record(tmp, adapter.record)
         if heldout_file:
@@ -452,7 +477,7 @@ def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4"
 
 
 def merge_report(base: Path, base_files: dict, adapter: Adapter, streamed: Streamed, check: dict, *, base_weights: str,
-                 dtype: str, device: str, inexact_nf4: bool, started: float) -> MergeReport:
+                 dtype: str, device: str, inexact_nf4: bool, started: float, warnings: list[str]) -> MergeReport:
     layers = streamed.layers
     overall_kept = (sum(v["delta_norm"] * v["delta_kept"][dtype] for v in layers.values())
                     / sum(v["delta_norm"] for v in layers.values()))
@@ -468,6 +493,7 @@ def merge_report(base: Path, base_files: dict, adapter: Adapter, streamed: Strea
         peak_rss_mib=round(streamed.peak_rss_mib, 1), peak_rss_mib_with_check=round(peak_rss_mib(), 1),
         bytes_read=streamed.bytes_read, bytes_written=streamed.bytes_written,
         weights=streamed.digests,  # what an export's reference checks the merged folder against
+        warnings=warnings,
         threads=torch.get_num_threads(), environment=environment())
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from ..data import IGNORE_INDEX, Dataset, collate, load_dataset, load_heldout
 from ..errors import BridgeError
-from ..files import digest_folder, output_folder, sha256_file
+from ..files import check_output, digest_folder, output_folder, sha256_file, writer_lock
 from ..manifest import environment
 from ..models import check_base, load_model, load_tokenizer, peak_rss_mib
 from ..quant import BLOCKSIZE, assert_standard_layout, fingerprint
-from ..records import TrainingRecord, read_training_record, write_training_record
+from ..records import TRAINING_RECORD, TrainingRecord, read_training_record, write_training_record
 from ..train_settings import TrainSettings
 
 
@@ -103,13 +103,20 @@ def check_parallel(s: TrainSettings, gpus: int) -> None:
 
 def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_file: Path | None = None,
           force: bool = False, progress: bool = True) -> TrainResult:
+    """Train an adapter into `out`. The folder is claimed before training starts, not when it is written an hour
+    later: a second run to the same folder is refused at once (the ranks launch() starts inherit the claim)."""
+    s.validate()
+    with writer_lock(out, what="adapter folder"):
+        check_output(out, force=force, what="adapter folder", marker=TRAINING_RECORD)
+        return train_claimed(Path(base), dataset, Path(out), s, heldout_file=heldout_file, force=force,
+                             progress=progress)
+
+
+def train_claimed(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_file: Path | None,
+                  force: bool, progress: bool) -> TrainResult:
     import torch
     from transformers import get_scheduler
 
-    s.validate()
-    base, out = Path(base), Path(out)
-    if out.exists() and not force:
-        raise BridgeError("the output folder already exists", file=out, fix="choose another --out, or pass --force")
     check_base(base)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if s.processes > 1 and world == 1:  # this process starts the ranks; each comes back here with WORLD_SIZE set
@@ -153,7 +160,9 @@ def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_fil
         peak_rss_mib=round(peak_rss, 1), distributed=distributed_entry(world, s, acc),
         peak_cuda_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None,
         train_seconds=round(train_seconds, 2), environment=environment())
-    with output_folder(out, force=force, what="adapter folder", marker="training_record.json") as tmp:
+    with output_folder(out, force=force, what="adapter folder", marker=TRAINING_RECORD) as tmp:
+        for config in model.peft_config.values():  # the base as the record names it, so merge can compare the two
+            config.base_model_name_or_path = record.base["path"]
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         record = replace(record, wall_seconds=round(time.time() - started, 2))
