@@ -29,7 +29,8 @@ from .pipeline import Pipeline
 from .project import Project
 from .records import read_merge_report, read_training_record
 from .stages.export import resolve_quant
-from .stages.merge import MODES, trained_model
+from .models import trained_model
+from .stages.merge import MODES
 
 REPORT = "compare-report"
 

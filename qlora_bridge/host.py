@@ -20,7 +20,7 @@ from pathlib import Path
 import pluggy
 
 from . import __version__
-from .api import SUPPORTED_PLUGIN_APIS, Exporter, ServingAdapter, SmokeCheck, hookspecs
+from .api import PLUGIN_API, SUPPORTED_PLUGIN_APIS, Exporter, ServingAdapter, SmokeCheck, hookspecs
 from .default_plugins import DEFAULT_PLUGINS
 from .errors import BridgeError
 
@@ -140,7 +140,7 @@ def load_plugins(local: list[str] = ()) -> Registry:
             info.version = version or str(getattr(module, "__version__", "?"))
             api = getattr(module, "PLUGIN_API", None)
             if api is None:
-                raise BridgeError("it does not declare PLUGIN_API", fix="add `PLUGIN_API = 2` to the plugin module")
+                raise BridgeError("it does not declare PLUGIN_API", fix=f"add `PLUGIN_API = {PLUGIN_API}` to the plugin module")
             if api not in SUPPORTED_PLUGIN_APIS:
                 raise BridgeError(f"it was written for plugin API {api}; this qlora-bridge {__version__} supports "
                                   f"{', '.join(map(str, SUPPORTED_PLUGIN_APIS))}",

@@ -6,10 +6,14 @@ from __future__ import annotations
 import os
 import resource
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import BridgeError
 from .quant import QuantSettings, disable_cpu_packed_layout
 from .train_settings import TrainSettings
+
+if TYPE_CHECKING:
+    from .records import TrainingRecord
 
 
 def check_base(base: Path) -> None:
@@ -67,3 +71,13 @@ def load_model(base: Path, s: TrainSettings):
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def trained_model(base: Path, adapter_dir: Path, record: TrainingRecord | None):
+    """The model that was trained: the 4-bit base + the adapter, computing in float32 so that comparisons with it
+    measure the merge or the export, not bf16 matmul noise."""
+    from peft import PeftModel
+
+    quant = (record.quantization if record else None) or {"quant_type": "nf4", "double_quant": True}
+    settings = TrainSettings(quant=quant["quant_type"], double_quant=quant["double_quant"], compute_dtype="float32")
+    return PeftModel.from_pretrained(load_model(base, settings), adapter_dir).eval()

@@ -108,6 +108,9 @@ class Pipeline:
         """Never reuse this stage's output: it runs again next time."""
         self.record(name, None)
 
+    def export_stage(self, out: Path) -> str:
+        return f"export {Path(out).relative_to(self.project.out)}"
+
     def adapter(self) -> Path:
         from .data import check_data, require_file
         from .default_model import resolve_base

@@ -74,6 +74,18 @@ def test_no_module_of_the_package_imports_itself_back():
     assert cycles(graph) == []
 
 
+def test_imports_run_downward_instruments_below_the_api_and_both_below_the_stages():
+    """measure/ and api/ never import a stage, and measure/ never imports the API (which re-exports what the
+    instruments define): an instrument that needs "the model that was trained" finds it in models.py (issue 36)."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = imports(modules)
+    layer = lambda m: next((pkg for pkg in ("measure", "api", "stages") if m.startswith(f"qlora_bridge.{pkg}")), None)
+    forbidden = {("measure", "stages"), ("api", "stages"), ("measure", "api")}
+    upward = sorted((a, b) for a, targets in graph.items() for b in targets if (layer(a), layer(b)) in forbidden)
+    assert "qlora_bridge.measure.scores" in graph["qlora_bridge.api.types"]  # the walk sees the package's imports
+    assert upward == []
+
+
 def test_the_walk_finds_a_cycle_through_a_function_import():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from ..errors import BridgeError
+from ..measure.declared import Declared  # the instruments define what they read; the API re-exports it
+from ..measure.scores import TokenScores
 
 if TYPE_CHECKING:
     import subprocess
@@ -63,36 +65,6 @@ class Bounds:
     ppl_ratio: float  # max perplexity on the reference text, export / reference
     task_ratio: float = 0.95  # min held-out task score, export / reference; fails only on a significant drop
     reason: str = ""  # the measurement or published figure the numbers come from
-
-
-@dataclass(frozen=True)
-class Declared:
-    """What a model file says about itself: what a runtime reads to tokenize, template, stop and compute. The gate
-    holds an export's (Exporter.declares) to the merged model's, field by field; None: the file does not say.
-
-        Declared(bos=1, eos=2, stop=(2,), add_bos=False, chat_template="{% for message in messages %}...",
-                 context_length=8192, rope_theta=100000.0, norm_eps=1e-5, layers=30, hidden=576, heads=9,
-                 kv_heads=3, head_dim=64, vocab=49152, adapter_sha256="463aa1...")
-    """
-    bos: int | None = None  # token ids
-    eos: int | None = None
-    stop: tuple[int, ...] | None = None  # every id the file names as ending a generation (EOS, end of turn)
-    pad: int | None = None
-    unk: int | None = None
-    add_bos: bool | None = None  # the tokenizer prepends BOS / appends EOS to a text
-    add_eos: bool | None = None
-    chat_template: str | None = None  # the Jinja text
-    stop_strings: tuple[str, ...] | None = None  # a runtime's stop list (Ollama's Modelfile PARAMETER stop)
-    context_length: int | None = None
-    rope_theta: float | None = None
-    norm_eps: float | None = None
-    layers: int | None = None
-    hidden: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    head_dim: int | None = None
-    vocab: int | None = None
-    adapter_sha256: str | None = None  # the fine-tune the file says it carries (its lineage)
 
 
 @dataclass(frozen=True)
@@ -259,19 +231,6 @@ class ServingAdapter:
     # `kv_tokens` positions (context x concurrent requests), on a CUDA GPU (True) or the CPU, with the --option
     # values the export's project entry gives the backend (per GPU where it splits the model)
     memory: Callable[[ModelShape, int, int, bool, dict], Need] | None = None
-
-
-@dataclass
-class TokenScores:
-    """A model's next-token log-probabilities along one token sequence, as its engine computed them: row j is the
-    distribution of token j + 1 given tokens 0..j, so a sequence of n tokens has n - 1 rows.
-
-        TokenScores(torch.log_softmax(logits[:-1], -1))  # the full vocabulary, from [n, vocab] logits
-        TokenScores(logprobs=top_k_logprobs, ids=top_k_ids)  # [n - 1, k], padded with id -1 and -inf
-    """
-    logprobs: "torch.Tensor"  # [n - 1, k] float32 log-probabilities
-    ids: "torch.Tensor | None" = None  # [n - 1, k] their token ids (each row must hold the actual next token);
-    # None: the columns are the whole vocabulary in order
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,39 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..api.types import Declared
+
+@dataclass(frozen=True)
+class Declared:
+    """What a model file says about itself: what a runtime reads to tokenize, template, stop and compute. The gate
+    holds an export's (Exporter.declares) to the merged model's, field by field; None: the file does not say.
+
+        Declared(bos=1, eos=2, stop=(2,), add_bos=False, chat_template="{% for message in messages %}...",
+                 context_length=8192, rope_theta=100000.0, norm_eps=1e-5, layers=30, hidden=576, heads=9,
+                 kv_heads=3, head_dim=64, vocab=49152, adapter_sha256="463aa1...")
+    """
+    bos: int | None = None  # token ids
+    eos: int | None = None
+    stop: tuple[int, ...] | None = None  # every id the file names as ending a generation (EOS, end of turn)
+    pad: int | None = None
+    unk: int | None = None
+    add_bos: bool | None = None  # the tokenizer prepends BOS / appends EOS to a text
+    add_eos: bool | None = None
+    chat_template: str | None = None  # the Jinja text
+    stop_strings: tuple[str, ...] | None = None  # a runtime's stop list (Ollama's Modelfile PARAMETER stop)
+    context_length: int | None = None
+    rope_theta: float | None = None
+    norm_eps: float | None = None
+    layers: int | None = None
+    hidden: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    vocab: int | None = None
+    adapter_sha256: str | None = None  # the fine-tune the file says it carries (its lineage)
+
 
 # Conversations the two chat templates render: the rendered strings must be equal (a template of the same length
 # but another family's renders other text). Without and with a system prompt, multi-turn, with and without the

@@ -28,7 +28,7 @@ from typing import Iterable
 
 import torch
 
-from ..api.types import TokenScores
+from .scores import TokenScores
 from ..errors import BridgeError
 
 WINDOW = 512  # tokens per window of the reference text: within every supported model's context

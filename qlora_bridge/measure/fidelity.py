@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..api.types import TokenScores
+from .scores import TokenScores
 from .reference import Reference, reference_for
 
 SIGNIFICANCE = 0.05  # one-sided: a task-score drop counts only when chance would produce it less than 1 in 20 times

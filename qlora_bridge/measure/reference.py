@@ -57,7 +57,7 @@ def reference_for(manifest: dict, merged: Path | None) -> Reference:
     base, adapter = record.base_path if record else Path("-"), lin.adapter or {}
     adapter_dir = Path(adapter.get("path") or "-")
     if (base / "config.json").is_file() and (adapter_dir / "adapter_config.json").is_file():
-        from ..stages.merge import trained_model
+        from ..models import trained_model
 
         why = ("the export's lineage has no merge report" if not report
                else "its merge was not proven equal to it" if not proven
@@ -97,7 +97,7 @@ def reference_scores(reference: Reference, tok, *, progress: bool = True) -> Ref
     import torch
     from safetensors.torch import load_file, save_file
 
-    from ..api.types import TokenScores
+    from .scores import TokenScores
     from ..corpus import reference_document
     from ..files import cache_dir
     from .divergence import TOP_K, WINDOW, AnswerScorer, teacher_sequences, text_reference, text_windows

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import manifest as mf
 from ..api import Exporter, ExportRequest, ExportResult, check_options
-from ..errors import BridgeError
+from ..errors import EXIT_INTERNAL, BridgeError
 from ..files import output_folder
 from ..host import Registry
 from ..modelcard import CARD, render
@@ -18,7 +18,7 @@ from ..signing import sign
 class PluginFailed(BridgeError):
     """A plugin raised something that is not a user error: name the plugin, keep the traceback's gist."""
 
-    exit_code = 1
+    exit_code = EXIT_INTERNAL
 
 
 def export_log(out: Path) -> Path:

@@ -27,12 +27,11 @@ from ..corpus import REFERENCE_TEXT
 from ..errors import BridgeError, CheckFailed
 from ..files import check_output, digest_folder, output_folder, sha256_file, write_json, writer_lock
 from ..manifest import environment
-from ..models import check_base, load_model, peak_rss_mib
+from ..models import check_base, peak_rss_mib, trained_model
 from ..quant import state_digest
 from ..records import (MERGE_REPORT, MergeReport, TrainingRecord, read_training_record, write_merge_report,
                        write_training_record)
 from ..safetensors_io import SafetensorsReader, ShardWriter, model_shards
-from ..train_settings import TrainSettings
 
 MODES = ("nf4", "original")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -285,16 +284,6 @@ def model_card(base: Path, adapter: Adapter, report: MergeReport) -> str:
         "See `merge_report.json` for the per-layer figures.",
     ]
     return "\n".join(front + [""] + body) + "\n"
-
-
-def trained_model(base: Path, adapter_dir: Path, record: TrainingRecord | None):
-    """The model that was trained: the 4-bit base + the adapter, computing in float32 so that comparisons with it
-    measure the merge or the export, not bf16 matmul noise."""
-    from peft import PeftModel
-
-    quant = (record.quantization if record else None) or {"quant_type": "nf4", "double_quant": True}
-    settings = TrainSettings(quant=quant["quant_type"], double_quant=quant["double_quant"], compute_dtype="float32")
-    return PeftModel.from_pretrained(load_model(base, settings), adapter_dir).eval()
 
 
 def logits_check(base: Path, adapter: Adapter, merged_dir: Path, mode: str, dtype: str) -> dict:

@@ -31,7 +31,6 @@ ARCHS = {
     "Qwen3ForCausalLM": Arch("QWEN3"),
     "Gemma3ForCausalLM": Arch("GEMMA3", norm_shift=1.0),
 }
-OUTTYPES = ("F32", "F16", "BF16")
 
 
 def architecture(config: dict, config_path: Path) -> tuple[str, Arch]:
