@@ -158,7 +158,8 @@ def test_a_held_folder_is_refused_naming_the_holder_and_waited_for_when_asked(ti
         assert code == 2 and f"is being written by pid {holder} (" in refused["problem"]
         assert "--wait" in refused["fix"] and not out.exists()
         waiting = cli(*export_argv(tiny_merged, out, "--wait"))
-        assert waiting.stderr.readline().startswith(f"waiting: the export folder {out} is being written by pid")
+        said = next((line for line in waiting.stderr if line.startswith("waiting: ")), "")  # after any import noise
+        assert said.startswith(f"waiting: the export folder {out} is being written by pid {holder} (")
     code, exported, _ = finished(waiting)
     assert code == 0 and intact(out)
     # after the wait an existing folder is still replaced only with --force, as if it had finished before
