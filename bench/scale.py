@@ -99,7 +99,6 @@ def planned(folder: Path, dtype: str, tokens: int, jobs: list) -> dict[str, tupl
     exports' calibration activations scaled from the default calibration's tokens to the `tokens` this run used."""
     from qlora_bridge.host import load_plugins
     from qlora_bridge.plan import export_need, hardware, merge_need, read_shape
-    from qlora_bridge.stages.export import resolve_quant
 
     shape = read_shape(folder)
     hw = hardware()
@@ -108,8 +107,9 @@ def planned(folder: Path, dtype: str, tokens: int, jobs: list) -> dict[str, tupl
     out = {"merge": (merge.total("host") / GiB, merge.total("disk") / GiB)}
     merged = replace(shape, dtype_bytes={"float32": 4}.get(dtype, 2))
     for name, target, quant, options in jobs:
-        exporter, _ = registry.exporter(target)
-        need = export_need(exporter, merged, resolve_quant(exporter, quant), False, options)
+        resolved = registry.resolve_export(target, quant=quant, options=options)
+        exporter = resolved.exporter
+        need = export_need(exporter, merged, resolved.quant, False, options)
         if "calibration activations" in need.host:
             module = importlib.import_module(exporter.export.__module__)
             need.host["calibration activations"] = int(need.host["calibration activations"] * tokens

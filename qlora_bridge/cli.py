@@ -440,31 +440,26 @@ def add_export(sub) -> None:
 
 
 def run_export(a) -> Outcome:
-    from .api import check_options
     from .host import load_plugins
     from .pipeline import Pipeline
-    from .project import ExportSpec
-    from .stages.export import export, export_log, resolve_quant
+    from .stages.export import export_log, write
 
     project = project_of(a)
     reg = load_plugins(a.plugin)
-    exporter, _ = reg.exporter(a.target)
-    spec = project.export_for(a.target, a.quant)
-    spec.check(reg)  # the project file's table: its errors name the file and line
-    options = {**spec.export_options(exporter), **options_from(a.option)}
-    check_options(options, exporter.options, f"export target '{a.target}'")  # before a merge that may take minutes
-    quant = resolve_quant(exporter, a.quant, spec.quant)
-    out = Path(a.out) if a.out else project.out / ExportSpec(a.target, quant, name=spec.name).folder
+    # flags over the project's table over the target's defaults, checked before a merge that may take minutes
+    resolved = reg.resolve_export(a.target, quant=a.quant, options=options_from(a.option),
+                                  spec=project.export_for(a.target, a.quant))
+    out = Path(a.out) if a.out else project.out / resolved.folder
     merged = Path(a.merged) if a.merged else Pipeline(project, reg).merged()
     sign_key = a.sign_key or project.sign_key
-    manifest = export(reg, a.target, merged, out, quant=quant, options=options,
-                      sign_key=Path(sign_key) if sign_key else None,
-                      passphrase=passphrase_from(a.passphrase_env or project.passphrase_env), force=a.force,
-                      license=project.license)
+    manifest = write(resolved, merged, out, sign_key=Path(sign_key) if sign_key else None,
+                     passphrase=passphrase_from(a.passphrase_env or project.passphrase_env), force=a.force,
+                     license=project.license)
     size = sum(o["size"] for o in manifest["outputs"])
-    text = (f"exported: {out}  ({a.target} {quant or ''}, {len(manifest['outputs'])} files, {size / 1e6:.1f} MB, "
-            f"plugin {manifest['plugin']['name']} {manifest['plugin']['version']})"
-            + "".join(f"\n  {line}" for line in (exporter.summary(manifest["export"]) if exporter.summary else []))
+    summary = resolved.exporter.summary(manifest["export"]) if resolved.exporter.summary else []
+    text = (f"exported: {out}  ({a.target} {resolved.quant or ''}, {len(manifest['outputs'])} files, "
+            f"{size / 1e6:.1f} MB, plugin {manifest['plugin']['name']} {manifest['plugin']['version']})"
+            + "".join(f"\n  {line}" for line in summary)
             + ("\nsigned: " + str(out / "model.sig") if sign_key else "\nnot signed (no --sign-key)"))
     log = export_log(out)
     if log.is_file() and log.stat().st_size:

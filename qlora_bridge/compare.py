@@ -28,7 +28,6 @@ from .measure.logits import folder_logits, model_logits
 from .pipeline import Pipeline
 from .project import Project
 from .records import read_merge_report, read_training_record
-from .stages.export import resolve_quant
 from .models import trained_model
 from .stages.merge import MODES
 
@@ -71,8 +70,8 @@ def compare(project: Project, registry, *, progress: bool = True) -> dict:
     artifacts = [(f"merged ({project.merge.get('dtype', 'float32')})", mode, merged[mode], None) for mode in MODES]
     skipped = []
     for spec in project.exports:
-        exporter, _ = registry.exporter(spec.target)
-        label = f"{spec.target} {resolve_quant(exporter, spec.quant) or ''}".strip()
+        resolved = registry.resolve_export(spec.target, spec=spec)
+        exporter, label = resolved.exporter, f"{spec.target} {resolved.quant or ''}".strip()
         if exporter.logits is None:
             skipped.append({"target": label, "why": "its exporter offers no logits hook"})
             continue

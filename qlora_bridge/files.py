@@ -188,6 +188,8 @@ def output_folder(out: Path, *, force: bool, what: str = "output folder", marker
                 os.replace(out, hidden / "replaced")
             os.replace(staging, out)
         except Exception as e:  # the one place a full disk becomes an error that says so, whoever was writing
+            if isinstance(e, BridgeError) and e.file and e.file.startswith(str(staging)):
+                e.file = str(out) + e.file[len(str(staging)):]  # the folder the user named, not the hidden one
             if _disk_full(e, hidden):
                 raise BridgeError(f"the disk filled up while writing the {what}; nothing was kept", file=out,
                                   fix=f"free space on that disk ({shutil.disk_usage(out.parent).total >> 20} MiB "

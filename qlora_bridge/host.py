@@ -20,7 +20,7 @@ from pathlib import Path
 import pluggy
 
 from . import __version__
-from .api import PLUGIN_API, SUPPORTED_PLUGIN_APIS, Exporter, ServingAdapter, SmokeCheck, hookspecs
+from .api import PLUGIN_API, SUPPORTED_PLUGIN_APIS, Exporter, ServingAdapter, SmokeCheck, check_options, hookspecs
 from .default_plugins import DEFAULT_PLUGINS
 from .errors import BridgeError
 
@@ -38,6 +38,22 @@ class PluginInfo:
     version: str
     error: str | None = None
     provides: list[str] = field(default_factory=list)  # "exporter gguf", "server llamacpp", ...
+
+
+@dataclass(frozen=True)
+class ResolvedExport:
+    """One export decided once: what the command line, the pipeline, plan and compare pass down, and what
+    stages.export.write runs without deriving any of it again.
+
+        registry.resolve_export("gguf", options={"imatrix": "off"})
+        # ResolvedExport(target="gguf", quant="Q4_K_M", options={"imatrix": "off"}, folder="export-gguf-Q4_K_M", ...)
+    """
+    target: str
+    exporter: Exporter
+    plugin: PluginInfo
+    quant: str | None  # None: the target takes no quant
+    options: dict[str, str]  # what the exporter reads, checked against what it declares
+    folder: str  # the output folder's default name
 
 
 @dataclass
@@ -71,6 +87,23 @@ class Registry:
     def exporter(self, target: str) -> tuple[Exporter, PluginInfo]:
         reg, plugin = self._get("register_exporters", target, "export target", "--target")
         return reg, self.plugins[plugin]
+
+    def resolve_export(self, target: str, *, quant: str | None = None, options: dict[str, str] | None = None,
+                       spec=None) -> ResolvedExport:
+        """The export of `target`: the quant and options given (a command's flags) over those of its project table
+        `spec` (a project.ExportSpec, checked here, its errors naming its file and line) over the exporter's
+        defaults (its first quant type)."""
+        if spec is not None:
+            spec.check(self)
+        exporter, plugin = self.exporter(target)
+        quant = quant or (spec.quant if spec else None) or (exporter.quant_types[0] if exporter.quant_types else None)
+        if exporter.quant_types and quant not in exporter.quant_types:
+            raise BridgeError(f"export target '{target}' does not offer --quant {quant}", field="--quant",
+                              fix=f"use one of {', '.join(exporter.quant_types)}")
+        options = {**(spec.export_options(exporter) if spec else {}), **(options or {})}
+        check_options(options, exporter.options, f"export target '{target}'")
+        folder = (spec.name if spec else None) or f"export-{target}" + (f"-{quant}" if quant else "")
+        return ResolvedExport(target, exporter, plugin, quant, options, folder)
 
     def server(self, backend: str) -> tuple[ServingAdapter, PluginInfo]:
         reg, plugin = self._get("register_servers", backend, "serving backend", "--backend")

@@ -153,17 +153,16 @@ class Pipeline:
 
     def export(self, spec: ExportSpec, merged: Path | None = None, under: str = "") -> Path:
         """Export into OUT/[under/]export-TARGET-QUANT (or the spec's name)."""
-        from .stages.export import export, resolve_quant
+        from .stages.export import write
 
+        resolved = self.registry.resolve_export(spec.target, spec=spec)
         merged = merged or self.merged()
-        exporter, plugin = self.registry.exporter(spec.target)
-        quant = resolve_quant(exporter, spec.quant)
-        out = self.project.out / under / ExportSpec(spec.target, quant, name=spec.name).folder
+        out = self.project.out / under / resolved.folder
         out.parent.mkdir(parents=True, exist_ok=True)
-        options = spec.export_options(exporter)  # a serving option changes no export
+        plugin = resolved.plugin
         key = digest({"stage": "export", "tool": __version__, "plugin": [plugin.name, plugin.version],
-                      "merged": self.folder_digest(merged), "target": spec.target, "quant": quant,
-                      "options": {k: spec.options[k] for k in options}})
+                      "merged": self.folder_digest(merged), "target": spec.target, "quant": resolved.quant,
+                      "options": {k: spec.options[k] for k in resolved.options}})  # a serving option: no export
         return self._run(self.export_stage(out), key, out,
-                         lambda: export(self.registry, spec.target, merged, out, quant=quant, options=options,
-                                        force=True, progress=self.progress), self.artifact_digest)
+                         lambda: write(resolved, merged, out, force=True, progress=self.progress),
+                         self.artifact_digest)

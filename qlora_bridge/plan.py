@@ -18,7 +18,6 @@ from pathlib import Path
 from .api.types import CUDA_CONTEXT, ModelShape, Need
 from .errors import BridgeError
 from .project import ExportSpec
-from .stages.export import resolve_quant
 from .train_settings import TrainSettings
 
 MiB, GiB = 2**20, 2**30
@@ -329,9 +328,8 @@ def plan(shape: ModelShape, s: TrainSettings, hw: Hardware, registry, exports: l
     merged = replace(shape, dtype_bytes=DTYPE_BYTES[merge_dtype])
     unplanned = []
     for spec in exports:
-        spec.check(registry)  # a project file's table is bad input named by its line, here as in release
-        exporter, _ = registry.exporter(spec.target)
-        quant = resolve_quant(exporter, spec.quant)
+        resolved = registry.resolve_export(spec.target, spec=spec)  # a project table's errors name its line
+        exporter, quant = resolved.exporter, resolved.quant
         name = f"{spec.target}-{quant}" if quant else spec.target
         if exporter.memory is None:
             unplanned.append(f"export {name}: the exporter does not declare its memory (Exporter.memory)")

@@ -190,3 +190,15 @@ def test_the_stage_record_keeps_what_other_runs_wrote(tmp_path):
     assert set(one.recorded()) == {"train", "merge"}
     one.forget("merge")
     assert set(other.recorded()) == {"train"}
+
+
+def test_an_error_inside_the_staging_folder_names_the_folder_the_user_named(tmp_path):
+    """A plugin's error about a file it was writing named the hidden `.NAME.partial-PID/NAME/...` (seen in
+    recipe=auto's "no recipe within max_bits"), a path that is gone when the user reads it."""
+    from qlora_bridge.errors import BridgeError
+    from qlora_bridge.files import output_folder
+
+    out = tmp_path / "export"
+    with pytest.raises(BridgeError) as e, output_folder(out, force=False) as staging:
+        raise BridgeError("no recipe", file=staging / "model.safetensors")
+    assert e.value.file == str(out / "model.safetensors") and not out.exists()

@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 from .. import manifest as mf
-from ..api import Exporter, ExportRequest, ExportResult, check_options
+from ..api import ExportRequest, ExportResult
 from ..errors import EXIT_INTERNAL, BridgeError
 from ..files import output_folder
-from ..host import Registry
+from ..host import Registry, ResolvedExport
 from ..modelcard import CARD, render
 from ..records import lineage
 from ..signing import sign
@@ -26,20 +26,21 @@ def export_log(out: Path) -> Path:
     return Path(out).with_name(f"{Path(out).name}.export.log")
 
 
-def resolve_quant(exporter: Exporter, *given: str | None) -> str | None:
-    """The first quant type given (the command line's, then the project's), else the exporter's default: its first."""
-    return next((q for q in given if q), exporter.quant_types[0] if exporter.quant_types else None)
-
-
 def export(registry: Registry, target: str, merged: Path, out: Path, *, quant: str | None = None,
-           options: dict[str, str] | None = None, sign_key: Path | None = None, passphrase: bytes | None = None,
-           force: bool = False, progress: bool = True, license: str | None = None) -> dict:
-    exporter, plugin = registry.exporter(target)
-    quant = resolve_quant(exporter, quant)
-    if exporter.quant_types and quant not in exporter.quant_types:
-        raise BridgeError(f"export target '{target}' does not offer --quant {quant}", field="--quant",
-                          fix=f"use one of {', '.join(exporter.quant_types)}")
-    check_options(options or {}, exporter.options, f"export target '{target}'")
+           options: dict[str, str] | None = None, **how) -> dict:
+    """Export `merged` to `target` into `out`: the library's one call (resolve, then write).
+
+        export(registry, "gguf", Path("merged"), Path("out/gguf"), quant="Q4_K_M", sign_key=Path("release.pem"))
+    """
+    return write(registry.resolve_export(target, quant=quant, options=options), merged, out, **how)
+
+
+def write(resolved: ResolvedExport, merged: Path, out: Path, *, sign_key: Path | None = None,
+          passphrase: bytes | None = None, force: bool = False, progress: bool = True,
+          license: str | None = None) -> dict:
+    """Run a resolved export into `out`, then write (and sign) its manifest."""
+    exporter, plugin, target, quant, options = (resolved.exporter, resolved.plugin, resolved.target, resolved.quant,
+                                                resolved.options)
     merged = Path(merged)
     if not (merged / "config.json").is_file():
         raise BridgeError("not a merged model folder (no config.json)", file=merged,
