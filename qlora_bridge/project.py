@@ -41,7 +41,7 @@ class ExportSpec:
     quant: str | None = None
     backend: str | None = None  # None: the first backend that serves the format
     options: dict[str, str] = field(default_factory=dict)
-    name: str | None = None  # folder name under the output dir
+    name: str | None = None  # folder name under the output dir (default: export-TARGET-QUANT, Registry.resolve_export)
     base_dir: Path | None = None  # the project file's folder: where relative file options start
     source: Path | None = None  # the project file that wrote the table; None: a command's flags or the demo
     index: int = 0  # which [[export]] table of the file
@@ -97,10 +97,6 @@ class ExportSpec:
         line = self.lines.get(line_key or key) or self.lines.get("")
         return BridgeError(problem + (f" (line {line})" if line else ""), file=self.source,
                            field=f"export[{self.index}].{key}", fix=fix)
-
-    @property
-    def folder(self) -> str:
-        return self.name or f"export-{self.target}" + (f"-{self.quant}" if self.quant else "")
 
 
 @dataclass
