@@ -123,7 +123,7 @@ def _acquire(lock: Path, out: Path, what: str, wait: bool) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another run"
+            holder = _holder(fd)
             if not wait:
                 os.close(fd)
                 raise BridgeError(f"the {what} is being written by {holder}", file=out,
@@ -138,11 +138,22 @@ def _acquire(lock: Path, out: Path, what: str, wait: bool) -> int:
         except FileNotFoundError:  # its holder finished and removed it after we opened it
             same = False
         if same:
-            os.ftruncate(fd, 0)
             command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-            os.pwrite(fd, f"pid {os.getpid()} ({command}, since {time.strftime('%H:%M:%S')})".encode(), 0)
+            said = f"pid {os.getpid()} ({command}, since {time.strftime('%H:%M:%S')})".encode()
+            os.pwrite(fd, said, 0)
+            os.ftruncate(fd, len(said))  # after writing: a reader never sees it empty once it was written
             return fd
         os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the lock, as it wrote itself into the file; a holder that has just taken it may not have written
+    yet, so an empty file is read again for up to a second."""
+    for _ in range(20):
+        if said := os.pread(fd, 4096, 0).decode(errors="replace").strip():
+            return said
+        time.sleep(0.05)
+    return "another run"
 
 
 def check_output(out: Path, *, force: bool, what: str = "output folder", marker: str | None = None) -> None:
