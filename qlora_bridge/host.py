@@ -173,7 +173,8 @@ def load_plugins(local: list[str] = ()) -> Registry:
             info.version = version or str(getattr(module, "__version__", "?"))
             api = getattr(module, "PLUGIN_API", None)
             if api is None:
-                raise BridgeError("it does not declare PLUGIN_API", fix=f"add `PLUGIN_API = {PLUGIN_API}` to the plugin module")
+                raise BridgeError("it does not declare PLUGIN_API",
+                                  fix=f"add `PLUGIN_API = {PLUGIN_API}` to the plugin module")
             if api not in SUPPORTED_PLUGIN_APIS:
                 raise BridgeError(f"it was written for plugin API {api}; this qlora-bridge {__version__} supports "
                                   f"{', '.join(map(str, SUPPORTED_PLUGIN_APIS))}",
