@@ -6,11 +6,11 @@ weight) were needed on the 135M demo, where a 7B keeps its fine-tune at ~4.25 bi
 order of bits and keeps the first whose figures hold:
 
     each group size the target offers, largest first, all packed
-    then, at the smallest group, the module sets (those a server runs as one Linear, kept together) kept in 16 bits
-    one more at a time, in the order measurement ranks them: each set's merged weights put back alone into the
-    export as written, the KL along the answers it buys back per bit it costs (a set that buys nothing back is never
-    kept); the first keep tried is the one the sets' effects, added up, predict to hold
-    until every figure is inside the target's bounds by MARGIN, or the next recipe would exceed max_bits
+    then, at the smallest group, module sets (those a server runs as one Linear) kept in 16 bits: each set's merged
+    weights put back alone into the export as written, to measure what packing it costs on every figure; each
+    affordable combination of sets is predicted by adding up its sets' effects, and the cheapest predicted to hold
+    is exported (then the next, at most TRIES in all), or, where none is, the one predicted to come closest
+    until every figure is inside the target's bounds by MARGIN, or no affordable recipe is left within max_bits
 
 Each step is a whole export, read back as the target does, then measured through the target's own logits against
 the model that was trained (fidelity: the gate's figures, teacher-forced, no server). The manifest records every
@@ -27,11 +27,16 @@ from typing import Callable
 from ..errors import CheckFailed
 from .fidelity import fidelity, misses
 
-# The aim inside the gate's bounds: KL at most 0.7 of its bound, the perplexity ratio's excess over 1 at most 0.7 of
-# the bound's. Two fine-tunes of the same demo data at one fixed recipe were served at perplexity ratios 1.037 and
-# 1.054 (bound 1.05): a retrained model moves the figures by about a third of the bound's excess, and what a server
-# computes (half-precision activations, its own kernels) is not exactly an exporter's float32 dequantization.
-MARGIN = 0.7
+# The aim inside the gate's bounds: KL at most 0.9 of its bound, the perplexity ratio's excess over 1 at most 0.9 of
+# the bound's. The search measures the very fine-tune it exports, so what the margin covers is the difference
+# between our float32 read-back and what a server computes (half-precision activations, its own kernels). Measured on
+# the same AWQ files served by vLLM (the demo; README, "The recipe, chosen by measuring the fine-tune"), the served
+# figure over ours: KL along the answers 0.95 and 0.97, on the text 0.84 and 0.84, the perplexity ratio's excess
+# 0.99 and 0.97. 0.9 keeps a served figure inside its bound where it comes out up to 11% worse than our read-back,
+# which none did. (0.7, from the spread between two trainings at one fixed recipe, refused a served pass: the seed-1
+# demo's q/k/v-kept recipe read 1.041 here and passed served at 1.040, bound 1.05.)
+MARGIN = 0.9
+TRIES = 3  # exports of kept sets at most, each a whole export (hours on a 70B): past that the prediction is wrong
 MAX_BITS = 8.0  # beyond this a plain 8-bit export keeps more for fewer bits
 
 
@@ -88,7 +93,6 @@ def search_recipe(req, space: RecipeSpace, bounds, max_bits: float = MAX_BITS,
 
         result, record = search_recipe(req, space, BOUNDS[req.quant], max_bits=8, say=print)
     """
-    present = {k for s in space.sets for k in s}
     steps: list[Step] = []
 
     def attempt(group: int, keep: tuple[str, ...]):
@@ -111,27 +115,19 @@ def search_recipe(req, space: RecipeSpace, bounds, max_bits: float = MAX_BITS,
         if not step.missed:
             return written, record(steps, max_bits)
     group, base = space.groups[-1], steps[-1]
-    restored, gains = {}, {}
+    restored = {}
     say("what each module set costs the fine-tune: its merged weights put back into this export")
     for kinds in space.sets:  # measured on the export as written
         restored[kinds] = fidelity(req.lineage, req.merged, req.out, space.restored(kinds))
-        cost = space.bits(group, kinds) - base.bits_per_weight
-        gains[kinds] = (base.figures["kl_answers"] - restored[kinds]["kl_answers"]) / cost
-        say(f"  {'+'.join(kinds)}: KL along the answers {restored[kinds]['kl_answers']:.3g}, "
-            f"{gains[kinds]:.3g} bought back per bit")
-    ranked = sorted([s for s in space.sets if gains[s] > 0], key=lambda s: -gains[s])  # buys nothing: never kept
-    keeps = [tuple(k for s in ranked[:i] for k in s) for i in range(1, len(ranked) + 1)]
-    keeps = [k for k in keeps if set(k) != present and space.bits(group, k) <= max_bits]
-    # start where the sets' measured effects, added up, say the figures would hold (else at the dearest keep the
-    # budget allows, to report how close it comes); each export then says whether they really do
-    holds = [k for k in keeps if not misses(predicted(base.figures, [restored[s] for s in ranked
-                                                                     if set(s) <= set(k)]), bounds, MARGIN)]
-    start = keeps.index(holds[0]) if holds else len(keeps) - 1
-    for keep in keeps[max(start, 0):]:
+        say(f"  {'+'.join(kinds)} put back ({space.bits(group, kinds) - base.bits_per_weight:+.2f} bits per weight): "
+            + figures_line(restored[kinds]))
+    put_back = {"+".join(s): {"bits_per_weight": space.bits(group, s), "figures": rounded(restored[s])}
+                for s in space.sets}
+    for keep in keeps_to_try(space, group, base.figures, restored, bounds, max_bits):
         written, step = attempt(group, keep)
         if not step.missed:
-            return written, record(steps, max_bits, gains)
-    closest = min(steps, key=lambda s: len(s.missed))
+            return written, record(steps, max_bits, put_back)
+    closest = min(steps, key=lambda s: (len(s.missed), excess(s.figures, bounds)))
     raise CheckFailed(f"recipe=auto: no recipe within max_bits={max_bits} keeps every figure inside the bounds by "
                       f"the margin ({MARGIN}); the closest, groups of {closest.group}"
                       + (f" with {', '.join(closest.keep)} kept" if closest.keep else "")
@@ -140,13 +136,54 @@ def search_recipe(req, space: RecipeSpace, bounds, max_bits: float = MAX_BITS,
                       fix=space.fix)
 
 
+def keeps_to_try(space: RecipeSpace, group: int, base: dict, restored: dict, bounds, max_bits: float) -> list:
+    """The combinations of sets to export, in order: those whose sets' effects, added up, predict every figure to
+    hold (whichever figure missed), cheapest first, at most TRIES; where none does, the one predicted to come
+    closest, exported once to report how close it really comes. A set that improves no figure is never kept, nor
+    are all of them (no Linear would be packed)."""
+    from itertools import combinations
+
+    useful = [s for s in space.sets if any(improves(base, restored[s]))]
+    present = {k for s in space.sets for k in s}
+    options = []
+    for n in range(1, len(useful) + 1):
+        for sets in combinations(useful, n):
+            keep = tuple(k for s in sets for k in s)
+            if set(keep) != present and space.bits(group, keep) <= max_bits:
+                options.append((space.bits(group, keep), keep, predicted(base, [restored[s] for s in sets])))
+    options.sort(key=lambda o: o[0])
+    holding = [keep for _, keep, figures in options if not misses(figures, bounds, MARGIN)]
+    if holding:
+        return holding[:TRIES]
+    return [min(options, key=lambda o: (len(misses(o[2], bounds, MARGIN)), excess(o[2], bounds)))[1]] if options else []
+
+
+def improves(base: dict, restored: dict):
+    """Which figures putting a set back moved the right way."""
+    yield restored["kl_answers"] < base["kl_answers"]
+    yield restored["kl_text"] < base["kl_text"]
+    yield restored["ppl_ratio"] < base["ppl_ratio"]
+    yield restored["task_score"] > base["task_score"]
+
+
 def predicted(base: dict, restored: list[dict]) -> dict:
-    """The figures with several sets kept, from each set's measured effect alone, added up (the task score's test
-    is not predicted: it is left out)."""
-    out = {**base, "task_p_value": 1.0}
-    for key in ("kl_answers", "kl_text", "ppl_ratio"):
+    """The figures with several sets kept, from each set's measured effect alone, added up. The task score adds up
+    the same way; its test cannot be predicted, so a drop the sets do not buy back whole is taken to stay as
+    significant as it was, and one they do buy back to be gone."""
+    out = dict(base)
+    for key in ("kl_answers", "kl_text", "ppl_ratio", "task_score"):
         out[key] = base[key] - sum(base[key] - r[key] for r in restored)
+    out["kl_answers"], out["kl_text"] = max(out["kl_answers"], 0.0), max(out["kl_text"], 0.0)  # effects overlap
+    reference = base["task_score_reference"]
+    out["task_ratio"] = out["task_score"] / reference if reference else 1.0
+    out["task_p_value"] = base["task_p_value"] if out["task_score"] < reference else 1.0
     return out
+
+
+def excess(figures: dict, bounds) -> float:
+    """How far the worst of the KLs and the perplexity ratio is past its aim (below 1: inside), to rank the misses."""
+    return max(figures["kl_answers"] / (MARGIN * bounds.kl_answers), figures["kl_text"] / (MARGIN * bounds.kl_text),
+               (figures["ppl_ratio"] - 1) / (MARGIN * (bounds.ppl_ratio - 1)))
 
 
 def figures_line(f: dict) -> str:
@@ -154,8 +191,7 @@ def figures_line(f: dict) -> str:
             f"{f['ppl_ratio']:.4f}, task score {f['task_score']:.3f} (reference {f['task_score_reference']:.3f})")
 
 
-def record(steps: list[Step], max_bits: float, gains: dict | None = None) -> dict:
-    """The manifest's settings.recipe: every step tried, the last one chosen."""
+def record(steps: list[Step], max_bits: float, put_back: dict | None = None) -> dict:
+    """The manifest's settings.recipe: every step tried, the last one chosen, and what each set put back measured."""
     return {"mode": "auto", "margin": MARGIN, "max_bits": max_bits, "steps": [s.record() for s in steps],
-            "chosen": len(steps), **({"kl_bought_back_per_bit": {"+".join(k): round(v, 6) for k, v in gains.items()}}
-                                     if gains else {})}
+            "chosen": len(steps), **({"sets_put_back": put_back} if put_back else {})}
