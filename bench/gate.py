@@ -30,7 +30,7 @@ from qlora_bridge import manifest as mf  # noqa: E402
 from qlora_bridge.stages.export import export  # noqa: E402
 from qlora_bridge.host import load_plugins  # noqa: E402
 from qlora_bridge.records import read_merge_report  # noqa: E402
-from qlora_bridge.measure.fidelity import measure  # noqa: E402
+from qlora_bridge.measure.fidelity import measure_against  # noqa: E402
 from qlora_bridge.stages.smoke import gate_bounds, merged_folder, reference_for, smoke  # noqa: E402
 
 # name, target, quant, damage, expected verdict
@@ -90,7 +90,8 @@ def judged(registry, folder: Path, logits) -> dict:
     manifest = mf.read(folder)
     merged = merged_folder(manifest, None)
     reference = reference_for(manifest, merged)
-    measured = measure(reference, AutoTokenizer.from_pretrained(merged), lambda seqs: map(full_scores, logits(seqs)))
+    measured = measure_against(reference, AutoTokenizer.from_pretrained(merged),
+                               lambda seqs: map(full_scores, logits(seqs)))
     bounds, source, _ = gate_bounds(registry, manifest)
     checks = importlib.import_module("qlora_bridge.default_plugins.smoke_checks")
     ctx = type("Ctx", (), {"measurements": lambda self: measured, "bounds": bounds})()

@@ -4,10 +4,10 @@ served by vLLM and judged by the smoke gate.
 
     python bench/gptq_spread.py MERGED [--target awq] [--batches 2048,1024,512]
 
-GPTQ's rounding decisions cascade, so float-level differences move the figures; on the demo (README, "One decoder
-layer at a time") the awq export's KL along the answers spread 0.0059-0.0070 and its task score 0.50-0.54 over
-three such runs, and one of them failed the task ratio. A difference between two engines smaller than this spread
-is not evidence.
+GPTQ's rounding decisions cascade, so float-level differences move the figures; on the demo (docs/gptq-awq.md,
+"One decoder layer at a time") the awq export's KL along the answers spread 0.0059-0.0070 and its task score
+0.50-0.54 over three such runs, and one of them failed the task ratio. A difference between two engines smaller
+than this spread is not evidence.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def vmhwm() -> int:
 
 
 def child(argv: list[str]) -> None:
-    from qlora_bridge.cli import quiet_libraries
+    from qlora_bridge.files import quiet_libraries
 
     quiet_libraries()
     kind, *rest = argv

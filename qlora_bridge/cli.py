@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import __version__
 from .errors import EXIT_CHECK_FAILED, EXIT_OK, BridgeError
+from .files import quiet_libraries
 from .records import MergeReport, read_merge_report, read_training_record
 
 
@@ -27,20 +26,6 @@ class Outcome:
     text: str
     exit_code: int = EXIT_OK
     quiet: bool = False  # the command already printed what it had to say
-
-
-def quiet_libraries() -> None:
-    # bitsandbytes logs a harmless "Failed to load CPU gemm_4bit_forward from kernels-community" on import.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # torchao (a GPTQModel dependency, imported by transformers when present) reports its missing CUDA kernels
-    # and deprecated enum registrations on every start
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
-    # through the environment, not by importing transformers: init, verify and plugins must not load torch
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def written_report(project, name: str) -> str:
@@ -230,11 +215,8 @@ def train_settings(a, project, own_data: bool):
 
 
 def run_train(a) -> Outcome:
-    from .data import check_data
-    from .default_model import resolve_base
-    from .models import check_base
     from .pipeline import Pipeline
-    from .stages.train import train
+    from .stages.train import checked_base, train
 
     project = project_of(a)
     settings, values = train_settings(a, project, own_data=a.data is not None)
@@ -247,10 +229,7 @@ def run_train(a) -> Outcome:
             pipe.forget("train")
         adapter = pipe.adapter()
     else:
-        if base:
-            check_base(Path(base))
-        check_data(data, heldout_path)  # before resolve_base, which may convert the default model
-        adapter = train(resolve_base(base), data, Path(a.out), settings, heldout_file=heldout_path,
+        adapter = train(checked_base(base, data, heldout_path), data, Path(a.out), settings, heldout_file=heldout_path,
                         force=a.force).adapter
     rec = read_training_record(adapter)
     lines = [f"adapter: {adapter}",
@@ -312,9 +291,8 @@ def add_merge(sub) -> None:
 
 
 def run_merge(a) -> Outcome:
-    from .default_model import resolve_base
     from .pipeline import Pipeline, merge_stage
-    from .stages.merge import merge, read_adapter
+    from .stages.merge import merge, recorded_inputs
 
     project = project_of(a)
     a.base_weights = a.base_weights or project.merge.get("base_weights", "nf4")
@@ -328,14 +306,9 @@ def run_merge(a) -> Outcome:
         return merge_outcome(out, read_merge_report(out))
     a.adapter = a.adapter or str(project.out / "adapter")
     a.out = a.out or str(project.out / "merged")
-    adapter = read_adapter(Path(a.adapter))
-    recorded = adapter.record.base_path if adapter.record else None
-    base = Path(a.base) if a.base else (recorded if recorded and recorded.is_dir() else resolve_base(None))
-    heldout = None
-    if not a.no_heldout:
-        heldout = a.heldout or (adapter.record.heldout.get("path") if adapter.record else None)
+    base, heldout = recorded_inputs(Path(a.adapter), a.base, a.heldout, use_heldout=not a.no_heldout)
     report = merge(base, Path(a.adapter), Path(a.out), base_weights=a.base_weights, dtype=a.dtype, check=a.check,
-                   heldout_file=Path(heldout) if heldout else None, force=a.force,
+                   heldout_file=heldout, force=a.force,
                    ignore_base_digests=a.ignore_base_digests, inexact_nf4=a.inexact_nf4,
                    max_shard_bytes=int(a.max_shard_size * 2**30),
                    threads=a.threads)
@@ -565,7 +538,8 @@ def run_smoke(a) -> Outcome:
     if result["server_failure"]:
         lines.append("  " + result["server_failure"].replace("\n", "\n    "))
     for name, r in result["checks"].items():
-        lines.append(f"  {'ok  ' if r['passed'] else 'FAIL'} {name}{'' if r['gate'] else ' (not gating)'}: {figures(r)}")
+        gating = "" if r["gate"] else " (not gating)"
+        lines.append(f"  {'ok  ' if r['passed'] else 'FAIL'} {name}{gating}: {figures(r)}")
     lines.append(f"signature: {result['signature']}")
     return Outcome({"dir": str(folder), **result}, "\n".join(lines), EXIT_OK if result["passed"] else EXIT_CHECK_FAILED)
 

@@ -76,7 +76,7 @@ def compare(project: Project, registry, *, progress: bool = True) -> dict:
             skipped.append({"target": label, "why": "its exporter offers no logits hook"})
             continue
         for mode in MODES:
-            folder = pipe.export(spec, merged[mode], under="" if mode == "nf4" else "compare-original")
+            folder = pipe.export(resolved, merged[mode], under="" if mode == "nf4" else "compare-original")
             artifacts.append((label, mode, folder, exporter.logits))
     rows = []
     for label, mode, folder, logits in artifacts:

@@ -81,12 +81,12 @@ def calibration_text() -> str:
 
 
 def reference_document() -> str:
-    """~8k tokens of prose with some code (8,239 on SmolLM2's tokenizer), the same for every target: the smoke gate's long reference text, long
-    enough that its divergence and perplexity figures are stable (on the ~400-token REFERENCE_TEXT a Q8_0 export
-    read +2.9% perplexity, over 8k tokens +0.5%). It is part of CPython's language reference (the `pydoc_data`
-    topics objects, execmodel, exceptions, import, context-managers, truth, lambda and calls), shipped with the
-    package so that every Python version scores the same text; Python Software Foundation License, see
-    reference_text.NOTICE."""
+    """~8k tokens of prose with some code (8,239 on SmolLM2's tokenizer), the same for every target: the smoke
+    gate's long reference text, long enough that its divergence and perplexity figures are stable (on the ~400-token
+    REFERENCE_TEXT a Q8_0 export read +2.9% perplexity, over 8k tokens +0.5%). It is part of CPython's language
+    reference (the `pydoc_data` topics objects, execmodel, exceptions, import, context-managers, truth, lambda and
+    calls), shipped with the package so that every Python version scores the same text; Python Software Foundation
+    License, see reference_text.NOTICE."""
     from pathlib import Path
 
     return (Path(__file__).with_name("reference_text.txt")).read_text(encoding="utf-8")

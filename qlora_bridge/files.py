@@ -8,10 +8,12 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .errors import BridgeError
@@ -208,6 +210,22 @@ def output_folder(out: Path, *, force: bool, what: str = "output folder", marker
             raise
         finally:
             shutil.rmtree(hidden, ignore_errors=True)
+
+
+def quiet_libraries() -> None:
+    """Library loggers and warnings that would reach the terminal on every start, silenced (set once per process;
+    what an engine prints while it works goes to its log file: engine_log)."""
+    # bitsandbytes logs a harmless "Failed to load CPU gemm_4bit_forward from kernels-community" on import.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # torchao (a GPTQModel dependency, imported by transformers when present) reports its missing CUDA kernels
+    # and deprecated enum registrations on every start
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
+    # through the environment, not by importing transformers: init, verify and plugins must not load torch
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @contextlib.contextmanager

@@ -67,8 +67,8 @@ class Registry:
     def problems(self) -> list[str]:
         broken = [f"plugin '{p.name}' ({p.source}: {p.origin}) is broken: {p.error}"
                   for p in self.plugins.values() if p.error]
-        clashes = [f"{KINDS[hook][0].__name__.lower()} '{key}' is claimed by plugins {' and '.join(repr(n) for n in names)}"
-                   for (hook, key), names in self.conflicts.items()]
+        clashes = [f"{KINDS[hook][0].__name__.lower()} '{key}' is claimed by plugins "
+                   f"{' and '.join(repr(n) for n in names)}" for (hook, key), names in self.conflicts.items()]
         return broken + clashes
 
     def _get(self, hook: str, key: str, what: str, flag: str):
@@ -93,9 +93,8 @@ class Registry:
         """The export of `target`: the quant and options given (a command's flags) over those of its project table
         `spec` (a project.ExportSpec, checked here, its errors naming its file and line) over the exporter's
         defaults (its first quant type)."""
-        if spec is not None:
-            spec.check(self)
-        exporter, plugin = self.exporter(target)
+        found = spec.check(self) if spec is not None else None
+        exporter, plugin = found or self.exporter(target)
         quant = quant or (spec.quant if spec else None) or (exporter.quant_types[0] if exporter.quant_types else None)
         if exporter.quant_types and quant not in exporter.quant_types:
             raise BridgeError(f"export target '{target}' does not offer --quant {quant}", field="--quant",
@@ -178,7 +177,7 @@ def load_plugins(local: list[str] = ()) -> Registry:
             if api not in SUPPORTED_PLUGIN_APIS:
                 raise BridgeError(f"it was written for plugin API {api}; this qlora-bridge {__version__} supports "
                                   f"{', '.join(map(str, SUPPORTED_PLUGIN_APIS))}",
-                                  fix="update the plugin for the current API (see the README's plugin section)")
+                                  fix="update the plugin for the current API (docs/export.md: writing a plugin)")
             pm.register(module, name=name)
         except Exception as e:  # a broken plugin must not take the others down
             info.error = f"{type(e).__name__}: {e}"

@@ -14,13 +14,17 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from . import manifest as mf
 from .files import digest_folder, sha256_file, write_json, writer_lock
 from .modelcard import CARD
-from .project import ExportSpec, Project
+from .project import Project
 from .records import read_training_record
+
+if TYPE_CHECKING:
+    from .host import ResolvedExport
 
 STATE = "stages.json"
 
@@ -112,22 +116,11 @@ class Pipeline:
         return f"export {Path(out).relative_to(self.project.out)}"
 
     def adapter(self) -> Path:
-        from .data import check_data, require_file
-        from .default_model import resolve_base
-        from .models import check_base
-        from .stages.train import TrainSettings, train
+        from .stages.train import TrainSettings, checked_base, train
 
         p, settings = self.project, TrainSettings(**self.project.train)
         settings.validate()
-        if p.base:  # a folder the user named costs nothing to check; the embedded default may need converting
-            check_base(Path(p.base))
-        for path, what in ((p.train_data, "training data"), (p.heldout, "held-out data")):
-            if path is not None:
-                require_file(path, what, field="data",
-                             fix="fix the path (in qlora-bridge.toml, relative to it, or the command's flag)")
-        check_data(p.train_data, p.heldout)  # bad input is named before the base is converted or hashed
-        base = resolve_base(p.base)
-        check_base(base)
+        base = checked_base(p.base, p.train_data, p.heldout)  # bad input named before the base is converted or hashed
         key = digest({"stage": "train", "tool": __version__, "base": self.files(base),
                       "data": sha256_file(p.train_data), "heldout": sha256_file(p.heldout) if p.heldout else None,
                       "settings": asdict(settings)})
@@ -151,18 +144,18 @@ class Pipeline:
         return self._run(name, key, out, lambda: merge(base, adapter, out, heldout_file=self.project.heldout,
                                                        force=True, progress=self.progress, **settings))
 
-    def export(self, spec: ExportSpec, merged: Path | None = None, under: str = "") -> Path:
-        """Export into OUT/[under/]export-TARGET-QUANT (or the spec's name)."""
+    def export(self, resolved: ResolvedExport, merged: Path | None = None, under: str = "") -> Path:
+        """Export into OUT/[under/]export-TARGET-QUANT (or the project table's name): `resolved` is the table's
+        export as Registry.resolve_export decided it."""
         from .stages.export import write
 
-        resolved = self.registry.resolve_export(spec.target, spec=spec)
         merged = merged or self.merged()
         out = self.project.out / under / resolved.folder
         out.parent.mkdir(parents=True, exist_ok=True)
         plugin = resolved.plugin
         key = digest({"stage": "export", "tool": __version__, "plugin": [plugin.name, plugin.version],
-                      "merged": self.folder_digest(merged), "target": spec.target, "quant": resolved.quant,
-                      "options": {k: spec.options[k] for k in resolved.options}})  # a serving option: no export
+                      "merged": self.folder_digest(merged), "target": resolved.target, "quant": resolved.quant,
+                      "options": resolved.options})  # the exporter's options only: a serving option is no export
         return self._run(self.export_stage(out), key, out,
                          lambda: write(resolved, merged, out, force=True, progress=self.progress),
                          self.artifact_digest)

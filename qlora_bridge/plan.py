@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .api.types import CUDA_CONTEXT, ModelShape, Need
+from .api.planning import CUDA_CONTEXT, ModelShape, Need
 from .errors import BridgeError
 from .project import ExportSpec
 from .train_settings import TrainSettings

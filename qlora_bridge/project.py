@@ -59,37 +59,38 @@ class ExportSpec:
         """The options the serving backend reads."""
         return {k: v for k, v in self.options.items() if adapter.options is None or k in adapter.options}
 
-    def check(self, registry) -> None:
+    def check(self, registry):
         """The table against the plugins loaded, before any work: its target, quant and backend, and every option
         key read by the exporter or the backend. An error names the project file and the line, not a flag the user
-        never typed. A spec no file wrote is checked where its flags are read."""
+        never typed. A spec no file wrote is checked where its flags are read. Returns the (Exporter, PluginInfo)
+        looked up, None for a spec no file wrote."""
         if self.source is None:
-            return
-        exporter = self._checked("target", registry.exporter, self.target)
+            return None
+        found = self._checked("target", registry.exporter, self.target)
+        exporter = found[0]
         if self.quant and exporter.quant_types and self.quant not in exporter.quant_types:
             raise self._refused("quant", f"export target '{self.target}' does not offer quant {self.quant!r}",
                                 f"use one of {', '.join(exporter.quant_types)}")
         if self.backend:
-            adapter = self._checked("backend", registry.server, self.backend)
+            adapter = self._checked("backend", registry.server, self.backend)[0]
         else:
             try:
                 adapter, _ = registry.server(registry.backend_for(exporter.format))
             except BridgeError:  # nothing serves the format here: release reports the export as not verified
                 adapter = None
         readers = [r for r in (exporter, adapter) if r is not None]
-        if any(r.options is None for r in readers):  # a plugin that declares no options reads any
-            return
-        declared = {k for r in readers for k in r.options}
-        for key in self.options:
+        declared = None if any(r.options is None for r in readers) else {k for r in readers for k in r.options}
+        for key in self.options if declared is not None else ():  # a plugin that declares no options reads any
             if key not in declared:
                 who = f"export target '{self.target}'" + (" and its backend" if adapter else "")
                 raise self._refused(f"options.{key}", f"{who} take{'' if adapter else 's'} no option {key!r}",
                                     f"they take: {', '.join(sorted(declared)) or 'none'} (`qlora-bridge plugins "
                                     "--json` describes each)", line_key="options")
+        return found
 
     def _checked(self, key: str, lookup, name: str):
         try:
-            return lookup(name)[0]
+            return lookup(name)
         except BridgeError as e:
             raise self._refused(key, e.problem, e.fix) from None
 

@@ -1,4 +1,5 @@
-"""The 4-bit NF4 base: loading it through bitsandbytes, guarding its layout, and fingerprinting it.
+"""The 4-bit NF4 base: loading it through bitsandbytes, guarding its layout, fingerprinting it, and rebuilding it
+for the merge.
 
 The fingerprint is a digest of exactly what bitsandbytes built (packed 4-bit codes, block scales, the nested
 double-quant state and code maps) per layer. The merge rebuilds NF4 from the base checkpoint and must
@@ -11,6 +12,8 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+
+from .errors import CheckFailed
 
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block size; recorded so a merge can refuse a different one
 
@@ -97,3 +100,45 @@ def _checkpoint_name(module_name: str) -> str:
     """'base_model.model.model.layers.0.self_attn.q_proj' -> 'model.layers.0.self_attn.q_proj.weight'."""
     name = module_name.removeprefix("base_model.model.")
     return f"{name}.weight"
+
+
+def nf4_device(quant: dict, inexact: bool) -> str:
+    """Where to rebuild NF4: where training built it, since bitsandbytes' CUDA and CPU kernels round differently."""
+    import bitsandbytes as bnb
+
+    trained_on = quant.get("device", "cpu")
+    if trained_on == "cpu" or torch.cuda.is_available():
+        return trained_on
+    if inexact:
+        return "cpu"
+    raise CheckFailed("the adapter was trained on a CUDA GPU, and bitsandbytes' CUDA and CPU kernels round NF4 "
+                      "differently (on an H200 with bitsandbytes 0.50.2, 13 of 14 layers differed, by up to 1.3e-3 "
+                      f"relative; this is bitsandbytes {bnb.__version__}), so the exact rebuild needs a CUDA GPU",
+                      field="quantization.device", fix="run the merge on a machine with a CUDA GPU, or pass "
+                      "--inexact-nf4 to rebuild NF4 on the CPU (unproven: ~1e-3 off the trained weights, against "
+                      "~0.09 for --base-weights original)")
+
+
+def nf4_base_weight(w: torch.Tensor, key: str, quant: dict, device: str, inexact: bool) -> torch.Tensor:
+    """dequant(nf4(w)) exactly as training built it, after proving the rebuild matches its fingerprint."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    fp = quant["fingerprint"]["layers"][key]
+    src = w.to(device=device, dtype=getattr(torch, fp["source_dtype"]))
+    packed, qs = quantize_4bit(src, blocksize=fp["blocksize"], compress_statistics=quant["double_quant"],
+                               quant_type=quant["quant_type"])
+    if not inexact and state_digest(packed, qs) != fp["sha256"]:
+        raise FingerprintMismatch(key, quant.get("bitsandbytes_version"), bnb.__version__)
+    return dequantize_4bit(packed, qs).float().cpu()
+
+
+class FingerprintMismatch(CheckFailed):
+    def __init__(self, key: str, trained_with: str | None, have: str):
+        cause = (f"training used bitsandbytes {trained_with} and this is {have}; its NF4 codes differ between "
+                 "versions" if trained_with and trained_with != have else
+                 "the base weights differ from the ones the adapter was trained on")
+        super().__init__(f"the NF4 weights rebuilt for {key} do not match the fingerprint recorded in training: "
+                         f"{cause}", field="quantization.fingerprint",
+                         fix=f"merge with bitsandbytes {trained_with or 'as used in training'} and the same base, or "
+                         "pass --base-weights original (a different model from the one trained)")

@@ -40,7 +40,8 @@ def row(folder: Path, manifest: dict, bpw: float | None, smoke: dict | None, sig
             "bits_per_weight": bpw, "parity": get("tokenization", "parity"),
             "kl_answers": get("divergence", "kl_answers"), "kl_text": get("divergence", "kl_text"),
             "top1_text": get("divergence", "top1_text"), "ppl_ratio": get("divergence", "ppl_ratio"),
-            "task_score": get("task-score", "task_score"), "task_score_reference": get("task-score", "task_score_reference"),
+            "task_score": get("task-score", "task_score"),
+            "task_score_reference": get("task-score", "task_score_reference"),
             "task_interval": get("task-score", "interval_95"), "agreement": get("task-score", "agreement"),
             "tokens_per_second": get("speed", "tokens_per_second"), "signature": signature, "status": status,
             "backend": (smoke or {}).get("backend"), "path": str(folder), "note": note}
@@ -98,16 +99,17 @@ def release(project: Project, registry, *, progress: bool = True, passphrase: by
         merged = pipe.merged()
         rows = []
         for spec in project.exports:
-            exporter, _ = registry.exporter(spec.target)
-            folder = pipe.export(spec, merged)
-            manifest = mf.read(folder)
+            resolved = registry.resolve_export(spec.target, spec=spec)  # decided once, handed down
+            exporter = resolved.exporter
+            folder = pipe.export(resolved, merged)
+            manifest = mf.read(folder)  # read once: smoke records its verification in it, signing reads it
             result, note, backend = None, "", spec.backend
             try:
                 backend = backend or registry.backend_for(exporter.format)
                 result = smoke(registry, folder, backend, suite_file=project.suite,
                                options=spec.serve_options(registry.server(backend)[0]),
-                               timeout=project.smoke_timeout, license=project.license)
-                manifest = mf.read(folder)
+                               timeout=project.smoke_timeout, license=project.license, manifest=manifest,
+                               exporter=(exporter, resolved.plugin))
                 passed = result["passed"]
                 if result["server_failure"]:  # one cause, not every check's network error
                     note = "failed: " + result["server_failure"].partition("\n")[0]
@@ -120,7 +122,7 @@ def release(project: Project, registry, *, progress: bool = True, passphrase: by
             if passed:
                 signature = "signed" if project.sign_key else "unsigned (no sign.key)"
                 if project.sign_key:
-                    sign(folder, project.sign_key, passphrase)
+                    sign(folder, project.sign_key, passphrase, manifest=manifest)
                 rows.append(row(folder, manifest, bits_per_weight(exporter, manifest), result, signature, "passed"))
             else:
                 pipe.forget(pipe.export_stage(folder))  # never reuse a failed artifact

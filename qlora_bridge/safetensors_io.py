@@ -75,7 +75,8 @@ class SafetensorsReader:
             for d in shape:
                 numel *= d
             if b - a != numel * dtype.itemsize or a < 0:
-                raise self._corrupt(f"tensor '{name}' has offsets {a}..{b} that do not fit {meta['dtype']}{list(shape)}")
+                raise self._corrupt(f"tensor '{name}' has offsets {a}..{b} that do not fit "
+                                    f"{meta['dtype']}{list(shape)}")
             if base + b > size:
                 raise self._corrupt(f"tensor '{name}' ends at byte {base + b} but the file has {size} bytes")
             self.tensors[name] = TensorInfo(name, dtype, shape, base + a, base + b)

@@ -47,13 +47,15 @@ def _hashing_config():
     return hashing.Config().set_ignored_paths(paths=[mf.SIGNATURE], ignore_git_paths=True)
 
 
-def sign(folder: Path, private_key: Path, passphrase: bytes | None = None) -> Path:
+def sign(folder: Path, private_key: Path, passphrase: bytes | None = None, manifest: dict | None = None) -> Path:
+    """Sign the folder (OpenSSF model-signing) once its manifest is valid and its files match it. manifest: the
+    folder's, where the caller holds it as written."""
     import model_signing
 
     folder, private_key = Path(folder), Path(private_key)
     if not private_key.is_file():
         raise BridgeError("private key not found", file=private_key, fix="create one with `qlora-bridge keygen`")
-    manifest = mf.read(folder)
+    manifest = manifest if manifest is not None else mf.read(folder)
     problems = mf.schema_errors(manifest) + [f"a path outside the folder: {p}" for p in mf.unsafe_paths(manifest)]
     if problems:  # a signature would vouch for it: the community verifier checks digests, not our schema
         raise BridgeError(f"the manifest is not valid, so the folder is not signed: {problems[0]}",

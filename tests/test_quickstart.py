@@ -30,8 +30,9 @@ def test_embedded_model_merge_is_exact_and_answers_like_the_adapter(demo_merged)
 
 
 # Only Q4_K_M, the lowest-bit type that must pass, for time (each type costs ~3 minutes on 2 cores and the suite must
-# stay under 40): F16 and Q8_0 are closer to the merged model on every instrument (README, gate figures), and a
-# float copy passing the gate is tested on the tiny model (test_smoke.py) and on vLLM (test_vllm.py)
+# stay under 40): F16 and Q8_0 are closer to the merged model on every instrument (docs/gguf-and-the-gate.md, the
+# gate's figures), and a float copy passing the gate is tested on the tiny model (test_smoke.py) and on vLLM
+# (test_vllm.py)
 @pytest.mark.parametrize("quant", ["Q4_K_M"])
 def test_gguf_exports_pass_the_smoke_gate(demo_merged, quant, capsys, ollama_render):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is the GGUF extra: pip install '.[gguf]'")

@@ -28,28 +28,27 @@ from ..modelcard import merged_license
 from ..malloc import release_freed_memory
 from ..records import Lineage
 from .hookspecs import hookimpl
+from .planning import CUDA_CONTEXT, ModelShape, Need
+from .serving import Client, Golden, SmokeContext, http_json
 from .types import (
-                    CUDA_CONTEXT,
+                    EIGHT_BIT,
+                    FLOAT_COPY,
+                    FOUR_BIT,
                     Bounds,
-                    Client,
                     Declared,
                     Exporter,
                     ExportRequest,
                     ExportResult,
-                    Golden,
                     LaunchRequest,
-                    ModelShape,
-                    Need,
                     Server,
                     ServingAdapter,
                     SmokeCheck,
-                    SmokeContext,
                     TokenScores,
                     check_options,
-                    http_json,
 )
 
-__all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult", "Bounds", "ServingAdapter",
+__all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult", "Bounds", "FLOAT_COPY", "EIGHT_BIT",
+           "FOUR_BIT", "ServingAdapter",
            "LaunchRequest", "TokenScores", "SmokeCheck", "SmokeContext", "Golden", "Client", "Server", "BridgeError",
            "CheckFailed", "PARITY_CORPUS", "REFERENCE_TEXT", "calibration", "calibration_text", "reference_document",
            "engine_log", "cache_dir", "http_json", "adds_bos", "token_sequences", "folder_logits", "model_logits",
@@ -57,7 +56,8 @@ __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult"
            "check_options", "ModelShape", "Need", "CUDA_CONTEXT", "Lineage", "RecipeSpace", "search_recipe",
            "figures_line", "MAX_BITS", "Declared", "hf_declared", "differences", "__version__"]
 
-# bump when a hook, a registration type or what this module offers changes. 10: Exporter.declares and Declared
+# bump when a hook, a registration type or what this module offers changes. 11: the bounds tiers FLOAT_COPY,
+# EIGHT_BIT and FOUR_BIT (what the built-ins hold their quant types to); 10: Exporter.declares and Declared
 # (what an export folder says about itself, which the gate holds to the merged model's), hf_declared, differences,
 # SmokeContext.declares and merged_declared; 9: search_recipe and RecipeSpace
 # (recipe=auto's search for any packed target: it describes its recipes, the search measures them), figures_line
@@ -73,5 +73,5 @@ __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult"
 # `plan`), Exporter recognizes; 3: Exporter gained path_options, library and bits_per_weight; 2:
 # ServingAdapter.prompt_logprobs became ServingAdapter.logprobs and Exporter gained bounds. Plugins written for 1
 # to 9 work unchanged, but for a 6 that declared Need.lighter.
-PLUGIN_API = 10
-SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+PLUGIN_API = 11
+SUPPORTED_PLUGIN_APIS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)

@@ -8,17 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
-from qlora_bridge.api import (Bounds, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult, Lineage,
-                              ModelShape, Need, folder_logits, hf_declared, hookimpl)
+from qlora_bridge.api import (EIGHT_BIT, FLOAT_COPY, BridgeError, CheckFailed, Exporter, ExportRequest, ExportResult,
+                              Lineage, ModelShape, Need, folder_logits, hf_declared, hookimpl)
 
-PLUGIN_API = 10  # the plugin API this module was written for
-# The smoke gate's bounds. float32 served by vLLM measured a KL of 8e-11 on the demo's reference text (a copy);
-# float16 holds what llama.cpp's F16 of the demo measured, 5.7e-6, to 2e-4. bfloat16 keeps 8 bits of mantissa,
-# what Q8_0 keeps, and erases small LoRA deltas (research notes): Q8_0's bounds.
-FLOAT = Bounds(kl_answers=1e-4, kl_text=2e-4, ppl_ratio=1.001, task_ratio=1.0,
-               reason="a float copy: float32 measured 8e-11 on the demo through vLLM, F16 5.7e-6 through llama.cpp")
-BFLOAT16 = Bounds(kl_answers=1e-3, kl_text=0.01, ppl_ratio=1.02, task_ratio=0.98,
-                  reason="8 bits of mantissa, Q8_0's precision: about 2x Q8_0's 4.9e-4 / 4.6e-3 on the demo")
+PLUGIN_API = 11  # the plugin API this module was written for
+BOUNDS = {"float32": FLOAT_COPY, "float16": FLOAT_COPY, "bfloat16": EIGHT_BIT}  # bfloat16 erases small LoRA deltas
 DTYPES = ("float16", "bfloat16", "float32")
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model", "vocab.json", "merges.txt",
@@ -104,7 +98,7 @@ def recognizes(folder) -> bool:
 @hookimpl
 def register_exporters(register):
     register(Exporter(target="safetensors", export=export, format="safetensors", quant_types=DTYPES,
-                      logits=folder_logits, bounds={"float32": FLOAT, "float16": FLOAT, "bfloat16": BFLOAT16},
+                      logits=folder_logits, bounds=BOUNDS,
                       options={"max_shard_size": "largest shard in GiB (default 2)"}, library="transformers",
                       bits_per_weight=lambda e: {"float32": 32, "float16": 16, "bfloat16": 16}[e["quant"]],
                       memory=memory, recognizes=recognizes, declares=hf_declared,

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from qlora_bridge.api import PARITY_CORPUS, SmokeCheck, differences, hookimpl
 
-PLUGIN_API = 10  # the plugin API this module was written for
+PLUGIN_API = 11  # the plugin API this module was written for
 PROBE = [{"role": "user", "content": "What is the capital of France?"}]
 SPEED_TOKENS = 128  # long enough that the time per token, not the request, dominates
 
@@ -174,7 +174,8 @@ def speed(ctx) -> dict:
 @hookimpl
 def register_smoke_checks(register):
     register(SmokeCheck("declarations", declarations,
-                        description="what the export declares (tokens, template, RoPE, shape, lineage) == the merged's"))
+                        description="what the export declares (tokens, template, RoPE, shape, lineage) == the "
+                                    "merged's"))
     register(SmokeCheck("serves", serves, description="both endpoints answer; a held-out request comes back whole"))
     register(SmokeCheck("tokenization", tokenization, description="served tokenizer == merged model's, on the corpus"))
     register(SmokeCheck("chat-template", chat_template, description="chat prompt renders to as many tokens as HF's"))

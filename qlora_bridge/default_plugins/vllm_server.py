@@ -131,10 +131,10 @@ def parallelism(req: LaunchRequest, python: str) -> tuple[int, int, str]:
     if executor != "ray" and tp * pp > 1 and tp * pp > gpus:
         raise BridgeError(f"{tp * pp} GPUs asked for (tensor x pipeline parallel) but this machine has {gpus}",
                           field="--option tensor_parallel_size", fix="lower the sizes, or use "
-                          "distributed_executor_backend=ray on a Ray cluster that has them (README)")
+                          "distributed_executor_backend=ray on a Ray cluster that has them (docs/serving.md)")
     if executor == "ray" and subprocess.run([python, "-c", "import ray"], capture_output=True).returncode != 0:
         raise BridgeError("the ray executor needs Ray in vLLM's environment", field=field,
-                          fix=f"{python} -m pip install 'ray[default]', then start the cluster (README)")
+                          fix=f"{python} -m pip install 'ray[default]', then start the cluster (docs/serving.md)")
     return tp, pp, executor
 
 

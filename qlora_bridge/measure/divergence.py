@@ -139,7 +139,8 @@ def compare_rows(ref: TokenScores, got: TokenScores, targets: torch.Tensor) -> R
                           fix="the engine tokenized or truncated the sequence: score sequences within its context")
     if ref.ids is None and got.ids is None and got.logprobs.shape != ref.logprobs.shape:
         raise BridgeError(f"the export's distributions have {got.logprobs.shape[1]} entries, the reference's "
-                          f"{ref.logprobs.shape[1]}", fix="the export has another vocabulary: compare exports of this model")
+                          f"{ref.logprobs.shape[1]}",
+                          fix="the export has another vocabulary: compare exports of this model")
     logp, found = lookup(got, targets[:, None])
     ref_logp, ref_found = lookup(ref, targets[:, None])
     if not bool(found.all() and ref_found.all()):

@@ -15,7 +15,7 @@ from .reference import Reference, reference_for
 SIGNIFICANCE = 0.05  # one-sided: a task-score drop counts only when chance would produce it less than 1 in 20 times
 
 
-def measure(reference: Reference, tok, scores: Callable[[list[list[int]]], Iterator[TokenScores]]) -> dict:
+def measure_against(reference: Reference, tok, scores: Callable[[list[list[int]]], Iterator[TokenScores]]) -> dict:
     """An export against the reference: along the reference's held-out answers (KL, top-1, answers kept, the
     paired task score) and over the reference document (KL, top-1, perplexity ratio). scores: the export's
     next-token distributions for token sequences (a serving engine's, or an exporter's logits hook's)."""
@@ -50,7 +50,7 @@ def fidelity(lineage: dict, merged: Path, folder: Path, logits) -> dict:
 
     reference = reference_for({"inputs": lineage}, merged)
     tok = AutoTokenizer.from_pretrained(merged, trust_remote_code=False)
-    m = measure(reference, tok, lambda sequences: map(full_scores, logits(folder, sequences)))
+    m = measure_against(reference, tok, lambda sequences: map(full_scores, logits(folder, sequences)))
     answers, text, task = m["answers"], m["text"], m["task"]
     return {"kl_answers": answers["kl_mean"], "top1_answers": answers["top1"], "kl_text": text["kl_mean"],
             "top1_text": text["top1"], "ppl_ratio": text["ppl_ratio"], "task_score": task["served"],

@@ -28,13 +28,13 @@ from ..errors import CheckFailed
 from .fidelity import fidelity, misses
 
 # The aim inside the gate's bounds: KL at most 0.9 of its bound, the perplexity ratio's excess over 1 at most 0.9 of
-# the bound's. The search measures the very fine-tune it exports, so what the margin covers is the difference
-# between our float32 read-back and what a server computes (half-precision activations, its own kernels). Measured on
-# the same AWQ files served by vLLM (the demo; README, "The recipe, chosen by measuring the fine-tune"), the served
-# figure over ours: KL along the answers 0.95 and 0.97, on the text 0.84 and 0.84, the perplexity ratio's excess
-# 0.99 and 0.97. 0.9 keeps a served figure inside its bound where it comes out up to 11% worse than our read-back,
-# which none did. (0.7, from the spread between two trainings at one fixed recipe, refused a served pass: the seed-1
-# demo's q/k/v-kept recipe read 1.041 here and passed served at 1.040, bound 1.05.)
+# the bound's. The search measures the very fine-tune it exports, so the margin covers what differs between our
+# float32 read-back and a server (half-precision activations, its own kernels). On the demo's AWQ files served by
+# vLLM (docs/gptq-awq.md, "The recipe, chosen by measuring the fine-tune"), served over read-back: KL along the
+# answers 0.95 and 0.96, on the text 0.84 and 0.85, the perplexity ratio's excess 0.99 and 0.97. So 0.9 keeps a
+# served figure inside its bound where it comes out up to 11% worse than our read-back, which none did. (0.7, from
+# the spread between two trainings at one fixed recipe, refused what served passed: the seed-1 demo's q/k/v-kept
+# recipe read 1.041 here and was served at 1.040, bound 1.05.)
 MARGIN = 0.9
 TRIES = 3  # exports of kept sets at most, each a whole export (hours on a 70B): past that the prediction is wrong
 MAX_BITS = 8.0  # beyond this a plain 8-bit export keeps more for fewer bits

@@ -6,7 +6,8 @@ is re-quantized with the same bitsandbytes settings, proven identical to what tr
 "original", W' = W + (alpha/r)·B·A: what most tools do, and a different model from the one that was trained.
 
 Tensors stream from the base's shards to the output's shards one at a time, so peak memory is a few copies of the
-largest tensor, whatever the size of the model.
+largest tensor, whatever the size of the model. Reading the adapter is adapter.py, the NF4 rebuild quant.py (beside
+the fingerprint it must reproduce), the checks against the trained model measure/equivalence.py.
 """
 
 from __future__ import annotations
@@ -23,182 +24,23 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..corpus import REFERENCE_TEXT
+from ..adapter import Adapter, LoraLayer, check_pairing, named_bases, read_adapter
 from ..errors import BridgeError, CheckFailed
 from ..files import check_output, digest_folder, output_folder, sha256_file, write_json, writer_lock
 from ..manifest import environment
-from ..models import check_base, peak_rss_mib, trained_model
-from ..quant import state_digest
-from ..records import (MERGE_REPORT, MergeReport, TrainingRecord, read_training_record, write_merge_report,
-                       write_training_record)
+from ..measure.equivalence import check_failure, equivalence, heldout_comparison
+from ..models import check_base, peak_rss_mib
+from ..quant import nf4_base_weight, nf4_device
+from ..records import MERGE_REPORT, MergeReport, write_merge_report, write_training_record
 from ..safetensors_io import SafetensorsReader, ShardWriter, model_shards
 
 MODES = ("nf4", "original")
 DTYPES = ("float32", "float16", "bfloat16")
-# fp32 logits of the merged model vs the 4-bit + adapter model: measured ~1e-6 (summation order differs between a
-# fused weight and the factored adapter path); 1e-4 is 100x that noise and far below any real merge error (~0.26).
-EXACT_LIMIT = 1e-4
 # A delta whose stored form keeps less than this share (by norm) earns a warning: a tenth of the fine-tune gone.
 KEPT_WARNING = 0.9
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "model.safetensors.index.json",
                 "pytorch_model.bin.index.json")
 
-
-@dataclass
-class LoraLayer:
-    module: str  # e.g. model.layers.0.self_attn.q_proj
-    a_key: str
-    b_key: str
-    scale: float
-    fan_in_fan_out: bool
-
-
-@dataclass
-class Adapter:
-    path: Path
-    config: dict
-    layers: dict[str, LoraLayer]  # by base weight key
-    reader: SafetensorsReader
-    record: TrainingRecord | None
-
-
-def _pattern(patterns: dict, module: str, default):
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def read_adapter(path: Path) -> Adapter:
-    path = Path(path)
-    cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file():
-        raise BridgeError("not a peft adapter folder (no adapter_config.json)", file=path,
-                          fix="pass the folder written by `qlora-bridge train` (or peft's save_pretrained)")
-    cfg = json.loads(cfg_file.read_text())
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        found = [p.name for p in path.glob("adapter_model.bin")]
-        raise BridgeError("no adapter_model.safetensors" + (" (only a pickle .bin, which is never loaded)"
-                          if found else ""), file=path, fix="re-save the adapter with safetensors")
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
-        raise BridgeError(f"only plain LoRA adapters can be merged (this is {cfg.get('peft_type')}"
-                          f"{', DoRA' if cfg.get('use_dora') else ''})", file=cfg_file, field="peft_type",
-                          fix="train a plain LoRA adapter")
-    if cfg.get("modules_to_save"):
-        raise BridgeError(f"the adapter also saves whole modules {cfg['modules_to_save']}, which this merge does "
-                          "not write", file=cfg_file, field="modules_to_save", fix="train without modules_to_save")
-    reader = SafetensorsReader(weights)
-    layers = {}
-    for key in reader.tensors:
-        m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
-        if not m:
-            raise BridgeError(f"unsupported adapter tensor '{key}'", file=weights,
-                              fix="only LoRA A/B matrices of linear layers can be merged")
-        if m.group(2) == "B":
-            continue
-        module = m.group(1)
-        b_key = key.replace(".lora_A", ".lora_B")
-        if b_key not in reader.tensors:
-            raise BridgeError(f"'{key}' has no matching lora_B", file=weights, fix="re-save the adapter")
-        r = reader.tensors[key].shape[0]
-        alpha = _pattern(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        layers[f"{module}.weight"] = LoraLayer(module, key, b_key, scale, bool(cfg.get("fan_in_fan_out")))
-    if not layers:
-        raise BridgeError("the adapter holds no LoRA layers", file=weights, fix="pass a trained adapter")
-    record = read_training_record(path, required=False)
-    return Adapter(path, cfg, layers, reader, record)
-
-
-def check_pairing(base: Path, adapter: Adapter, shards: dict[str, Path], mode: str, ignore_digests: bool,
-                  base_files: dict[str, str]) -> None:
-    """Refuse an adapter trained on another base, and say which evidence shows it."""
-    missing = [k for k in adapter.layers if k not in shards]
-    if missing:
-        raise BridgeError(f"missing target modules: the base has no {', '.join(missing[:3])}"
-                          f"{' …' if len(missing) > 3 else ''} ({len(missing)} of {len(adapter.layers)})",
-                          file=base, fix="merge into the base the adapter was trained on")
-    readers = {}
-    for key, layer in adapter.layers.items():
-        reader = readers.setdefault(shards[key], SafetensorsReader(shards[key]))
-        out_f, in_f = reader.tensors[key].shape
-        a, b = adapter.reader.tensors[layer.a_key].shape, adapter.reader.tensors[layer.b_key].shape
-        want = (in_f, out_f) if layer.fan_in_fan_out else (out_f, in_f)
-        if (b[0], a[1]) != want:
-            raise BridgeError(f"shape mismatch at {key}: the base weight is {list(want)}, the adapter's B·A is "
-                              f"{[b[0], a[1]]}", file=base, fix="merge into the base the adapter was trained on")
-    record = adapter.record
-    if mode == "nf4" and (record is None or record.quantization is None):
-        raise BridgeError("--base-weights nf4 needs the NF4 fingerprint from training_record.json, which this "
-                          "adapter lacks", file=adapter.path, fix="merge an adapter trained by `qlora-bridge train`, "
-                          "or pass --base-weights original (a different model from the one trained)")
-    if record and not ignore_digests:
-        trained_on = record.base["files"]
-        differ = [n for n, d in trained_on.items() if n in base_files and base_files[n] != d]
-        gone = [n for n in trained_on if n.endswith(".safetensors") and n not in base_files]
-        if differ or gone:
-            detail = "; ".join([f"{n}: trained on sha256 {trained_on[n][:12]}…, this base has "
-                                f"{base_files[n][:12]}…" for n in differ] + [f"{n} is missing" for n in gone])
-            raise BridgeError(f"digest mismatch: this is not the base the adapter was trained on ({detail})",
-                              file=base, fix="merge into the base recorded in training_record.json, or pass "
-                              "--ignore-base-digests if the weights were only re-saved (nf4 mode still proves them "
-                              "by fingerprint)")
-
-
-def named_bases(adapter: Adapter, base: Path, digests_checked: bool) -> list[str]:
-    """Where adapter_config.json names a base other than the training record's (an edited or copied config): said,
-    not silently settled. Which weights the adapter was trained on is proven by the record's digests and the NF4
-    fingerprint (check_pairing), which refuse a base that differs; the config's name proves nothing."""
-    named = adapter.config.get("base_model_name_or_path")
-    if not named or adapter.record is None or named == adapter.record.base["path"]:
-        return []
-    return [f"adapter_config.json names the base {named}, the training record {adapter.record.base['path']}: "
-            f"merged into {base}, " + ("whose files match the record's digests" if digests_checked else
-                                       "whose digests were not checked (--ignore-base-digests)")
-            + "; fix base_model_name_or_path in the config before publishing the adapter"]
-
-
-def nf4_device(quant: dict, inexact: bool) -> str:
-    """Where to rebuild NF4: where training built it, since bitsandbytes' CUDA and CPU kernels round differently."""
-    import bitsandbytes as bnb
-
-    trained_on = quant.get("device", "cpu")
-    if trained_on == "cpu" or torch.cuda.is_available():
-        return trained_on
-    if inexact:
-        return "cpu"
-    raise CheckFailed("the adapter was trained on a CUDA GPU, and bitsandbytes' CUDA and CPU kernels round NF4 "
-                      "differently (on an H200 with bitsandbytes 0.50.2, 13 of 14 layers differed, by up to 1.3e-3 "
-                      f"relative; this is bitsandbytes {bnb.__version__}), so the exact rebuild needs a CUDA GPU",
-                      field="quantization.device", fix="run the merge on a machine with a CUDA GPU, or pass "
-                      "--inexact-nf4 to rebuild NF4 on the CPU (unproven: ~1e-3 off the trained weights, against "
-                      "~0.09 for --base-weights original)")
-
-
-def nf4_base_weight(w: torch.Tensor, key: str, quant: dict, device: str, inexact: bool) -> torch.Tensor:
-    """dequant(nf4(w)) exactly as training built it, after proving the rebuild matches its fingerprint."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-
-    fp = quant["fingerprint"]["layers"][key]
-    src = w.to(device=device, dtype=getattr(torch, fp["source_dtype"]))
-    packed, qs = quantize_4bit(src, blocksize=fp["blocksize"], compress_statistics=quant["double_quant"],
-                               quant_type=quant["quant_type"])
-    if not inexact and state_digest(packed, qs) != fp["sha256"]:
-        raise FingerprintMismatch(key, quant.get("bitsandbytes_version"), bnb.__version__)
-    return dequantize_4bit(packed, qs).float().cpu()
-
-
-class FingerprintMismatch(CheckFailed):
-    def __init__(self, key: str, trained_with: str | None, have: str):
-        cause = (f"training used bitsandbytes {trained_with} and this is {have}; its NF4 codes differ between "
-                 "versions" if trained_with and trained_with != have else
-                 "the base weights differ from the ones the adapter was trained on")
-        super().__init__(f"the NF4 weights rebuilt for {key} do not match the fingerprint recorded in training: "
-                         f"{cause}", field="quantization.fingerprint",
-                         fix=f"merge with bitsandbytes {trained_with or 'as used in training'} and the same base, or "
-                         "pass --base-weights original (a different model from the one trained)")
 
 
 SAMPLE_STRIDE = 8  # every 8th output row: enough for the figures that are estimates, at an eighth of the cost
@@ -244,7 +86,8 @@ def merge_layer(base_w: torch.Tensor, adapter: Adapter, layer: LoraLayer, out_dt
 def copy_side_files(base: Path, out: Path, dtype: str) -> None:
     """Config (with the new dtype and no quantization), generation config, tokenizer and other non-weight files."""
     for f in base.iterdir():
-        if not f.is_file() or any(f.match(p) for p in WEIGHT_FILES) or f.name in ("README.md", "qlora_bridge_source.json"):
+        ours = f.name in ("README.md", "qlora_bridge_source.json")
+        if not f.is_file() or any(f.match(p) for p in WEIGHT_FILES) or ours:
             continue
         shutil.copy2(f, out / f.name)
     cfg = json.loads((base / "config.json").read_text())
@@ -286,51 +129,6 @@ def model_card(base: Path, adapter: Adapter, report: MergeReport) -> str:
     return "\n".join(front + [""] + body) + "\n"
 
 
-def logits_check(base: Path, adapter: Adapter, merged_dir: Path, mode: str, dtype: str) -> dict:
-    """Merged model's logits against the 4-bit base + adapter model (and the 4-bit base alone)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(merged_dir)
-    ids = tok(REFERENCE_TEXT, return_tensors="pt")["input_ids"][:, :512]
-    with torch.no_grad():
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-        got = merged(ids).logits.float()
-        del merged
-        model = trained_model(base, adapter.path, adapter.record)
-        ref = model(ids.to(model.device)).logits.float().cpu()
-        with model.disable_adapter():
-            plain = model(ids.to(model.device)).logits.float().cpu()
-    norm = lambda t: torch.linalg.vector_norm(t).item()
-    rel_error = norm(got - ref) / norm(ref)
-    effect = norm(ref - plain) / norm(plain)
-    retained = 1 - norm(got - ref) / norm(ref - plain) if effect > 0 else 0.0
-    exact_required = mode == "nf4" and dtype == "float32"
-    passed = effect > 1e-6 and retained > 0.5 and (rel_error <= EXACT_LIMIT or not exact_required)
-    return {"method": "full-model logits", "tokens": int(ids.shape[1]), "rel_error": rel_error,
-            "limit": EXACT_LIMIT if exact_required else None, "adapter_effect": effect,
-            "fine_tune_retained": retained, "passed": passed}
-
-
-def heldout_comparison(merged_dir: Path, heldout_file: Path, record: TrainingRecord | None) -> dict:
-    """The merged model's held-out answers beside the 4-bit + adapter model's answers from training."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..data import load_heldout
-    from ..measure.evaluate import exact_match
-
-    tok = AutoTokenizer.from_pretrained(merged_dir)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
-    result = exact_match(model, tok, load_heldout(heldout_file)).to_dict()
-    trained = {a["line"]: a["got"] for a in (record.heldout_answers if record else [])}
-    for a in result["answers"]:
-        a["adapter_got"] = trained.get(a["line"])
-    compared = [a for a in result["answers"] if a["adapter_got"] is not None]
-    result["path"] = str(heldout_file)
-    result["agree_with_adapter"] = sum(a["got"].strip() == a["adapter_got"].strip() for a in compared)
-    result["compared"] = len(compared)
-    return result
-
-
 @dataclass
 class Streamed:
     """What streaming the weights measured: per-layer delta figures, bytes, seconds per phase, peak memory."""
@@ -343,8 +141,8 @@ class Streamed:
     fp32_bytes: int
 
 
-def stream(base_shards: dict[str, Path], adapter: Adapter, out: Path, *, base_weights: str, dtype: str, quant: dict | None,
-           device: str, inexact_nf4: bool, max_shard_bytes: int, progress: bool) -> Streamed:
+def stream(base_shards: dict[str, Path], adapter: Adapter, out: Path, *, base_weights: str, dtype: str,
+           quant: dict | None, device: str, inexact_nf4: bool, max_shard_bytes: int, progress: bool) -> Streamed:
     """Every base tensor, one at a time: read, rebuilt through NF4 (or copied), the LoRA delta added in float32, cast
     to `dtype` and written to the next shard. Memory stays at a tensor or two whatever the model's size."""
     from tqdm import tqdm
@@ -383,29 +181,23 @@ def stream(base_shards: dict[str, Path], adapter: Adapter, out: Path, *, base_we
     weight_map = writer.close()
     write_json(out / "model.safetensors.index.json",
                {"metadata": {"total_size": writer.bytes_written}, "weight_map": weight_map})
-    return Streamed(layers, bytes_read, writer.bytes_written, writer.digests, {k: round(v, 2) for k, v in seconds.items()},
-                    peak_rss_mib(), sum(4 * math.prod(r.tensors[n].shape) for n, r in order))
+    return Streamed(layers, bytes_read, writer.bytes_written, writer.digests,
+                    {k: round(v, 2) for k, v in seconds.items()}, peak_rss_mib(),
+                    sum(4 * math.prod(r.tensors[n].shape) for n, r in order))
 
 
-def equivalence(check: str, base: Path, adapter: Adapter, merged: Path, streamed: Streamed, base_weights: str,
-                dtype: str) -> dict:
-    """The merged model against the 4-bit base + adapter: full-model logits when three float32 copies fit in free
-    memory (or asked for), else the per-layer sampled activations the stream measured."""
-    method = check
-    if check == "auto":
-        import psutil
+def recorded_inputs(adapter_dir: Path, base: str | None, heldout: str | None,
+                    use_heldout: bool = True) -> tuple[Path, Path | None]:
+    """The base and held-out file a merge of this adapter uses where none is given: those its training record
+    names (the recorded base where that folder still exists, else the embedded default)."""
+    from ..default_model import resolve_base
 
-        method = "full" if 3 * streamed.fp32_bytes < psutil.virtual_memory().available else "layer"
-    worst_layer = max(v["layer_check_rel_error"] for v in streamed.layers.values())
-    if method == "full":
-        result = logits_check(base, adapter, merged, base_weights, dtype)
-    else:
-        result = {"method": "per-layer sampled activations" if method == "layer" else "unchecked (--check none)",
-                  "rel_error": worst_layer if method == "layer" else None,
-                  "limit": EXACT_LIMIT if method == "layer" and (base_weights, dtype) == ("nf4", "float32") else None}
-        result["passed"] = method == "none" or result["limit"] is None or worst_layer <= EXACT_LIMIT
-    result["worst_layer_rel_error"] = worst_layer
-    return result
+    record = read_adapter(adapter_dir).record
+    recorded = record.base_path if record else None
+    chosen = Path(base) if base else (recorded if recorded and recorded.is_dir() else resolve_base(None))
+    if use_heldout and not heldout and record:
+        heldout = record.heldout.get("path")
+    return chosen, Path(heldout) if use_heldout and heldout else None
 
 
 def merge(base: Path, adapter_dir: Path, out: Path, *, base_weights: str = "nf4", dtype: str = "float32",
@@ -449,7 +241,7 @@ def merge_claimed(base: Path, adapter_dir: Path, out: Path, *, base_weights: str
             raise CheckFailed("every LoRA delta is zero: the merged model would equal the base (the adapter's "
                               "lora_B matrices were never trained)", file=adapter.path,
                               fix="train the adapter (loss must fall) before merging")
-        result = equivalence(check, base, adapter, tmp, streamed, base_weights, dtype)
+        result = equivalence(check, base, adapter, tmp, streamed.layers, streamed.fp32_bytes, base_weights, dtype)
         if not result["passed"] and gate:
             raise CheckFailed(check_failure(result, base_weights, dtype), file=out,
                               fix="see merge_report figures in the JSON output; nothing was written")
@@ -490,14 +282,3 @@ def lap(totals: dict, key: str, since: float) -> float:
     now = time.perf_counter()
     totals[key] += now - since
     return now
-
-
-def check_failure(result: dict, mode: str, dtype: str) -> str:
-    if result.get("adapter_effect", 1) <= 1e-6:
-        return "the adapter does not change the model's outputs: the merged model would equal the base"
-    if result.get("fine_tune_retained", 1) <= 0.5:
-        return (f"the merged model kept only {result['fine_tune_retained']:.0%} of the fine-tune's effect on the "
-                f"logits of the reference text ({mode} base weights, {dtype}): it is closer to the base than to the "
-                "trained model (`qlora-bridge compare` measures both merges on the held-out answers)")
-    return (f"the merged model's logits differ from the 4-bit base + adapter by {result['rel_error']:.2e} "
-            f"(relative), above the {result['limit']:.0e} an exact nf4 float32 merge must meet")

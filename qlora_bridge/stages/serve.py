@@ -14,7 +14,6 @@ import ctypes
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,16 +24,11 @@ from .. import manifest as mf
 from ..api import LaunchRequest, Server, check_options
 from ..errors import BridgeError, CheckFailed
 from ..host import Registry
+from ..ports import free_port
 
 
 class ServerFailed(CheckFailed):
     """The server did not come up; the message carries its log's tail."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def artifact_format(folder: Path, registry: Registry) -> str:
@@ -136,10 +130,12 @@ def _ready(url: str) -> bool:
 
 @contextlib.contextmanager
 def serving(registry: Registry, backend: str, artifact: Path, *, log: Path, options: dict | None = None,
-            timeout: float = 300.0):
+            timeout: float = 300.0, fmt: str | None = None):
+    """The artifact served by `backend` on a free local port, for the block's duration. fmt: its format, where the
+    caller has read its manifest."""
     adapter, plugin = registry.server(backend)
     artifact = Path(artifact)
-    fmt = artifact_format(artifact, registry)
+    fmt = fmt or artifact_format(artifact, registry)
     if fmt not in adapter.formats:
         reason = adapter.unsupported.get(fmt, f"it serves {', '.join(adapter.formats)}")
         try:

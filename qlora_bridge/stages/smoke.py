@@ -22,12 +22,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .. import manifest as mf
-from ..api import Bounds, Client, Declared, Exporter, Golden, SmokeContext
+from ..api import FLOAT_COPY, Bounds, Client, Declared, Exporter, Golden, SmokeContext
 from ..errors import BridgeError, CheckFailed
 from ..files import read_text
 from ..host import Registry
 from ..measure.declared import hf_declared
-from ..measure.fidelity import measure
+from ..measure.fidelity import measure_against
 from ..measure.reference import reference_for
 from ..modelcard import CARD, figures, render
 from ..records import Lineage
@@ -36,8 +36,7 @@ from .serve import failure, serving
 
 # Bounds for a quant type no exporter vouches for: a float copy's. On the demo an F16 GGUF measured 3.4e-7
 # nats/token along the held-out answers and 5.7e-6 on the text (perplexity x0.99995); Q8_0 4.9e-4 and 4.6e-3.
-STRICT = Bounds(kl_answers=1e-4, kl_text=2e-4, ppl_ratio=1.001, task_ratio=1.0,
-                reason="strict defaults: no bounds declared for this quant type; a float16 copy meets them")
+STRICT = replace(FLOAT_COPY, reason="strict defaults: no bounds declared for this quant type; a float copy meets them")
 # The default golden suite generates through the server's chat endpoint, end to end; the statistics are the
 # teacher-forced task score's, so a sample of held-out prompts the reference answers correctly is enough, and
 # more than half of them must come back exactly (a base-model export answers none).
@@ -88,12 +87,12 @@ def heldout_goldens(answers: list[dict]) -> list[Golden]:
     return [Golden(a["prompt"], a["expected"], "exact", a["got"]) for a in answers if "prompt" in a]
 
 
-def gate_bounds(registry: Registry, manifest: dict) -> tuple[Bounds, str, Exporter | None]:
+def gate_bounds(registry: Registry, manifest: dict, known=None) -> tuple[Bounds, str, Exporter | None]:
     """The bounds the export's own exporter declares for its quant type, else STRICT; where they came from; and
-    that exporter, when it is installed."""
+    that exporter, when it is installed. known: (Exporter, PluginInfo), where the caller has looked it up."""
     target, quant = manifest["export"]["target"], manifest["export"].get("quant")
     try:
-        exporter, plugin = registry.exporter(target)
+        exporter, plugin = known or registry.exporter(target)
     except BridgeError:
         return STRICT, f"strict defaults: no installed exporter '{target}' declares bounds for {quant}", None
     if quant in exporter.bounds:
@@ -127,7 +126,8 @@ def report_markdown(artifact: Path, result: dict) -> str:
         lines += [f"**{cause}**", "", "```", tail, "```", ""]
     lines += ["| check | gate | passed | figures |", "|---|---|---|---|"]
     for name, r in result["checks"].items():
-        lines.append(f"| {name} | {'yes' if r['gate'] else 'no'} | {'yes' if r['passed'] else '**no**'} | {figures(r)} |")
+        passed = "yes" if r["passed"] else "**no**"
+        lines.append(f"| {name} | {'yes' if r['gate'] else 'no'} | {passed} | {figures(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,12 +143,15 @@ def check_unchanged(artifact: Path, manifest: dict) -> None:
 def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path | None = None,
           merged: Path | None = None, sign_key: Path | None = None, passphrase: bytes | None = None,
           options: dict | None = None, timeout: float = 300.0, license: str | None = None,
-          request_timeout: float = 300.0) -> dict:
+          request_timeout: float = 300.0, manifest: dict | None = None, exporter=None) -> dict:
+    """Serve the export, run every smoke check against it, and record the outcome in its manifest, report and model
+    card. manifest: the folder's, where the caller has read it (updated in place with the verification and the
+    rewritten outputs, as written); exporter: (Exporter, PluginInfo) where the caller has looked it up."""
     artifact = Path(artifact)
-    manifest = mf.read(artifact)
+    manifest = manifest if manifest is not None else mf.read(artifact)
     check_unchanged(artifact, manifest)  # results must describe the files the manifest describes
     quant = manifest["export"].get("quant") or manifest["export"]["format"]
-    bounds, bounds_source, exporter = gate_bounds(registry, manifest)
+    bounds, bounds_source, exporter = gate_bounds(registry, manifest, exporter)
     merged = merged_folder(manifest, merged)
     reference = reference_for(manifest, merged)  # before the server starts: a missing input is found at once
     heldout = heldout_goldens(reference.answers)
@@ -161,10 +164,11 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
     log = artifact.parent / f"{artifact.name}.{backend}.log"
     started = time.time()
     checks, died = {}, None
-    with serving(registry, backend, artifact, log=log, options=options, timeout=timeout) as server:
+    with serving(registry, backend, artifact, log=log, options=options, timeout=timeout,
+                 fmt=manifest["export"]["format"]) as server:
         ctx = SmokeContext(Client(server.base_url, request_timeout), server, artifact, manifest, merged, suite,
                            min_rate, heldout, reference, bounds, bounds_source, exporter and exporter.declares,
-                           merged_declared, measure)
+                           merged_declared, measure_against)
         for check, plugin in registry.smoke_checks():
             began = time.time()
             died = died or failure(server, hang_wait=0)
@@ -195,7 +199,7 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
                                  + [mf.output_entry(artifact, name) for name in rewritten], key=lambda e: e["path"])
     mf.write(artifact, manifest)
     if sign_key:
-        sign(artifact, Path(sign_key), passphrase)
+        sign(artifact, Path(sign_key), passphrase, manifest=manifest)
     outcome["signature"] = "re-signed" if sign_key else ("stale: re-sign with `qlora-bridge sign`" if was_signed
                                                           else "unsigned")
     return outcome

@@ -66,7 +66,7 @@ def launch(base: Path, dataset: Path, out: Path, s: TrainSettings, heldout_file:
     """Start `s.processes` processes on this machine, each running train() as one rank, and wait for them.
     torchrun (torch.distributed.run) or `accelerate launch`; inside, accelerate picks the backend (NCCL on GPUs,
     gloo on CPUs). CPU threads are shared out so the processes do not fight over cores."""
-    from .serve import free_port
+    from ..ports import free_port
 
     port = free_port()
     job = json.dumps({"base": str(base), "dataset": str(dataset), "out": str(out), "settings": asdict(s),
@@ -99,6 +99,25 @@ def check_parallel(s: TrainSettings, gpus: int) -> None:
     if s.strategy == "fsdp" and not gpus:
         raise BridgeError("FSDP-QLoRA shards the 4-bit base across GPUs; it is not built for CPU processes",
                           field="strategy", fix="use strategy = \"ddp\" on CPUs")
+
+
+def checked_base(base: str | Path | None, dataset: Path, heldout: Path | None) -> Path:
+    """The inputs of a training run checked before anything costly (a base the user named costs nothing to check,
+    the data is named line by line), then the base folder: the one named, or the embedded default, converted on
+    first use."""
+    from ..data import check_data, require_file
+    from ..default_model import resolve_base
+
+    if base:
+        check_base(Path(base))
+    for path, what in ((dataset, "training data"), (heldout, "held-out data")):
+        if path is not None:
+            require_file(path, what, field="data",
+                         fix="fix the path (in qlora-bridge.toml, relative to it, or the command's flag)")
+    check_data(dataset, heldout)
+    resolved = resolve_base(base)
+    check_base(resolved)
+    return resolved
 
 
 def train(base: Path, dataset: Path, out: Path, s: TrainSettings, *, heldout_file: Path | None = None,

@@ -62,7 +62,8 @@ def llama3_rope_factors(config: dict) -> np.ndarray | None:
     base = params.get("rope_theta", config.get("rope_theta", 10000.0))
     dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    factor, low, high = params.get("factor", 8.0), params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    factor, low = params.get("factor", 8.0), params.get("low_freq_factor", 1.0)
+    high = params.get("high_freq_factor", 4.0)
     old_ctx = params.get("original_max_position_embeddings", 8192)
     out = []
     for f in freqs:
@@ -135,7 +136,8 @@ def plan_tensors(folder: Path, config: dict, arch: Arch):
 
 def convert(folder: Path, out_file: Path, outtype: str, *, vocab, tokenizer_pre: str, metadata: dict,
             progress=None) -> dict:
-    """Write `out_file` and return {'tensors': n, 'arch': ...}. Peak memory: one tensor at a time."""
+    """Write `out_file` and return {'tensors': n, 'arch': ...}. Peak memory: one tensor at a time, since the header
+    (metadata, vocabulary, every tensor's name, shape and type) is written first, then each tensor in turn."""
     import gguf
 
     from qlora_bridge.api.safetensors import SafetensorsReader, model_shards
@@ -145,54 +147,30 @@ def convert(folder: Path, out_file: Path, outtype: str, *, vocab, tokenizer_pre:
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     hf_arch, arch = architecture(config, folder / "config.json")
-    qtype = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
-             "BF16": gguf.GGMLQuantizationType.BF16}[outtype]
-    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
-                 "BF16": gguf.LlamaFileType.MOSTLY_BF16}[outtype]
     writer = gguf.GGUFWriter(out_file, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, arch.gguf_arch)])
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(metadata.get("name") or folder.name)
-    for key, value in metadata.items():
-        if key != "name" and value is not None:
-            writer.add_string(key, str(value))
-    add_hparams(writer, config, arch, hf_arch, file_type)
+    add_metadata(writer, folder, config, arch, hf_arch, outtype, metadata)
     add_vocab(writer, vocab, tokenizer_pre)
-
     shards = model_shards(folder)
     readers = {f: SafetensorsReader(f) for f in dict.fromkeys(shards.values())}
     plan = plan_tensors(folder, config, arch)
     extra = llama3_rope_factors(config) if arch.gguf_arch == "LLAMA" else None
+    qtype = getattr(gguf.GGMLQuantizationType, outtype)
 
     def target(name: str, ndim: int):
         # llama.cpp's rule: 1-D tensors and norms stay F32
         return gguf.GGMLQuantizationType.F32 if ndim <= 1 or name.endswith("_norm.weight") else qtype
 
-    def encode(name: str, w: np.ndarray) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-        t = target(name, w.ndim)
-        if t == gguf.GGMLQuantizationType.F32:
-            return w.astype(np.float32), t
-        if t == gguf.GGMLQuantizationType.F16:
-            return w.astype(np.float16), t
-        return gguf.quants.quantize(w.astype(np.float32), t), t
-
-    for name, hf_name, _ in plan:  # header first: every tensor's name, shape and type
+    for name, hf_name, _ in plan:
         shape = readers[shards[hf_name]].tensors[hf_name].shape
-        t, n = target(name, len(shape)), math.prod(shape)
-        if t == gguf.GGMLQuantizationType.BF16:  # written as raw bytes: two per element
-            writer.add_tensor_info(name, (*shape[:-1], shape[-1] * 2), np.dtype(np.uint8), 2 * n, raw_dtype=t)
-        elif t == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor_info(name, shape, np.dtype(np.float16), 2 * n)
-        else:
-            writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * n)
+        add_tensor_info(writer, name, shape, target(name, len(shape)))
     if extra is not None:
         writer.add_tensor_info("rope_freqs.weight", extra.shape, np.dtype(np.float32), extra.nbytes)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for name, hf_name, transform in plan:
-        w = readers[shards[hf_name]].read(hf_name).float().numpy()
-        data, _ = encode(name, transform(w))
-        writer.write_tensor_data(data)
+        w = transform(readers[shards[hf_name]].read(hf_name).float().numpy())
+        writer.write_tensor_data(encode(w, target(name, w.ndim)))
         if progress:
             progress(1)
     if extra is not None:
@@ -200,3 +178,39 @@ def convert(folder: Path, out_file: Path, outtype: str, *, vocab, tokenizer_pre:
     writer.close()
     return {"arch": hf_arch, "gguf_arch": arch.gguf_arch.lower(), "tensors": len(plan) + (extra is not None),
             "outtype": outtype}
+
+
+def add_metadata(writer, folder: Path, config: dict, arch, hf_arch: str, outtype: str, metadata: dict) -> None:
+    """The file's type and name, our lineage keys, and the architecture's hyperparameters."""
+    import gguf
+
+    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                 "BF16": gguf.LlamaFileType.MOSTLY_BF16}[outtype]
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(metadata.get("name") or folder.name)
+    for key, value in metadata.items():
+        if key != "name" and value is not None:
+            writer.add_string(key, str(value))
+    add_hparams(writer, config, arch, hf_arch, file_type)
+
+
+def add_tensor_info(writer, name: str, shape, t) -> None:
+    import gguf
+
+    n = math.prod(shape)
+    if t == gguf.GGMLQuantizationType.BF16:  # written as raw bytes: two per element
+        writer.add_tensor_info(name, (*shape[:-1], shape[-1] * 2), np.dtype(np.uint8), 2 * n, raw_dtype=t)
+    elif t == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor_info(name, shape, np.dtype(np.float16), 2 * n)
+    else:
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * n)
+
+
+def encode(w: np.ndarray, t) -> np.ndarray:
+    import gguf
+
+    if t == gguf.GGMLQuantizationType.F32:
+        return w.astype(np.float32)
+    if t == gguf.GGMLQuantizationType.F16:
+        return w.astype(np.float16)
+    return gguf.quants.quantize(w.astype(np.float32), t)

@@ -30,7 +30,8 @@ QUANTS = {
     "Q3_K_S": ("MOSTLY_Q3_K_S", {"Q3_K"}, 3.5),
 }
 
-# llama.cpp's Q8_0 ignores an importance matrix; auto uses one where it measurably helped (README's table)
+# llama.cpp's Q8_0 ignores an importance matrix; auto uses one where it measurably helped (the table in
+# docs/gguf-and-the-gate.md)
 TAKES_IMATRIX = frozenset(q for q in QUANTS if q != "Q8_0")
 IMATRIX_DEFAULT = TAKES_IMATRIX
 # The requested quantization "in substance": the decoder layers' matrices within 35% of nominal bits per weight. A

@@ -31,7 +31,7 @@ from .formats import awq_config, awq_pack, gptq_pack, kept_rule
 
 BLOCK = 128  # GPTQ's lazy-update block: columns whose updates are batched (the reference implementation's)
 # calibration positions a forward takes at once: one default 512-token block, as GPTQModel's batch_size=1 (a
-# quarter of the working memory of 2048; the demo's gate figures moved within their run-to-run spread, README)
+# quarter of the working memory of 2048; the demo's gate figures moved within their run-to-run spread, docs/gptq-awq.md)
 BATCH_TOKENS = 512
 
 
@@ -267,107 +267,84 @@ def quantization_config(method: str, bits: int, group: int, keep: tuple[str, ...
             **({"dynamic": rule} if rule else {}), "quantizer": ["qlora-bridge: GPTQ, layer by layer"]}
 
 
+class Skeleton:
+    """The merged model's modules with their weights on the meta device: a layer's weights are read from the
+    shards when it is worked on and dropped after, so one layer at a time is in memory."""
+
+    def __init__(self, merged: Path, device: str):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .readback import Reader
+
+        config = AutoConfig.from_pretrained(merged, trust_remote_code=False)
+        with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) computed as usual
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        for owner in self.model.modules():
+            for name, b in list(owner.named_buffers(recurse=False)):
+                owner._buffers[name] = b.to(device)
+        self.device, self.reader = device, Reader(merged)
+        self.layers = decoder_layers(self.model)
+        self.stack = next(n for n, m in self.model.named_modules() if m is self.layers)
+
+    def names(self, module, prefix: str) -> list[str]:
+        return [f"{prefix}.{n}" for n, _ in module.named_parameters()]
+
+    def set(self, full: str, value: torch.Tensor | None, **kwargs) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        set_module_tensor_to_device(self.model, full, self.device if value is not None else "meta", value=value,
+                                    **kwargs)
+
+    def load(self, module, prefix: str) -> None:
+        for full in self.names(module, prefix):
+            self.set(full, self.reader.get(full).float())
+
+    def drop(self, module, prefix: str) -> None:
+        for full in self.names(module, prefix):
+            self.set(full, None)
+
+    def shape(self, name: str) -> tuple:
+        from safetensors import safe_open
+
+        f, key = self.reader.index[name]
+        with safe_open(f, "pt") as h:
+            return tuple(h.get_slice(key).get_shape())
+
+
 def quantize(merged: Path, out: Path, *, method: str, bits: int, group: int, sequences: list[list[int]],
              dtype: torch.dtype, damp: float, sequential: bool, keep: tuple[str, ...], console=None) -> dict:
     """Write `method`'s checkpoint of the merged model into `out` (config, shards, index); returns the settings."""
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
     from tqdm import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from qlora_bridge.api import release_freed_memory
     from qlora_bridge.api.safetensors import ShardWriter
 
-    from .readback import Reader
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = AutoConfig.from_pretrained(merged, trust_remote_code=False)
-    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) computed as usual
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    for owner in model.modules():
-        for name, b in list(owner.named_buffers(recurse=False)):
-            owner._buffers[name] = b.to(device)
-    reader = Reader(merged)
-    layers = decoder_layers(model)
-    stack = next(n for n, m in model.named_modules() if m is layers)
-
-    def names(module, prefix):
-        return [f"{prefix}.{n}" for n, _ in module.named_parameters()]
-
-    def load(module, prefix):
-        for full in names(module, prefix):
-            set_module_tensor_to_device(model, full, device, value=reader.get(full).float())
-
-    def drop(module, prefix):
-        for full in names(module, prefix):
-            set_module_tensor_to_device(model, full, "meta")
-
-    def shape(name):
-        f, key = reader.index[name]
-        with safe_open(f, "pt") as h:
-            return tuple(h.get_slice(key).get_shape())
-
-    # the plan, in writing order: each layer's tensors as it is finished, then those outside the layers
-    writer, packed = ShardWriter(out), set()
-    for i, layer in enumerate(layers):
-        for full in names(layer, f"{stack}.{i}"):
-            prefix, dims = full.removesuffix(".weight"), shape(full)
-            if full.endswith(".weight") and len(dims) == 2 and prefix not in keep:
-                packed.add(prefix)
-                for part, dt, shp in parts(method, bits, group, *dims, dtype):
-                    writer.plan(f"{prefix}.{part}", dt, shp)
-            else:
-                writer.plan(full, dtype, dims)
-    rest = [n for n in reader.index if not n.startswith(stack + ".")]
-    for name in rest:
-        writer.plan(name, dtype, shape(name))
-
-    # the embedding as stored, its rows cast as they are looked up: a float32 copy of a 128k vocabulary is 2 GiB (8B)
-    embed = model.get_input_embeddings()
-    embed_name = next(n for n, m in model.named_modules() if m is embed)
-    table = reader.get(f"{embed_name}.weight")
-    set_module_tensor_to_device(model, f"{embed_name}.weight", device, value=table, dtype=table.dtype)
-    del table
-    cast = embed.register_forward_hook(lambda _module, _args, out: out.float())
-    inputs = layer_inputs(model, layers, sequences, device)
-    cast.remove()
-    drop(embed, embed_name)
-
+    m = Skeleton(merged, device)
+    writer = ShardWriter(out)
+    packed, rest = plan_writes(m, writer, method, bits, group, keep, dtype)
+    inputs = embedded(m, sequences)
     errors = {}
-    for i, layer in enumerate(tqdm(layers, desc="quantizing (GPTQ, one layer at a time)", unit="layer",
+    for i, layer in enumerate(tqdm(m.layers, desc="quantizing (GPTQ, one layer at a time)", unit="layer",
                                    file=console, disable=console is None, leave=False)):
-        prefix = f"{stack}.{i}"
-        load(layer, prefix)
-        modules = dict(layer.named_modules())
-        groups = [[n for n in g if f"{prefix}.{n}" in packed] for g in linears_in_order(layer, inputs)]
-        groups = [g for g in groups if g]
-        done = {}
-        for step in [[g] for g in groups] if sequential else [groups]:
-            hs = hessians(layer, inputs, step)
-            for names_ in step:
-                factor = inverse_factor([hs.pop(0)], group, damp)  # the group's Linears share their input's
-                for name in names_:
-                    w = modules[name].weight.data
-                    q, z, s, deq = gptq(w, factor, bits, group, method == "gptq")
-                    errors[f"{prefix}.{name}"] = (torch.linalg.vector_norm(deq - w)
-                                                  / torch.linalg.vector_norm(w)).item()
-                    done[f"{prefix}.{name}"] = encoded(method, bits, group, q, z, s, dtype)
-                    set_module_tensor_to_device(model, f"{prefix}.{name}.weight", device, value=deq)
-                del factor
+        prefix = f"{m.stack}.{i}"
+        m.load(layer, prefix)
+        done = quantize_layer(m, layer, prefix, inputs, packed, method=method, bits=bits, group=group, damp=damp,
+                              sequential=sequential, dtype=dtype, errors=errors)
         with torch.no_grad():  # the next layer's calibration inputs, from this layer as quantized
             inputs = [(first(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
-        for full in names(layer, prefix):
+        for full in m.names(layer, prefix):
             module = full.removesuffix(".weight")
             if module in done:
                 for part, tensor in done.pop(module):
                     writer.write(f"{module}.{part}", tensor)
             else:
-                writer.write(full, reader.get(full).to(dtype))
-        drop(layer, prefix)
+                writer.write(full, m.reader.get(full).to(dtype))
+        m.drop(layer, prefix)
         release_freed_memory()
     for name in rest:
-        writer.write(name, reader.get(name).to(dtype))
+        writer.write(name, m.reader.get(name).to(dtype))
     index = writer.close()
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}, indent=2))
     config_dict = json.loads((merged / "config.json").read_text())
@@ -379,6 +356,65 @@ def quantize(merged: Path, out: Path, *, method: str, bits: int, group: int, seq
             "true_sequential": sequential, "kept_unquantized": sorted({k.rpartition(".")[2] for k in keep}),
             "device": device, "compute_dtype": "float32", "layer_by_layer": True,
             "worst_weight_error": {worst: round(errors[worst], 5)}}
+
+
+def plan_writes(m: Skeleton, writer, method: str, bits: int, group: int, keep: tuple[str, ...],
+                dtype: torch.dtype) -> tuple[set[str], list[str]]:
+    """The output's tensors planned in writing order: each layer's as it is finished, then those outside the
+    layers. Returns the Linears to pack and the names outside the layers."""
+    packed = set()
+    for i, layer in enumerate(m.layers):
+        for full in m.names(layer, f"{m.stack}.{i}"):
+            prefix, dims = full.removesuffix(".weight"), m.shape(full)
+            if full.endswith(".weight") and len(dims) == 2 and prefix not in keep:
+                packed.add(prefix)
+                for part, dt, shp in parts(method, bits, group, *dims, dtype):
+                    writer.plan(f"{prefix}.{part}", dt, shp)
+            else:
+                writer.plan(full, dtype, dims)
+    rest = [n for n in m.reader.index if not n.startswith(m.stack + ".")]
+    for name in rest:
+        writer.plan(name, dtype, m.shape(name))
+    return packed, rest
+
+
+def embedded(m: Skeleton, sequences: list[list[int]]) -> list[tuple[torch.Tensor, dict]]:
+    """The first layer's calibration inputs. The embedding is loaded as stored, its rows cast as they are looked
+    up: a float32 copy of a 128k vocabulary is 2 GiB (8B)."""
+    embed = m.model.get_input_embeddings()
+    embed_name = next(n for n, mod in m.model.named_modules() if mod is embed)
+    table = m.reader.get(f"{embed_name}.weight")
+    m.set(f"{embed_name}.weight", table, dtype=table.dtype)
+    del table
+    cast = embed.register_forward_hook(lambda _module, _args, out: out.float())
+    inputs = layer_inputs(m.model, m.layers, sequences, m.device)
+    cast.remove()
+    m.drop(embed, embed_name)
+    return inputs
+
+
+def quantize_layer(m: Skeleton, layer, prefix: str, inputs, packed: set[str], *, method: str, bits: int, group: int,
+                   damp: float, sequential: bool, dtype: torch.dtype, errors: dict) -> dict:
+    """GPTQ of one layer's packed Linears, by groups that share an input (in the order they run; with
+    `sequential`, each group's Hessian taken with the groups before it already quantized). The layer then
+    computes with the dequantized weights. Returns each Linear's encoded tensors; `errors` gets its relative
+    weight error."""
+    modules = dict(layer.named_modules())
+    groups = [[n for n in g if f"{prefix}.{n}" in packed] for g in linears_in_order(layer, inputs)]
+    groups = [g for g in groups if g]
+    done = {}
+    for step in [[g] for g in groups] if sequential else [groups]:
+        hs = hessians(layer, inputs, step)
+        for names in step:
+            factor = inverse_factor([hs.pop(0)], group, damp)  # the group's Linears share their input's
+            for name in names:
+                w = modules[name].weight.data
+                q, z, s, deq = gptq(w, factor, bits, group, method == "gptq")
+                errors[f"{prefix}.{name}"] = (torch.linalg.vector_norm(deq - w) / torch.linalg.vector_norm(w)).item()
+                done[f"{prefix}.{name}"] = encoded(method, bits, group, q, z, s, dtype)
+                m.set(f"{prefix}.{name}.weight", deq)
+            del factor
+    return done
 
 
 def first(out):
