@@ -16,15 +16,17 @@ test: $(STAMP) $(VLLM_STAMP)
 
 # torch goes first, pinned, so pip takes the local CPU build instead of resolving a CUDA one. llama-cpp-python is
 # compiled for this CPU's vector extensions and never its AMX kernels, which fault on many Intel Xeons
-# (qlora_bridge/default_plugins/llamacpp_build.py), into a wheel cached under those flags; the second install
+# (plugins/llamacpp/qlora_bridge_llamacpp/build.py), into a wheel cached under those flags; the second install
 # replaces a llama-cpp-python of the same version that pip built natively before.
-LLAMA_BUILD := qlora_bridge/default_plugins/llamacpp_build.py
-$(STAMP): pyproject.toml $(LLAMA_BUILD)
+LLAMA_BUILD := plugins/llamacpp/qlora_bridge_llamacpp/build.py
+# the first-party plugins, each its own distribution, found by the core through their entry points
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+$(STAMP): pyproject.toml $(PLUGINS) $(LLAMA_BUILD)
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
 	$(VENV)/bin/pip install -q torch==2.13.0
 	wheel=$$($(VENV)/bin/python $(LLAMA_BUILD) wheel) && \
-		$(VENV)/bin/pip install -q -e '.[test,gguf,quant]' "$$wheel" && \
+		$(VENV)/bin/pip install -q -e '.[test,gguf,quant]' $(patsubst %/pyproject.toml,-e %,$(PLUGINS)) "$$wheel" && \
 		$(VENV)/bin/pip install -q --no-deps --force-reinstall "$$wheel"
 	touch $(STAMP)
 

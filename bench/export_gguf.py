@@ -53,7 +53,7 @@ def llama_cpp(base: Path, work: Path, quants: list[str], imatrix_text: Path | No
     from qlora_bridge.host import load_plugins
 
     load_plugins()  # the built-in gguf plugin is importable once loaded
-    from qlora_bridge.default_plugins.gguf.tools import download, tools, unpack
+    from qlora_bridge_gguf.tools import download, tools, unpack
 
     bin_dir, _ = tools(None, progress=True)
     src = next(work.glob("src/*/vendor/llama.cpp"), None)
@@ -102,7 +102,7 @@ if __name__ == "__main__":
         from transformers import AutoTokenizer
 
         from qlora_bridge.calibration import general_text
-        from qlora_bridge.default_plugins.gguf.imatrix import CHUNK, GENERAL_ONLY
+        from qlora_bridge_gguf.imatrix import CHUNK, GENERAL_ONLY
 
         tok = AutoTokenizer.from_pretrained(base)
         text = work / "imatrix.txt"

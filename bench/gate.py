@@ -93,7 +93,7 @@ def judged(registry, folder: Path, logits) -> dict:
     measured = measure_against(reference, AutoTokenizer.from_pretrained(merged),
                                lambda seqs: map(full_scores, logits(seqs)))
     bounds, source, _ = gate_bounds(registry, manifest)
-    checks = importlib.import_module("qlora_bridge.default_plugins.smoke_checks")
+    checks = importlib.import_module("qlora_bridge_smoke_checks")
     ctx = type("Ctx", (), {"measurements": lambda self: measured, "bounds": bounds})()
     results = {"divergence": checks.divergence(ctx), "task-score": checks.task_score(ctx)}
     return {"passed": all(r["passed"] for r in results.values()), "checks": results, "bounds_source": source}
@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--vllm-python", default=".venv-vllm/bin/python")
     a = ap.parse_args()
     registry = load_plugins()
-    vllm = importlib.import_module("qlora_bridge.default_plugins.vllm_server")
+    vllm = importlib.import_module("qlora_bridge_vllm")
     can_4bit = Path("/dev/nvidia0").exists() or not vllm.cpu_lacks_4bit_kernel()
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []

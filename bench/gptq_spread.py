@@ -27,7 +27,7 @@ def main() -> None:
     a = ap.parse_args()
     from gate import figures  # bench/gate.py
 
-    import qlora_bridge.default_plugins.gptq_awq.streamed as streamed
+    import qlora_bridge_gptq_awq.streamed as streamed
     from qlora_bridge.host import load_plugins
     from qlora_bridge.stages.export import export
     from qlora_bridge.stages.smoke import smoke

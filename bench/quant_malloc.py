@@ -27,7 +27,7 @@ def child(variant: str, samples: int, seq_len: int) -> None:
     from qlora_bridge.host import load_plugins
 
     load_plugins()
-    plugin = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.engines")
+    plugin = importlib.import_module("qlora_bridge_gptq_awq.engines")
     if variant == VARIANTS[1]:
         plugin.keep_freed_memory()
     import tempfile

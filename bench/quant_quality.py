@@ -81,7 +81,7 @@ def main() -> None:
     from qlora_bridge.stages.smoke import smoke
 
     registry = load_plugins()
-    vllm = importlib.import_module("qlora_bridge.default_plugins.vllm_server")
+    vllm = importlib.import_module("qlora_bridge_vllm")
     served = Path("/dev/nvidia0").exists() or not vllm.cpu_lacks_4bit_kernel()
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -30,7 +30,7 @@ def main() -> None:
     folder, kinds_list = Path(sys.argv[1]), sys.argv[2:] or [""]
     torch.set_grad_enabled(False)
     registry = load_plugins()
-    readback = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.readback")
+    readback = importlib.import_module("qlora_bridge_gptq_awq.readback")
     merged = merged_folder(mf.read(folder), None)
     merged_state = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).state_dict()
     model = readback.dense_model(folder)

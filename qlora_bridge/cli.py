@@ -372,8 +372,10 @@ def run_plugins(a) -> Outcome:
                                                                  ("server", "register_servers"))
                for key, (item, _) in reg.items[hook].items() if item.options is not None}
     lines += [f"{name} takes --option {', '.join(opts) or '(none)'}" for name, opts in options.items()]
+    lines += [f"not installed: {m}" for m in reg.missing]
     lines += [f"problem: {p}" for p in reg.problems]
-    return Outcome({"plugins": rows, "options": options, "problems": reg.problems}, "\n".join(lines),
+    return Outcome({"plugins": rows, "options": options, "not_installed": reg.missing, "problems": reg.problems},
+                   "\n".join(lines),
                    EXIT_CHECK_FAILED if reg.problems else EXIT_OK)
 
 

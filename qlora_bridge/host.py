@@ -1,8 +1,8 @@
 """The plugin host: discovery, registration, conflicts, and the registry of exporters, serving adapters and checks.
 
-Three sources, one manager: the built-in plugins (qlora_bridge.default_plugins, imported by name), installed
-packages exposing the entry-point group `qlora_bridge`, and local modules named by QLORA_BRIDGE_PLUGINS or
---plugin (module names or .py paths, separated by os.pathsep). A plugin that fails to import or to register is
+Two sources, one manager: installed packages exposing the entry-point group `qlora_bridge` (the first-party
+plugins in plugins/ among them, each its own distribution, loaded exactly as an in-house one), and local modules
+named by QLORA_BRIDGE_PLUGINS or --plugin (module names or .py paths, separated by os.pathsep). A plugin that fails to import or to register is
 recorded with its error and the others keep working; two plugins claiming one target or backend make that name
 unusable until one goes.
 """
@@ -21,11 +21,15 @@ import pluggy
 
 from . import __version__
 from .api import PLUGIN_API, SUPPORTED_PLUGIN_APIS, Exporter, ServingAdapter, SmokeCheck, check_options, hookspecs
-from .default_plugins import DEFAULT_PLUGINS
 from .errors import BridgeError
 
 ENTRY_POINT_GROUP = "qlora_bridge"
 ENV_VAR = "QLORA_BRIDGE_PLUGINS"
+# The first-party plugins and the folder of the checkout each is installed from (`make` installs them all): the core
+# runs without any of them, and `plugins` names one that is missing with the command that installs it.
+FIRST_PARTY = {"gguf": "plugins/llamacpp", "llamacpp_server": "plugins/llamacpp", "gptq_awq": "plugins/gptq_awq",
+               "safetensors_export": "plugins/safetensors", "smoke_checks": "plugins/smoke_checks",
+               "vllm_server": "plugins/vllm"}
 KINDS = {"register_exporters": (Exporter, "target"), "register_servers": (ServingAdapter, "backend"),
          "register_smoke_checks": (SmokeCheck, "name")}
 
@@ -71,6 +75,12 @@ class Registry:
                    f"{' and '.join(repr(n) for n in names)}" for (hook, key), names in self.conflicts.items()]
         return broken + clashes
 
+    @property
+    def missing(self) -> list[str]:
+        """The first-party plugins that are not installed, each with the command that installs it."""
+        return [f"{name}: pip install -e {folder} (in the qlora-bridge checkout; `make` installs every one)"
+                for name, folder in FIRST_PARTY.items() if name not in self.plugins]
+
     def _get(self, hook: str, key: str, what: str, flag: str):
         if (hook, key) in self.conflicts:
             names = " and ".join(repr(n) for n in self.conflicts[(hook, key)])
@@ -80,6 +90,7 @@ class Registry:
             known = ", ".join(sorted(self.items[hook])) or "none"
             broken = [p.name for p in self.plugins.values() if p.error]
             hint = f"; broken plugins that may have offered it: {', '.join(broken)}" if broken else ""
+            hint += f"; first-party plugins not installed: {', '.join(self.missing)}" if self.missing else ""
             raise BridgeError(f"no {what} named '{key}' (available: {known}{hint})", field=flag,
                               fix="pick one of the available names, or install the plugin that provides it")
         return self.items[hook][key]
@@ -142,11 +153,9 @@ def _import_path(path: Path):
 
 
 def _candidates(local: list[str]):
-    """(name, source, origin, loader, version) for every plugin to load."""
-    for name in DEFAULT_PLUGINS:
-        module = f"{__package__}.default_plugins.{name}"
-        yield name, "builtin", module, lambda m=module: importlib.import_module(m), __version__
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    """(name, source, origin, loader, version) for every plugin to load, the installed ones by name (registration
+    order decides which backend serves a format two of them serve)."""
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
         dist = ep.dist.name if ep.dist else "?"
         version = ep.dist.version if ep.dist else "?"
         yield ep.name, "entry point", f"{dist} ({ep.value})", ep.load, version

@@ -9,7 +9,7 @@ import pytest
 from damage import edit_json, set_gguf_field
 
 from qlora_bridge import manifest as mf
-from qlora_bridge.default_plugins.smoke_checks import declarations
+from qlora_bridge_smoke_checks import declarations
 from qlora_bridge.host import load_plugins
 from qlora_bridge.stages.export import export
 from qlora_bridge.stages.smoke import merged_declarations, smoke

@@ -189,8 +189,8 @@ def test_k_quants_use_an_importance_matrix_of_the_training_data(registry, tiny_m
 def test_a_users_importance_matrix_is_used_as_given(registry, tiny_merged, tmp_path):
     import subprocess
 
-    from qlora_bridge.default_plugins.gguf.tools import TARGETS, tools
-    from qlora_bridge.default_plugins.llamacpp_build import amx_instructions
+    from qlora_bridge_gguf.tools import TARGETS, tools
+    from qlora_bridge_llamacpp.build import amx_instructions
 
     bin_dir, _ = tools(None, progress=False)
     if shutil.which("objdump"):  # built with the library's flags: no AMX kernel (llamacpp_build)
@@ -223,7 +223,7 @@ def test_bad_importance_matrix_settings_are_refused(registry, tiny_merged, tmp_p
 def test_llama_cpp_sources_must_be_llama_cpp_pythons(tmp_path):
     import tarfile
 
-    from qlora_bridge.default_plugins.gguf.tools import unpack
+    from qlora_bridge_gguf.tools import unpack
 
     (tmp_path / "x.txt").write_text("x")
     with tarfile.open(tmp_path / "other.tar.gz", "w:gz") as tar:

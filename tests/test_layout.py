@@ -86,6 +86,33 @@ def test_imports_run_downward_instruments_below_the_api_and_both_below_the_stage
     assert upward == []
 
 
+def test_first_party_plugins_are_distributions_that_use_only_the_public_api():
+    """Each folder of plugins/ is an installable distribution with its entry points in the group an in-house plugin
+    uses, and its modules import nothing of the core but qlora_bridge.api (their own packages aside)."""
+    import tomllib
+
+    from qlora_bridge.host import ENTRY_POINT_GROUP, FIRST_PARTY
+
+    root = PACKAGE.parent / "plugins"
+    declared, reached = {}, {}
+    for project in sorted(root.glob("*/pyproject.toml")):
+        meta = tomllib.loads(project.read_text())
+        for name, module in meta["project"]["entry-points"][ENTRY_POINT_GROUP].items():
+            declared[name] = project.parent.relative_to(PACKAGE.parent).as_posix()
+        for path in project.parent.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+                for name in names:
+                    if name.split(".")[0] == "qlora_bridge":
+                        reached.setdefault(name, set()).add(path.relative_to(root).as_posix())
+    assert declared == FIRST_PARTY  # what the host reports missing is what plugins/ installs
+    assert "qlora_bridge.api" in reached  # the walk sees the plugins' imports
+    assert {m: sorted(f) for m, f in reached.items() if m not in ("qlora_bridge.api", "qlora_bridge.api.safetensors")} \
+        == {}
+    assert not (PACKAGE / "default_plugins").exists()
+
+
 def test_the_walk_finds_a_cycle_through_a_function_import():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(graph) == [["a", "b", "c"]]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_bridge.default_plugins import llamacpp_build as lb
+import qlora_bridge_llamacpp.build as lb
 from qlora_bridge.errors import BridgeError
 
 BASE = "fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma bmi2 avx2"
@@ -79,6 +79,6 @@ def test_a_faulting_build_on_an_amx_cpu_is_refused_with_the_fix(monkeypatch):
     monkeypatch.setattr(lb, "has_amx", lambda flags=None: True)
     with pytest.raises(BridgeError, match="compiled with llama.cpp's AMX kernels") as e:
         lb.refuse_faulting_build()
-    assert "GGML_NATIVE" not in e.value.fix and "llamacpp_build cmake-args" in e.value.fix
+    assert "GGML_NATIVE" not in e.value.fix and "qlora_bridge_llamacpp.build cmake-args" in e.value.fix
     monkeypatch.setattr(lb, "has_amx", lambda flags=None: False)  # the same build on a CPU without AMX runs
     lb.refuse_faulting_build()

@@ -39,7 +39,7 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def modelfile():
     load_plugins()
-    return importlib.import_module("qlora_bridge.default_plugins.gguf.modelfile").modelfile
+    return importlib.import_module("qlora_bridge_gguf.modelfile").modelfile
 
 
 def tokenizer_with(template: str, sentencepiece: bool = False):

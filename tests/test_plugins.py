@@ -48,11 +48,28 @@ def plugin_file(tmp_path, name, body) -> Path:
     return path
 
 
-def test_builtin_plugins_load_through_the_manager():
+def test_first_party_plugins_load_through_their_entry_points_like_any_other():
     reg = load_plugins()
     exporter, info = reg.exporter("safetensors")
-    assert info.source == "builtin" and info.origin == "qlora_bridge.default_plugins.safetensors_export"
-    assert exporter.quant_types == ("float16", "bfloat16", "float32") and not reg.problems
+    assert info.source == "entry point" and info.origin == "qlora-bridge-safetensors (qlora_bridge_safetensors)"
+    assert exporter.quant_types == ("float16", "bfloat16", "float32") and not reg.problems and not reg.missing
+
+
+def test_the_core_runs_without_a_first_party_plugin_and_says_which_is_missing(monkeypatch, capsys):
+    """plugins/llamacpp not installed: the other targets work, `plugins` names what is missing and how to install
+    it, and asking for its target says so."""
+    import qlora_bridge.host as host
+
+    installed = host.entry_points(group=host.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(host, "entry_points", lambda group: [ep for ep in installed
+                                                             if ep.name not in ("gguf", "llamacpp_server")])
+    reg = load_plugins()
+    assert reg.exporter("safetensors") and not reg.problems
+    assert [m.split(":")[0] for m in reg.missing] == ["gguf", "llamacpp_server"]
+    with pytest.raises(BridgeError, match="no export target named 'gguf'.*gguf: pip install -e plugins/llamacpp"):
+        reg.exporter("gguf")
+    assert main(["plugins"]) == 0
+    assert "not installed: gguf: pip install -e plugins/llamacpp" in capsys.readouterr().out
 
 
 def test_local_plugin_by_path_and_by_env(tmp_path, monkeypatch, tiny_merged):

@@ -23,7 +23,7 @@ def registry():
 
 @pytest.fixture(scope="module")
 def fmt(registry):
-    return importlib.import_module("qlora_bridge.default_plugins.gptq_awq.formats")
+    return importlib.import_module("qlora_bridge_gptq_awq.formats")
 
 
 def test_pack_orders_are_the_published_ones(fmt):
@@ -171,7 +171,7 @@ def test_the_streamed_gptq_factor_is_the_references_cholesky_of_the_inverse():
     """One Cholesky with the order reversed stands in for the reference's Cholesky, inverse, Cholesky: the same
     upper factor R of the dampened H⁻¹ (RᵀR = H⁻¹) in the same group-aware order. A transposed or unreversed
     factor is off by O(1), float32 rounding by ~1e-5."""
-    st = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.streamed")
+    st = importlib.import_module("qlora_bridge_gptq_awq.streamed")
     torch.manual_seed(0)
     x = torch.randn(512, 256) * torch.linspace(0.1, 3, 256)
     h = x.T @ x
@@ -193,7 +193,7 @@ def test_the_streamed_engine_groups_linears_by_the_input_object_not_its_address(
     """Linears share a Hessian only when they read the same input. A freed input's memory is often reused for the
     next one: telling inputs apart by address grouped SmolLM2's gate/up with o_proj under o's Hessian, which
     cost the demo's streamed exports a third more KL than GPTQModel's (issue 32)."""
-    st = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.streamed")
+    st = importlib.import_module("qlora_bridge_gptq_awq.streamed")
 
     class Reused(torch.nn.Module):
         def __init__(self):
@@ -216,7 +216,7 @@ def test_the_streamed_engine_groups_linears_by_the_input_object_not_its_address(
 def test_the_streamed_engine_finds_a_llama_layers_groups(tiny_model):
     from transformers import AutoModelForCausalLM
 
-    st = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.streamed")
+    st = importlib.import_module("qlora_bridge_gptq_awq.streamed")
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     layers = st.decoder_layers(model)
     inputs = st.layer_inputs(model, layers, [[1, 2, 3, 4]] * 2, "cpu")
@@ -244,7 +244,7 @@ def test_our_reader_computes_what_the_library_loads(registry, exports, tiny_rele
 
 
 def test_a_corrupted_pack_order_fails_the_read_back(exports, tiny_release, fmt, tmp_path):
-    rb = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.readback")
+    rb = importlib.import_module("qlora_bridge_gptq_awq.readback")
     broken = tmp_path / "awq-sequential"
     shutil.copytree(exports["awq", "autoround", "awq"], broken)
     (path,) = broken.glob("*.safetensors")
@@ -258,7 +258,7 @@ def test_a_corrupted_pack_order_fails_the_read_back(exports, tiny_release, fmt, 
 
 
 def test_a_kept_layer_must_hold_the_merged_weights(exports, tiny_release, tmp_path):
-    rb = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.readback")
+    rb = importlib.import_module("qlora_bridge_gptq_awq.readback")
     folder = tmp_path / "awq-kept"
     shutil.copytree(exports["awq", "gptqmodel", "gptq"], folder)
     kept = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
@@ -345,7 +345,7 @@ def test_an_unknown_engine_is_refused_with_the_known_ones(registry, tiny_release
 def test_awq_scale_search_without_an_engine_goes_to_one_that_has_it(registry, tiny_release, tmp_path, monkeypatch):
     """The default engine, streamed, rounds with GPTQ only: algorithm=awq alone must reach GPTQModel's AWQ, not
     an error naming an engine the user never chose."""
-    engines = importlib.import_module("qlora_bridge.default_plugins.gptq_awq.engines")
+    engines = importlib.import_module("qlora_bridge_gptq_awq.engines")
     seen = []
 
     def gptqmodel(job):  # stands in for the 30-minute AWQ run: only the choice is under test
@@ -416,7 +416,7 @@ def test_the_auto_recipe_climbs_by_bits_and_says_how_close_it_came(registry, tin
     search go further."""
     from qlora_bridge.api import Bounds, CheckFailed
 
-    plugin = importlib.import_module("qlora_bridge.default_plugins.gptq_awq")
+    plugin = importlib.import_module("qlora_bridge_gptq_awq")
     search = importlib.import_module("qlora_bridge.measure.recipe")  # the API's search_recipe
     bounds = Bounds(kl_answers=1e-12, kl_text=1e-12, ppl_ratio=1 + 1e-12)
     monkeypatch.setitem(plugin.BOUNDS, "int4", bounds)

@@ -124,7 +124,7 @@ def test_smoke_gate_passes_on_vllm_and_fails_an_export_of_the_base_model(registr
 
 
 def lacks_4bit_kernel() -> bool:
-    return importlib.import_module("qlora_bridge.default_plugins.vllm_server").cpu_lacks_4bit_kernel() \
+    return importlib.import_module("qlora_bridge_vllm").cpu_lacks_4bit_kernel() \
         and not Path("/dev/nvidia0").exists()
 
 

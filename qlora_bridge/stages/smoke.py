@@ -140,6 +140,21 @@ def check_unchanged(artifact: Path, manifest: dict) -> None:
                           fix="re-export it, or run `qlora-bridge verify` to see every difference")
 
 
+def recorded(artifact: Path, manifest: dict, outcome: dict, license: str | None, library: str | None) -> None:
+    """The outcome written into the folder: the smoke report, the manifest's verification (with the rewritten
+    files' new digests) and the model card's figures (a card an exporter wrote itself is left alone)."""
+    (artifact / REPORT).write_text(report_markdown(artifact, outcome))
+    manifest["verification"][f"smoke-{outcome['backend']}"] = outcome
+    card = artifact / CARD
+    ours = not card.exists() or "quantized_by: qlora-bridge" in card.read_text(errors="replace")
+    if ours:
+        card.write_text(render(artifact.name, manifest, license, library))
+    rewritten = (REPORT, CARD) if ours else (REPORT,)
+    manifest["outputs"] = sorted([e for e in manifest["outputs"] if e["path"] not in rewritten]
+                                 + [mf.output_entry(artifact, name) for name in rewritten], key=lambda e: e["path"])
+    mf.write(artifact, manifest)
+
+
 def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path | None = None,
           merged: Path | None = None, sign_key: Path | None = None, passphrase: bytes | None = None,
           options: dict | None = None, timeout: float = 300.0, license: str | None = None,
@@ -188,16 +203,7 @@ def smoke(registry: Registry, artifact: Path, backend: str, *, suite_file: Path 
                "reference": reference.label, "seconds_to_ready": server.seconds_to_ready,
                "seconds": round(time.time() - started, 1), "server_log": log.name,
                "suite": str(suite_file) if suite_file else "lineage (held-out examples)", "checks": checks}
-    (artifact / REPORT).write_text(report_markdown(artifact, outcome))
-    manifest["verification"][f"smoke-{backend}"] = outcome
-    card = artifact / CARD
-    ours = not card.exists() or "quantized_by: qlora-bridge" in card.read_text(errors="replace")
-    if ours:  # the card shows the results (a card an exporter wrote itself is left alone)
-        card.write_text(render(artifact.name, manifest, license, exporter.library if exporter else None))
-    rewritten = (REPORT, CARD) if ours else (REPORT,)
-    manifest["outputs"] = sorted([e for e in manifest["outputs"] if e["path"] not in rewritten]
-                                 + [mf.output_entry(artifact, name) for name in rewritten], key=lambda e: e["path"])
-    mf.write(artifact, manifest)
+    recorded(artifact, manifest, outcome, license, exporter.library if exporter else None)
     if sign_key:
         sign(artifact, Path(sign_key), passphrase, manifest=manifest)
     outcome["signature"] = "re-signed" if sign_key else ("stale: re-sign with `qlora-bridge sign`" if was_signed

@@ -3,7 +3,7 @@
 llama-cpp-python passes an importance matrix to its quantizer only as an opaque C++ pointer, so quantizing with
 one takes llama.cpp's tools. They are built from the same llama-cpp-python release that is installed (same
 llama.cpp commit: the files they write are the ones the library reads), static, with the library's flags for
-this CPU (never the AMX kernels: see llamacpp_build), and cached under those flags' key:
+this CPU (never the AMX kernels: see qlora_bridge_llamacpp.build), and cached under those flags' key:
 
     bin, built_from = tools(sdist=None, progress=True)  # ~3.5 min the first time
     subprocess.run([bin / "llama-quantize", "--imatrix", "m.imatrix", "in.gguf", "out.gguf", "Q4_K_M"])
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from qlora_bridge.api import BridgeError, cache_dir
 
-from ..llamacpp_build import build_key, cmake_flags, cpu_flags
+from qlora_bridge_llamacpp.build import build_key, cmake_flags, cpu_flags
 
 TARGETS = ("llama-imatrix", "llama-quantize")
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_OPENSSL=OFF",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qlora_bridge.api import BridgeError, CheckFailed
 
-from ..llamacpp_build import refuse_faulting_build
+from qlora_bridge_llamacpp.build import refuse_faulting_build
 
 # --quant name -> (llama.cpp file type, the tensor types it aims for, its nominal bits per weight)
 QUANTS = {

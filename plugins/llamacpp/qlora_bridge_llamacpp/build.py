@@ -13,8 +13,8 @@ Every compiled llama.cpp (llama-cpp-python's wheel, llama-imatrix, llama-quantiz
 of one is keyed by `build_key`, so a cache carried to another CPU is not reused there. Standard library only: the
 Makefile runs this file before anything is installed:
 
-    python3 qlora_bridge/default_plugins/llamacpp_build.py cmake-args   # the CMAKE_ARGS for this CPU
-    python3 qlora_bridge/default_plugins/llamacpp_build.py wheel        # build (once) and print the wheel's path
+    python3 plugins/llamacpp/qlora_bridge_llamacpp/build.py cmake-args   # the CMAKE_ARGS for this CPU
+    python3 plugins/llamacpp/qlora_bridge_llamacpp/build.py wheel        # build (once) and print the wheel's path
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def refuse_faulting_build() -> None:
             f"llama-cpp-python {llama_cpp.__version__} was compiled with llama.cpp's AMX kernels, which fault on the "
             "first 4-bit matrix product on many Intel Xeons with AMX (this CPU reports AMX; llama.cpp #20824)",
             field="llama-cpp-python", fix="reinstall it for this CPU without them: CMAKE_ARGS=\"$(python -m "
-            "qlora_bridge.default_plugins.llamacpp_build cmake-args)\" pip install --force-reinstall --no-deps "
+            "qlora_bridge_llamacpp.build cmake-args)\" pip install --force-reinstall --no-deps "
             f"--no-cache-dir llama-cpp-python=={llama_cpp.__version__} (`make` builds it so)")
 
 
@@ -140,8 +140,8 @@ if __name__ == "__main__":
     elif what == "key":
         print(build_key())
     elif what == "wheel":
-        root = Path(__file__).resolve().parents[2]
+        root = Path(__file__).resolve().parents[3]  # the checkout: the core's pyproject.toml holds the pin
         cache = Path(os.environ.get("QLORA_BRIDGE_CACHE", Path.home() / ".cache" / "qlora-bridge")) / "wheels"
         print(wheel(cache, pinned_version(root / "pyproject.toml"), [sys.executable, "-m", "pip"]))
     else:
-        raise SystemExit("usage: llamacpp_build.py cmake-args | key | wheel")
+        raise SystemExit("usage: build.py cmake-args | key | wheel")

@@ -7,7 +7,7 @@ from pathlib import Path
 from qlora_bridge.api import (REFERENCE_TEXT, BridgeError, LaunchRequest, ModelShape, Need, ServingAdapter,
                               TokenScores, hookimpl, http_json)
 
-from .llamacpp_build import refuse_faulting_build
+from .build import refuse_faulting_build
 
 PLUGIN_API = 4  # the plugin API this module was written for
 
