@@ -37,7 +37,7 @@ KINDS = {"register_exporters": (Exporter, "target"), "register_servers": (Servin
 @dataclass
 class PluginInfo:
     name: str
-    source: str  # builtin, entry point, local
+    source: str  # entry point (the first-party plugins too) or local
     origin: str  # the file, module or distribution it came from
     version: str
     error: str | None = None

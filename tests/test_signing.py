@@ -48,7 +48,7 @@ def test_export_writes_a_valid_manifest_and_verifies(signed, keys, tiny_merged, 
     manifest = json.loads((signed / "manifest.json").read_text())
     assert mf.schema_errors(manifest) == []
     assert manifest["export"]["target"] == "safetensors" and manifest["export"]["quant"] == "float16"
-    assert manifest["plugin"]["source"] == "builtin"
+    assert manifest["plugin"]["source"] == "entry point"  # a first-party plugin is installed like any other
     assert manifest["inputs"]["merge"]["base_weights"] == "nf4"
     assert manifest["inputs"]["training_record"]["quantization"]["quant_type"] == "nf4"
     assert manifest["inputs"]["adapter"]["sha256"] and manifest["inputs"]["base"]["files"]
