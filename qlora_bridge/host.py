@@ -2,9 +2,9 @@
 
 Two sources, one manager: installed packages exposing the entry-point group `qlora_bridge` (the first-party
 plugins in plugins/ among them, each its own distribution, loaded exactly as an in-house one), and local modules
-named by QLORA_BRIDGE_PLUGINS or --plugin (module names or .py paths, separated by os.pathsep). A plugin that fails to import or to register is
-recorded with its error and the others keep working; two plugins claiming one target or backend make that name
-unusable until one goes.
+named by QLORA_BRIDGE_PLUGINS or --plugin (module names or .py paths, separated by os.pathsep). A plugin that fails
+to import or to register is recorded with its error and the others keep working; two plugins claiming one target or
+backend make that name unusable until one goes.
 """
 
 from __future__ import annotations
