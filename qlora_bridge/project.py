@@ -79,8 +79,10 @@ class ExportSpec:
             except BridgeError:  # nothing serves the format here: release reports the export as not verified
                 adapter = None
         readers = [r for r in (exporter, adapter) if r is not None]
-        declared = None if any(r.options is None for r in readers) else {k for r in readers for k in r.options}
-        for key in self.options if declared is not None else ():  # a plugin that declares no options reads any
+        if any(r.options is None for r in readers):  # a plugin that declares no options reads any
+            return found
+        declared = {k for r in readers for k in r.options}
+        for key in self.options:
             if key not in declared:
                 who = f"export target '{self.target}'" + (" and its backend" if adapter else "")
                 raise self._refused(f"options.{key}", f"{who} take{'' if adapter else 's'} no option {key!r}",

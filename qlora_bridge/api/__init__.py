@@ -48,13 +48,13 @@ from .types import (
 )
 
 __all__ = ["PLUGIN_API", "hookimpl", "Exporter", "ExportRequest", "ExportResult", "Bounds", "FLOAT_COPY", "EIGHT_BIT",
-           "FOUR_BIT", "ServingAdapter",
-           "LaunchRequest", "TokenScores", "SmokeCheck", "SmokeContext", "Golden", "Client", "Server", "BridgeError",
-           "CheckFailed", "PARITY_CORPUS", "REFERENCE_TEXT", "calibration", "calibration_text", "reference_document",
-           "engine_log", "cache_dir", "http_json", "adds_bos", "token_sequences", "folder_logits", "model_logits",
-           "streamed_logits", "streamed_model", "fidelity", "misses", "release_freed_memory", "merged_license",
-           "check_options", "ModelShape", "Need", "CUDA_CONTEXT", "Lineage", "RecipeSpace", "search_recipe",
-           "figures_line", "MAX_BITS", "Declared", "hf_declared", "differences", "__version__"]
+           "FOUR_BIT", "ServingAdapter", "LaunchRequest", "TokenScores", "SmokeCheck", "SmokeContext", "Golden",
+           "Client", "Server", "BridgeError", "CheckFailed", "PARITY_CORPUS", "REFERENCE_TEXT", "calibration",
+           "calibration_text", "reference_document", "engine_log", "cache_dir", "http_json", "adds_bos",
+           "token_sequences", "folder_logits", "model_logits", "streamed_logits", "streamed_model", "fidelity",
+           "misses", "release_freed_memory", "merged_license", "check_options", "ModelShape", "Need", "CUDA_CONTEXT",
+           "Lineage", "RecipeSpace", "search_recipe", "figures_line", "MAX_BITS", "Declared", "hf_declared",
+           "differences", "__version__"]
 
 # bump when a hook, a registration type or what this module offers changes. 11: the bounds tiers FLOAT_COPY,
 # EIGHT_BIT and FOUR_BIT (what the built-ins hold their quant types to); 10: Exporter.declares and Declared

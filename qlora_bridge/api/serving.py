@@ -17,7 +17,6 @@ from .types import Bounds, Server
 
 def http_json(url: str, body: dict, timeout: float = 300.0) -> dict:
     """POST a JSON body, return the JSON answer; an HTTP error raises with the server's message."""
-    import json
     import urllib.error
     import urllib.request
 

@@ -50,7 +50,7 @@ def heldout_comparison(merged_dir: Path, heldout_file: Path, record: TrainingRec
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..data import load_heldout
-    from ..measure.evaluate import exact_match
+    from .evaluate import exact_match
 
     tok = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)

@@ -127,7 +127,7 @@ def search_recipe(req, space: RecipeSpace, bounds, max_bits: float = MAX_BITS,
         written, step = attempt(group, keep)
         if not step.missed:
             return written, record(steps, max_bits, put_back)
-    closest = min(steps, key=lambda s: (len(s.missed), excess(s.figures, bounds)))
+    closest = min(steps, key=lambda s: shortfall(s.figures, bounds))
     raise CheckFailed(f"recipe=auto: no recipe within max_bits={max_bits} keeps every figure inside the bounds by "
                       f"the margin ({MARGIN}); the closest, groups of {closest.group}"
                       + (f" with {', '.join(closest.keep)} kept" if closest.keep else "")
@@ -155,7 +155,7 @@ def keeps_to_try(space: RecipeSpace, group: int, base: dict, restored: dict, bou
     holding = [keep for _, keep, figures in options if not misses(figures, bounds, MARGIN)]
     if holding:
         return holding[:TRIES]
-    return [min(options, key=lambda o: (len(misses(o[2], bounds, MARGIN)), excess(o[2], bounds)))[1]] if options else []
+    return [min(options, key=lambda o: shortfall(o[2], bounds))[1]] if options else []
 
 
 def improves(base: dict, restored: dict):
@@ -178,6 +178,11 @@ def predicted(base: dict, restored: list[dict]) -> dict:
     out["task_ratio"] = out["task_score"] / reference if reference else 1.0
     out["task_p_value"] = base["task_p_value"] if out["task_score"] < reference else 1.0
     return out
+
+
+def shortfall(figures: dict, bounds) -> tuple[int, float]:
+    """How far figures are from holding, to find the closest: how many miss, then how far the worst is past its aim."""
+    return len(misses(figures, bounds, MARGIN)), excess(figures, bounds)
 
 
 def excess(figures: dict, bounds) -> float:
